@@ -1,0 +1,195 @@
+"""One experiment: methods x seeds of pruning runs on one dataset and model.
+
+``run(config, workdir)`` is what ``main.py`` (and the notebook) call. It validates
+the config, trains each seed's dense network once (shared by every method of
+that seed: round 0, IMP's first training and its rewind points), runs each
+method's rounds, and writes the run-directory contract (see docs/run_directory.md):
+config.json, metrics.jsonl, rounds.jsonl, runs/<label>-seed<s>/{masks,checkpoints},
+summary.json, report.md and plots/.
+
+Resume precedence: a complete checkpoint in the workdir wins; otherwise the run
+starts from its init. Re-running the same command on a finished workdir only
+rewrites the report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dp_jax import io
+from dp_jax import masks as masks_lib
+from dp_jax import prune as prune_lib
+from dp_jax import train as train_lib
+from dp_jax import validate as validate_lib
+from dp_jax.data import load_dataset
+from dp_jax.models import create_model, init_variables
+from dp_jax.progress import Progress
+
+
+def build_setup(config, dataset, *, metrics_path: str | None = None) -> prune_lib.Setup:
+    """Model, optimiser, compiled trainer and device-resident data for ``config``."""
+    model = create_model(config.model, num_classes=dataset.num_classes)
+    n = len(dataset.y_train)
+    num_steps = train_lib.total_steps(config.train.epochs, n, config.train.batch_size)
+    tx = train_lib.make_optimizer(config.train, num_steps)
+    mesh = None
+    put = jax.device_put
+    if config.parallel.data_parallel:
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        replicated = NamedSharding(mesh, P())
+        put = lambda a: jax.device_put(a, replicated)  # noqa: E731
+    shape_vars = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
+                                jax.random.key(0))
+    loop = train_lib.resolve_loop(config.train.loop, shape_vars["params"])
+    trainer = train_lib.Trainer(model, tx, batch_size=config.train.batch_size, num_train=n,
+                                loop=loop, unroll=config.train.unroll, mesh=mesh,
+                                eval_batch_size=config.train.eval_batch_size)
+
+    def log_epoch(**kw):
+        if metrics_path:
+            io.append_jsonl(metrics_path, kw)
+
+    init_jit = jax.jit(lambda k: init_variables(model, k, dataset.image_shape))
+    return prune_lib.Setup(
+        model=model, trainer=trainer, tx=tx,
+        x_train=put(jnp.asarray(dataset.x_train)), y_train=put(jnp.asarray(dataset.y_train)),
+        x_test=put(jnp.asarray(dataset.x_test)), y_test=put(jnp.asarray(dataset.y_test)),
+        image_shape=dataset.image_shape, num_steps=num_steps, rounds=config.prune.rounds,
+        fraction=config.prune.fraction, scope=config.prune.scope,
+        on_empty_layer=config.prune.on_empty_layer, init_fn=init_jit, log_epoch=log_epoch)
+
+
+def dense_run(setup: prune_lib.Setup, workdir: str, seed: int, rewind_steps) -> dict:
+    """Train (or restore) the seed's dense network; keeps the weights at each rewind step."""
+    seed_key = jax.random.key(seed)
+    variables = setup.init_fn(jax.random.fold_in(seed_key, prune_lib.KEY_INIT))
+    mask = masks_lib.ones_like(variables["params"])
+    steps = sorted({int(k) for k in rewind_steps if k > 0})
+    ckpt = io.RoundCheckpointer(os.path.join(workdir, "runs", f"dense-seed{seed}", "checkpoints"))
+    trained_like = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    like = {"trained": trained_like, "snapshots": {str(k): trained_like for k in steps}}
+    try:
+        if ckpt.latest() is not None:
+            arrays, payload = ckpt.restore(ckpt.latest(), like)
+            snaps = {int(k): v for k, v in arrays["snapshots"].items()}
+            return {"variables": variables, "trained": arrays["trained"], "snapshots": snaps,
+                    "record": payload["record"]}
+        t0 = time.time()
+        spec = prune_lib.MethodSpec("dense")
+        state, ev, snaps, tm = prune_lib.train_and_eval(
+            setup, variables, mask, jax.random.fold_in(seed_key, prune_lib.KEY_DATA),
+            snapshot_steps=steps, log={"run": "dense", "seed": seed, "round": 0})
+        trained = {"params": state.params, "batch_stats": state.batch_stats}
+        record = prune_lib.make_record(
+            spec, seed, 0, mask, ev, setup.num_steps * setup.trainer.batch_size,
+            time.time() - t0, train_accuracy=tm.get("accuracy"))
+        ckpt.save(0, {"trained": trained, "snapshots": {str(k): snaps[k] for k in steps}},
+                  {"record": record})
+        return {"variables": variables, "trained": trained, "snapshots": snaps, "record": record}
+    finally:
+        ckpt.close()
+
+
+def run(config, workdir: str) -> dict:
+    """Run the experiment described by ``config`` into ``workdir``; returns summary.json's content."""
+    t_start = time.time()
+    specs = validate_lib.validate_static(config)
+    os.makedirs(workdir, exist_ok=True)
+    io.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    dataset = load_dataset(config.data, seed=config.seed)
+    validate_lib.validate_with_data(config, dataset, specs)
+    setup = build_setup(config, dataset, metrics_path=os.path.join(workdir, "metrics.jsonl"))
+    seeds = [config.seed + i for i in range(config.seeds)]
+    total_rounds = len(seeds) * len(specs) * (config.prune.rounds + 1)
+    progress = Progress(total_rounds, desc="rounds")
+    phases = {"load_s": time.time() - t_start, "dense_s": 0.0}
+    for seed in seeds:
+        t0 = time.time()
+        dense = dense_run(setup, workdir, seed, [s.rewind_step for s in specs])
+        phases["dense_s"] += time.time() - t0
+        logging.info("seed %d dense test accuracy %.4f", seed, dense["record"]["test_accuracy"])
+        for spec in specs:
+            t0 = time.time()
+            run_method(setup, workdir, spec, seed, dense,
+                       on_round=lambda r: (progress.update(r), _merge_rounds(workdir)))
+            phases[f"{spec.label}_s"] = phases.get(f"{spec.label}_s", 0.0) + time.time() - t0
+    progress.close()
+    summary = summarize(workdir, phases, time.time() - t_start)
+    from dp_jax import report  # matplotlib is imported only when reporting
+    report.write_report(workdir)
+    return summary
+
+
+def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None) -> list:
+    """Run (or resume) one method for one seed; returns its records."""
+    seed_key = jax.random.key(seed)
+    run = prune_lib.Run(workdir, spec, seed)
+    params_like = dense["variables"]["params"]
+    steps_per_round = (setup.num_steps - spec.rewind_step) * setup.trainer.batch_size
+    try:
+        if spec.name == "imp":
+            return prune_lib.run_rounds(
+                setup, run, dense, seed_key=seed_key, next_mask=prune_lib.magnitude_next_mask(setup),
+                start_point=prune_lib.rewind_start(dense, spec.rewind_step),
+                search_examples_per_round=steps_per_round, on_round=on_round)
+        if spec.name == "random":
+            return prune_lib.run_rounds(
+                setup, run, dense, seed_key=seed_key,
+                next_mask=prune_lib.random_next_mask(setup, seed_key),
+                start_point=prune_lib.rewind_start(dense, spec.rewind_step),
+                search_examples_per_round=0, on_round=on_round)
+        if spec.name == "reinit":
+            src = os.path.join(workdir, "runs", f"{spec.source}-seed{seed}")
+            fresh = setup.init_fn(jax.random.fold_in(seed_key, prune_lib.KEY_REINIT))
+            return prune_lib.run_rounds(
+                setup, run, dense, seed_key=seed_key,
+                next_mask=prune_lib.source_next_mask(src, params_like),
+                start_point=lambda rnd: (fresh, 0), search_examples_per_round=0,
+                on_round=on_round)
+        raise ValueError(f"prune.method {spec.name!r} is not available in this build")
+    finally:
+        run.close()
+
+
+def _merge_rounds(workdir: str) -> list:
+    """Rewrite the top-level rounds.jsonl from every run's own rounds.jsonl."""
+    rows = []
+    runs_dir = os.path.join(workdir, "runs")
+    for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        rows.extend(io.read_jsonl(os.path.join(runs_dir, name, "rounds.jsonl")))
+    io.write_jsonl(os.path.join(workdir, "rounds.jsonl"), rows)
+    return rows
+
+
+def summarize(workdir: str, phases: dict, wall_s: float) -> dict:
+    """Write summary.json: final figures per method, dense accuracy and compute per phase."""
+    rows = _merge_rounds(workdir)
+    by_method: dict[str, Any] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    methods = {}
+    for label, rs in by_method.items():
+        last_round = max(r["round"] for r in rs)
+        final = [r for r in rs if r["round"] == last_round]
+        dense = [r for r in rs if r["round"] == 0]
+        methods[label] = {
+            "rounds": last_round, "seeds": sorted({r["seed"] for r in rs}),
+            "final_sparsity": float(np.mean([r["sparsity"] for r in final])),
+            "final_test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in final])),
+            "final_test_accuracy_std": float(np.std([r["test_accuracy"] for r in final])),
+            "dense_test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in dense])),
+            "mask_search_examples": int(max(r["train_examples"] for r in final)),
+            "wall_s": float(sum(r["wall_s"] for r in rs)),
+        }
+    summary = {"methods": methods, "phases_s": phases, "wall_s": wall_s,
+               "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend()}
+    io.write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary

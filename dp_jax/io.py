@@ -1,0 +1,138 @@
+"""Small, safe file I/O: atomic writes, JSON lines, and round checkpoints (orbax).
+
+Every file this package writes goes through a temporary file in the same
+directory followed by ``os.replace``, so a killed process leaves either the old
+or the new file, never half of one.
+
+Round checkpoints use orbax's ``CheckpointManager`` (one step per completed round;
+orbax itself writes to a temporary directory and renames on commit, and never
+lists an unfinished step). Each step stores a pytree of arrays plus a JSON
+payload (the round records), so a run restarted after a kill resumes after its
+last *complete* round and rewrites its records exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Iterable
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON (numpy scalars converted, NaN -> null)."""
+    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_jsonl(path: str, rows: Iterable[dict]) -> None:
+    """Atomically (re)write a JSON-lines file."""
+    text = "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in rows)
+    atomic_write_bytes(path, text.encode())
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    """Append one JSON object as a line (metrics streams; a torn last line is skipped on read)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(_jsonable(row), sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Rows of a JSON-lines file; a torn final line (killed writer) is ignored, others must parse."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no trailing newline: the writer was killed mid-line
+                break
+            raise ValueError(f"{path}:{i + 1} is not valid JSON: {e}") from e
+    return rows
+
+
+def read_json(path: str) -> Any:
+    """Parse a JSON file with an error that names it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from e
+
+
+class RoundCheckpointer:
+    """Per-round checkpoints of a pruning run: ``save(round, arrays, payload)``, ``restore``."""
+
+    def __init__(self, directory: str, max_to_keep: int | None = 2):
+        self.directory = os.path.abspath(directory)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                            enable_async_checkpointing=False)
+        self._mgr = ocp.CheckpointManager(self.directory, options=opts)
+
+    def latest(self) -> int | None:
+        """The last completely written round, or None."""
+        return self._mgr.latest_step()
+
+    def save(self, step: int, arrays: Any, payload: dict) -> None:
+        """Save a pytree of arrays and a JSON payload as ``step`` (blocks until committed)."""
+        self._mgr.save(step, args=ocp.args.Composite(
+            arrays=ocp.args.StandardSave(arrays), payload=ocp.args.JsonSave(_jsonable(payload))))
+        self._mgr.wait_until_finished()
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+        """Restore ``(arrays, payload)`` of ``step``; ``like`` gives the array structure."""
+        try:
+            out = self._mgr.restore(step, args=ocp.args.Composite(
+                arrays=ocp.args.StandardRestore(like), payload=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for corrupt files
+            raise ValueError(f"checkpoint {self.directory}/{step} is corrupt or does not match "
+                             f"this config: {type(e).__name__}: {e}") from e
+        return out["arrays"], out["payload"]
+
+    def close(self) -> None:
+        """Wait for pending writes and release the manager."""
+        self._mgr.wait_until_finished()
+        self._mgr.close()

@@ -1,0 +1,26 @@
+"""Progress display for long runs: rounds done, the last result and an ETA."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class Progress:
+    """A tqdm bar over rounds; each update shows the round's method, sparsity and accuracy."""
+
+    def __init__(self, total: int, desc: str = "rounds"):
+        self._bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                         mininterval=0.5, smoothing=0.1)
+
+    def update(self, record: dict) -> None:
+        """Advance by one round and show its headline numbers."""
+        self._bar.set_postfix_str(
+            f"{record['method']} seed {record['seed']} r{record['round']} "
+            f"sparsity {record['sparsity']:.3f} acc {record['test_accuracy']:.4f}")
+        self._bar.update(1)
+
+    def close(self) -> None:
+        """Finish the bar."""
+        self._bar.close()

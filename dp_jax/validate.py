@@ -1,0 +1,78 @@
+"""Config validation at start-up: every error names the field and the allowed values.
+
+``validate_static`` runs before anything is loaded; ``validate_with_data`` runs
+once the dataset size is known and before any training.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from dp_jax import prune as prune_lib
+from dp_jax import train as train_lib
+from dp_jax.models import MODELS, create_model
+
+DATA_SCHEMES = "fashion_mnist | tfds:<name> | npz:<path>"
+PREPROCESS = ("standard", "zca", "none")
+
+
+def _need(cond: bool, field: str, allowed: str, value) -> None:
+    if not cond:
+        raise ValueError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+def validate_static(config) -> list:
+    """Check every field that does not depend on the data; returns the parsed method specs."""
+    _need(isinstance(config.seed, int) and config.seed >= 0, "seed", "an integer >= 0", config.seed)
+    _need(isinstance(config.seeds, int) and config.seeds >= 1, "seeds", "an integer >= 1",
+          config.seeds)
+    d = config.data
+    name = str(d.name)
+    _need(name == "fashion_mnist" or (name.startswith(("tfds:", "npz:")) and len(name) > 5),
+          "data.name", DATA_SCHEMES, name)
+    _need(d.preprocess in PREPROCESS, "data.preprocess", " | ".join(PREPROCESS), d.preprocess)
+    _need(d.train_size >= 0, "data.train_size", "0 (all) or a positive number of examples",
+          d.train_size)
+    _need(config.model.name in MODELS, "model.name", ", ".join(sorted(MODELS)), config.model.name)
+    create_model(config.model, num_classes=10)  # raises ValueError on bad model fields
+    t = config.train
+    _need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
+    _need(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
+    _need(t.eval_batch_size >= 1, "train.eval_batch_size", "an integer >= 1", t.eval_batch_size)
+    _need(t.lr > 0, "train.lr", "a number > 0", t.lr)
+    _need(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
+    _need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    _need(t.optimizer in train_lib.OPTIMIZERS, "train.optimizer",
+          " | ".join(train_lib.OPTIMIZERS), t.optimizer)
+    _need(t.schedule in train_lib.SCHEDULES, "train.schedule",
+          " | ".join(train_lib.SCHEDULES), t.schedule)
+    _need(all(0 < f < 1 for f in t.decay_at), "train.decay_at",
+          "fractions of training in (0, 1)", t.decay_at)
+    _need(t.loop in train_lib.LOOPS, "train.loop", " | ".join(train_lib.LOOPS), t.loop)
+    _need(t.unroll >= 1, "train.unroll", "an integer >= 1", t.unroll)
+    p = config.prune
+    _need(isinstance(p.rounds, int) and p.rounds >= 0, "prune.rounds", "an integer >= 0", p.rounds)
+    _need(0 < p.fraction < 1, "prune.fraction", "a number in (0, 1) (open interval)", p.fraction)
+    _need(p.scope in ("global", "layerwise"), "prune.scope", "global | layerwise", p.scope)
+    _need(p.rewind_step >= 0, "prune.rewind_step", "an integer step >= 0", p.rewind_step)
+    _need(p.on_empty_layer in ("warn", "error", "ignore"), "prune.on_empty_layer",
+          "warn | error | ignore", p.on_empty_layer)
+    if config.parallel.data_parallel:
+        n = jax.device_count()
+        _need(t.batch_size % n == 0, "train.batch_size",
+              f"a multiple of the {n} devices when parallel.data_parallel=True", t.batch_size)
+    return prune_lib.parse_methods(p.method, default_rewind_step=p.rewind_step)
+
+
+def validate_with_data(config, dataset, specs) -> None:
+    """Checks that need the dataset size: batch size and rewind steps."""
+    n = len(dataset.y_train)
+    _need(config.train.batch_size <= n, "train.batch_size",
+          f"at most the {n} training examples", config.train.batch_size)
+    steps = train_lib.total_steps(config.train.epochs, n, config.train.batch_size)
+    for s in specs:
+        if s.rewind_step >= steps:
+            raise ValueError(
+                f"config.prune.rewind_step (or k= of {s.label!r}) is {s.rewind_step}, beyond the "
+                f"training length; allowed: 0 <= k < {steps} steps "
+                f"(train.epochs x steps per epoch)")
