@@ -19,6 +19,7 @@ from ml_collections.config_dict import placeholder
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """Returns the experiment config; ``variant`` selects a preset (see module doc)."""
     c = ml_collections.ConfigDict()
+    c.task = "prune"  # prune | distill | analyze
     c.seed = 0
     c.seeds = 1  # seeds run are seed, seed+1, ..., seed+seeds-1
 

@@ -9,7 +9,7 @@ Flags are read here only; everything else takes the config.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dp_jax import experiment
+import importlib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -17,13 +17,22 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs; reus
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+# config.task -> "module:function" taking (config, workdir); imported on demand.
+TASKS = {"prune": "dp_jax.experiment:run", "distill": "dp_jax.distill:run"}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # orbax logs every file it renames at INFO; progress is shown by the round bar instead.
     logging.set_verbosity(logging.WARNING)
-    summary = experiment.run(_CONFIG.value, _WORKDIR.value)
-    for label, m in summary["methods"].items():
+    config = _CONFIG.value
+    task = config.get("task", "prune")
+    if task not in TASKS:
+        raise app.UsageError(f"config.task={task!r} is invalid; allowed: {', '.join(TASKS)}")
+    module, fn = TASKS[task].split(":")
+    summary = getattr(importlib.import_module(module), fn)(config, _WORKDIR.value)
+    for label, m in summary.get("methods", {}).items():
         print(f"{label:>16}: sparsity {m['final_sparsity']:.3f}  "
               f"test accuracy {m['final_test_accuracy_mean']:.4f} ± {m['final_test_accuracy_std']:.4f}")
     print(f"report: {_WORKDIR.value}/report.md")

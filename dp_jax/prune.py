@@ -226,6 +226,9 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
         run.commit(0, dense_mask, arrays, records)
         on_round(rec)
         start = 1
+    else:
+        # The kill may have come between the checkpoint and the records file.
+        io.write_jsonl(os.path.join(run.dir, "rounds.jsonl"), records)
     mask, trained = arrays["mask"], arrays["trained"]
     data_key = jax.random.fold_in(seed_key, KEY_DATA)
     for rnd in range(start, setup.rounds + 1):

@@ -315,3 +315,50 @@ def total_steps(epochs: int, num_train: int, batch_size: int) -> int:
 def num_epochs_for(steps: int, steps_per_epoch: int) -> int:
     """Epochs needed to cover ``steps`` steps."""
     return math.ceil(steps / max(steps_per_epoch, 1))
+
+
+def make_inner_loop(model, tx, *, num_steps: int, batch_size: int,
+                    augment: Optional[Callable] = None, unroll: int = 1,
+                    chunk: int = 0) -> Callable:
+    """Training on a small in-memory set (a distilled set) as one compiled program.
+
+    Minibatches are drawn without replacement within each pass over the set
+    (``perm_e = permutation(fold_in(data_key, e))``, recomputed in the step: the set
+    is small) and augmented with ``fold_in(aug_key, t)``; the whole loop is one
+    ``lax.scan``. The returned function is pure, so ``jax.vmap`` over ``key`` (and
+    over ``variables``) runs several seeds in one program.
+
+    Args:
+      model, tx: model and optimiser (static).
+      num_steps: optimiser steps.
+      batch_size: minibatch size; clipped to the set size.
+      augment: optional ``augment(key, x) -> x``.
+      unroll: ``lax.scan`` unroll factor (tune per backend; see docs/performance.md).
+      chunk: if > 0, scan over chunks of ``chunk`` fully-unrolled steps instead
+        (XLA:CPU runs rolled scans over conv steps slowly).
+
+    Returns:
+      ``fn(variables, mask, x, y, key) -> (state, metrics)`` where ``metrics`` holds
+      per-step arrays of length ``num_steps``.
+    """
+    def fn(variables, mask, x, y, key):
+        n = x.shape[0]
+        B = min(batch_size, n)
+        S = max(n // B, 1)
+        data_key, aug_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+        step = functools.partial(train_step, model=model, tx=tx, augment=augment)
+
+        def body(state, t):
+            perm = jax.random.permutation(jax.random.fold_in(data_key, t // S), n)
+            idx = jax.lax.dynamic_slice_in_dim(perm, (t % S) * B, B)
+            return step(state, x[idx], y[idx], jax.random.fold_in(aug_key, t))
+
+        state = create_state(variables, mask, tx)
+        ts = jnp.arange(num_steps)
+        if chunk and num_steps % chunk == 0:
+            def chunk_body(s, tc):
+                return jax.lax.scan(body, s, tc, unroll=True)
+            state, m = jax.lax.scan(chunk_body, state, ts.reshape(-1, chunk))
+            return state, jax.tree.map(lambda v: v.reshape(-1), m)
+        return jax.lax.scan(body, state, ts, unroll=max(int(unroll), 1))
+    return fn
