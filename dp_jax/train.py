@@ -133,9 +133,9 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array, *,
     params = masks_lib.apply(optax.apply_updates(state.params, updates), state.mask)
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-               "grad_norm": optax.global_norm(grads),
-               "update_norm": optax.global_norm(updates),
-               "param_norm": optax.global_norm(params)}
+               "grad_norm": optax.tree.norm(grads),
+               "update_norm": optax.tree.norm(updates),
+               "param_norm": optax.tree.norm(params)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                               opt_state=opt_state)
     return new_state, metrics

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small generated image-classification dataset and tiny experiment configs."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config_module(name: str):
+    """Import ``configs/<name>.py`` (configs are files, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_npz(path, *, n_train=200, n_test=100, shape=(8, 8, 1), num_classes=10, seed=0):
+    """A learnable toy dataset: class-dependent mean images plus noise, uint8."""
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(0, 255, size=(num_classes,) + shape)
+
+    def split(n):
+        y = np.arange(n) % num_classes
+        rng.shuffle(y)
+        x = np.clip(protos[y] + rng.normal(0, 40, size=(n,) + shape), 0, 255).astype(np.uint8)
+        return x, y.astype(np.int64)
+
+    x_train, y_train = split(n_train)
+    x_test, y_test = split(n_test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def toy_npz(tmp_path_factory):
+    """Path of a generated 8x8x1, 10-class npz dataset (200 train / 100 test)."""
+    return make_npz(tmp_path_factory.mktemp("data") / "toy.npz")
+
+
+@pytest.fixture
+def tiny_config(toy_npz):
+    """The default experiment's config shrunk to seconds, on the generated dataset."""
+    c = load_config_module("fashion_mnist").get_config("smoke")
+    c.data.name = f"npz:{toy_npz}"
+    c.data.train_size = 0
+    c.train.batch_size = 40
+    c.train.epochs = 2
+    c.train.eval_batch_size = 64
+    return c
