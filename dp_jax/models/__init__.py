@@ -22,7 +22,6 @@ Config fields (``model_cfg``; ``None`` or absent means "model default"):
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -146,7 +145,7 @@ def create_model(model_cfg: Any, *, num_classes: int) -> nn.Module:
     Raises ``ValueError`` for an unknown name, a field the model does not accept, or an invalid value.
     """
     name = _get(model_cfg, "name")
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
     validators = _VALIDATORS[name]
     kwargs: dict[str, Any] = {}
@@ -171,13 +170,16 @@ def create_model(model_cfg: Any, *, num_classes: int) -> nn.Module:
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _init_jit(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...]) -> Any:
-    # One compiled program per (model, image shape), cached across calls: initialising ResNet-18 op by
-    # op costs several seconds of per-shape PRNG compilation on CPU. lazy_init skips the forward
-    # pass; the variables are the same as model.init(key, zeros, train=False).
+def _init(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...]) -> Any:
+    # lazy_init skips the forward pass; the variables equal model.init(key, zeros, train=False) up to
+    # float rounding in the PRNG transforms.
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     return model.lazy_init(key, x, train=False)
+
+
+# One compiled program per (model, image shape), cached across calls: initialising ResNet-18 op by op
+# costs seconds of per-shape PRNG compilation on XLA:CPU, a single program about half of that.
+_init_jit = jax.jit(_init, static_argnums=(0, 2))
 
 
 def init_variables(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) -> dict:
@@ -185,7 +187,12 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape: Sequence[int])
 
     Returns ``{"params": ...}`` plus ``"batch_stats"`` for BatchNorm models, as plain nested dicts.
     """
-    return flax.core.unfreeze(_init_jit(model, key, tuple(int(d) for d in image_shape)))
+    image_shape = tuple(int(d) for d in image_shape)
+    try:
+        hash(model)
+    except TypeError:  # A module built by hand with unhashable attributes cannot be a static arg.
+        return flax.core.unfreeze(jax.jit(lambda k: _init(model, k, image_shape))(key))
+    return flax.core.unfreeze(_init_jit(model, key, image_shape))
 
 
 def _key_name(key: Any) -> str:

@@ -6,8 +6,9 @@ Initialisation (deliberately not PyTorch's defaults):
     Kaiming-uniform with a = sqrt(5) (variance 1 / (3 fan_in)), which starts deep ReLU nets with
     shrinking activations.
   * dense kernels: Flax's default LeCun normal (truncated, variance 1 / fan_in); PyTorch's default is
-    uniform with the same bound family, so the scale is comparable.
-  * all biases zero (PyTorch draws them uniformly); norm scales one and offsets zero (as in PyTorch).
+    U(+-1 / sqrt(fan_in)), variance 1 / (3 fan_in).
+  * all biases zero (PyTorch draws them from U(+-1 / sqrt(fan_in))); norm scales one and offsets zero,
+    as in PyTorch.
 
 Padding is explicit and symmetric (PyTorch-style ``padding=k // 2``) rather than ``'SAME'``: for
 strided convolutions on even inputs XLA's ``'SAME'`` pads (0, 1) where PyTorch pads (1, 1), which

@@ -12,7 +12,7 @@ by a 3x3 stride-2 max-pool, both padded as in torchvision.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
