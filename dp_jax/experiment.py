@@ -110,6 +110,8 @@ def run(config, workdir: str) -> dict:
     seeds = [config.seed + i for i in range(config.seeds)]
     total_rounds = len(seeds) * len(specs) * (config.prune.rounds + 1)
     progress = Progress(total_rounds, desc="rounds")
+    log_metrics = setup.log_epoch
+    setup.log_epoch = lambda **kw: (log_metrics(**kw), progress.epoch(kw))
     phases = {"load_s": time.time() - t_start, "dense_s": 0.0}
     for seed in seeds:
         t0 = time.time()
@@ -133,26 +135,34 @@ def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None) -> li
     seed_key = jax.random.key(seed)
     run = prune_lib.Run(workdir, spec, seed)
     params_like = dense["variables"]["params"]
-    steps_per_round = (setup.num_steps - spec.rewind_step) * setup.trainer.batch_size
+    B = setup.trainer.batch_size
+
+    def imp_examples(rnd):
+        # Round 1's mask comes from the dense training; later ones from training after step k.
+        return setup.num_steps * B if rnd == 1 else (setup.num_steps - spec.rewind_step) * B
     try:
         if spec.name == "imp":
             return prune_lib.run_rounds(
                 setup, run, dense, seed_key=seed_key, next_mask=prune_lib.magnitude_next_mask(setup),
                 start_point=prune_lib.rewind_start(dense, spec.rewind_step),
-                search_examples_per_round=steps_per_round, on_round=on_round)
+                search_examples=imp_examples, on_round=on_round)
         if spec.name == "random":
             return prune_lib.run_rounds(
                 setup, run, dense, seed_key=seed_key,
                 next_mask=prune_lib.random_next_mask(setup, seed_key),
                 start_point=prune_lib.rewind_start(dense, spec.rewind_step),
-                search_examples_per_round=0, on_round=on_round)
+                search_examples=lambda rnd: 0, on_round=on_round)
         if spec.name == "reinit":
             src = os.path.join(workdir, "runs", f"{spec.source}-seed{seed}")
             fresh = setup.init_fn(jax.random.fold_in(seed_key, prune_lib.KEY_REINIT))
+            # The mask search is the source's: charge its examples round by round.
+            src_examples = {r["round"]: r["train_examples"]
+                            for r in io.read_jsonl(os.path.join(src, "rounds.jsonl"))}
             return prune_lib.run_rounds(
                 setup, run, dense, seed_key=seed_key,
                 next_mask=prune_lib.source_next_mask(src, params_like),
-                start_point=lambda rnd: (fresh, 0), search_examples_per_round=0,
+                start_point=lambda rnd: (fresh, 0),
+                search_examples=lambda rnd: src_examples[rnd] - src_examples[rnd - 1],
                 on_round=on_round)
         raise ValueError(f"prune.method {spec.name!r} is not available in this build")
     finally:

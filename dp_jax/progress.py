@@ -21,6 +21,12 @@ class Progress:
             f"sparsity {record['sparsity']:.3f} acc {record['test_accuracy']:.4f}")
         self._bar.update(1)
 
+    def epoch(self, info: dict) -> None:
+        """Show the epoch in progress (called after every training epoch)."""
+        self._bar.set_postfix_str(
+            f"{info.get('run')} seed {info.get('seed')} r{info.get('round')} "
+            f"epoch {info.get('epoch', 0) + 1} loss {info.get('loss', float('nan')):.4f}")
+
     def close(self) -> None:
         """Finish the bar."""
         self._bar.close()

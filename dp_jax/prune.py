@@ -198,7 +198,8 @@ class Run:
 def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
                next_mask: Callable[[int, PyTree, dict], PyTree],
                start_point: Callable[[int], tuple[dict, int]],
-               search_examples_per_round: int, on_round: Callable[[dict], None] = lambda r: None):
+               search_examples: Callable[[int], int],
+               on_round: Callable[[dict], None] = lambda r: None):
     """The generic pruning loop shared by IMP, random pruning and re-initialisation.
 
     Args:
@@ -208,7 +209,9 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
       seed_key: the seed's root key.
       next_mask: ``(round, mask, trained) -> mask`` for round ``round``.
       start_point: ``round -> (variables, start_step)`` to train round ``round`` from.
-      search_examples_per_round: real examples the mask search processes per round.
+      search_examples: ``round -> examples`` the mask search processes to produce that
+        round's mask (its evaluation training is not counted). ``train_examples`` in
+        the records is the cumulative sum: the cost of finding the round's mask.
       on_round: called with each new record (progress display).
 
     Returns:
@@ -219,8 +222,7 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
     start, arrays, records = run.resume(like)
     if start == 0:
         rec = dict(dense["record"], method=run.spec.label, base_method=run.spec.name,
-                   rewind_step=run.spec.rewind_step,
-                   train_examples=dense["record"]["train_examples"] if run.spec.name == "imp" else 0)
+                   rewind_step=run.spec.rewind_step, train_examples=0)
         records = [rec]
         arrays = {"mask": dense_mask, "trained": dense["trained"]}
         run.commit(0, dense_mask, arrays, records)
@@ -240,7 +242,7 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
             log={"run": run.spec.label, "seed": run.seed, "round": rnd})
         trained = _trained(state)
         rec = make_record(run.spec, run.seed, rnd, mask, ev,
-                          records[-1]["train_examples"] + search_examples_per_round,
+                          records[-1]["train_examples"] + search_examples(rnd),
                           time.time() - t0, train_accuracy=tm.get("accuracy"))
         records.append(rec)
         run.commit(rnd, mask, {"mask": mask, "trained": trained}, records)
@@ -283,4 +285,62 @@ def rewind_start(dense: dict, step: int) -> Callable:
     def fn(rnd):
         v = dense["variables"] if step == 0 else dense["snapshots"][step]
         return v, step
+    return fn
+
+
+def make_inner_train(model, dp_cfg, distilled_lr: float, augment) -> Callable:
+    """The DP inner loop: masked training on the distilled set, jitted once, vmapped over seeds.
+
+    Returns ``fn(variables, mask, x, y, keys) -> params`` where ``keys`` has one key per
+    inner seed; the returned params are those of every seed (leading axis).
+    """
+    lr = float(dp_cfg.lr) if dp_cfg.lr > 0 else float(distilled_lr)
+    tx_cfg = dict(optimizer="sgd", lr=lr, momentum=dp_cfg.momentum, weight_decay=dp_cfg.weight_decay,
+                  schedule="multistep" if dp_cfg.decay_at else "constant",
+                  decay_at=tuple(dp_cfg.decay_at), decay_factor=dp_cfg.decay_factor)
+    tx = train_lib.make_optimizer(_Attrs(tx_cfg), dp_cfg.steps)
+    loop = train_lib.make_inner_loop(model, tx, num_steps=dp_cfg.steps, batch_size=dp_cfg.batch_size,
+                                     augment=augment, unroll=dp_cfg.unroll, chunk=dp_cfg.chunk)
+
+    def fn(variables, mask, x, y, keys):
+        state, metrics = jax.vmap(loop, in_axes=(None, None, None, None, 0))(variables, mask, x, y, keys)
+        return state.params, metrics["loss"][:, -1]
+    return jax.jit(fn)
+
+
+class _Attrs(dict):
+    """A dict readable as attributes (what make_optimizer expects of a config)."""
+    __getattr__ = dict.get
+
+
+def distilled_next_mask(setup: Setup, inner: Callable, variables: dict, x, y, seed_key,
+                        num_inner_seeds: int) -> Callable:
+    """Distilled Pruning: train the masked init on the distilled set, prune by magnitude.
+
+    With several inner seeds the score is the mean magnitude over the seeds' trained
+    weights (independent data orders and augmentations).
+    """
+    key = jax.random.fold_in(seed_key, KEY_INNER)
+
+    def fn(rnd, mask, trained):
+        keys = jax.random.split(jax.random.fold_in(key, rnd), num_inner_seeds)
+        params, final_loss = inner(variables, mask, x, y, keys)
+        scores = jax.tree.map(lambda p: jnp.mean(jnp.abs(p), axis=0), params)
+        return masks_lib.prune(scores, mask, setup.fraction, scope=setup.scope,
+                               on_empty_layer=setup.on_empty_layer)
+    return fn
+
+
+def switch_round(sparsity: float, fraction: float) -> int:
+    """First round whose sparsity reaches ``sparsity`` (DP-then-IMP hands over there)."""
+    r = 0
+    while sparsity_after(r, fraction) < sparsity - 1e-9:
+        r += 1
+    return r
+
+
+def hybrid_next_mask(first: Callable, then: Callable, switch: int) -> Callable:
+    """Use ``first`` for rounds <= ``switch`` and ``then`` afterwards (DP, then IMP)."""
+    def fn(rnd, mask, trained):
+        return first(rnd, mask, trained) if rnd <= switch else then(rnd, mask, trained)
     return fn

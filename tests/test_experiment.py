@@ -41,11 +41,12 @@ def test_end_to_end_contract(tiny_config, tmp_path):
         assert sorted(os.listdir(masks_dir)) == [f"round_{i:03d}.npz" for i in range(3)]
     # Round 0 is the same dense network for every method of a seed.
     assert len({r["test_accuracy"] for r in rows if r["round"] == 0}) == 1
-    # Accounting: IMP k=0 processes epochs*steps*batch per round (5 steps x 40 x 2 epochs).
+    # Accounting: the mask of round r costs the trainings of rounds 0..r-1
+    # (2 epochs x 5 steps x 40 examples each; after rewinding to step 3, 7 steps).
     imp = sorted((r for r in rows if r["method"] == "imp_k0"), key=lambda r: r["round"])
-    assert [r["train_examples"] for r in imp] == [400, 800, 1200]
+    assert [r["train_examples"] for r in imp] == [0, 400, 800]
     k3 = sorted((r for r in rows if r["method"] == "imp_k3"), key=lambda r: r["round"])
-    assert [r["train_examples"] for r in k3] == [400, 400 + 7 * 40, 400 + 14 * 40]
+    assert [r["train_examples"] for r in k3] == [0, 400, 400 + 7 * 40]
     assert all(r["train_examples"] == 0 for r in rows if r["method"] == "random")
     # reinit reuses the IMP masks exactly.
     for rnd in range(3):
