@@ -64,6 +64,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.prune.rewind_step = 0  # default k for 'imp' entries (0 = init)
     c.prune.on_empty_layer = "warn"  # warn | error | ignore
 
+    # Distilled Pruning's inner loop: training on the distilled set (one compiled program).
+    c.dp = ml_collections.ConfigDict()
+    c.dp.steps = 300  # optimiser steps per round on the distilled set
+    c.dp.batch_size = 100  # clipped to the distilled set's size
+    c.dp.lr = 0.0  # 0 = the step size learned by distillation (distilled.npz 'lr')
+    c.dp.momentum = 0.9
+    c.dp.weight_decay = 5e-4
+    c.dp.decay_at = (0.5,)  # fractions of the inner loop where lr is multiplied by decay_factor
+    c.dp.decay_factor = 0.1
+    c.dp.augment = "dsa"  # dsa | none
+    c.dp.inner_seeds = 1  # >1: vmapped inner runs, scores = mean |w| over them
+    c.dp.unroll = 1  # lax.scan unroll of the inner loop
+    c.dp.chunk = 0  # >0: scan over chunks of this many fully unrolled steps
+    c.dp.switch_sparsity = 0.8  # dp_imp: DP rounds up to this sparsity, IMP after
+
     c.parallel = ml_collections.ConfigDict()
     c.parallel.data_parallel = False  # shard batches over all local devices ('data' mesh axis)
 

@@ -113,6 +113,12 @@ def run(config, workdir: str) -> dict:
     log_metrics = setup.log_epoch
     setup.log_epoch = lambda **kw: (log_metrics(**kw), progress.epoch(kw))
     phases = {"load_s": time.time() - t_start, "dense_s": 0.0}
+    distilled = None
+    if any(s.name in ("dp", "dp_imp") for s in specs):
+        t0 = time.time()
+        distilled, cost = prepare_distilled(config, workdir, dataset, setup)
+        phases["distill_s"] = time.time() - t0
+        phases.update(cost)
     for seed in seeds:
         t0 = time.time()
         dense = dense_run(setup, workdir, seed, [s.rewind_step for s in specs])
@@ -121,7 +127,8 @@ def run(config, workdir: str) -> dict:
         for spec in specs:
             t0 = time.time()
             run_method(setup, workdir, spec, seed, dense,
-                       on_round=lambda r: (progress.update(r), _merge_rounds(workdir)))
+                       on_round=lambda r: (progress.update(r), _merge_rounds(workdir)),
+                       config=config, distilled=distilled)
             phases[f"{spec.label}_s"] = phases.get(f"{spec.label}_s", 0.0) + time.time() - t0
     progress.close()
     summary = summarize(workdir, phases, time.time() - t_start)
@@ -130,8 +137,28 @@ def run(config, workdir: str) -> dict:
     return summary
 
 
-def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None) -> list:
-    """Run (or resume) one method for one seed; returns its records."""
+def prepare_distilled(config, workdir, dataset, setup):
+    """The distilled set (made, reused or loaded) and DP's compiled inner loop.
+
+    Returns ``((x, y, inner_train), cost)`` where ``cost`` holds the distillation
+    and expert-training examples and wall time (reported apart from the mask search).
+    """
+    from dp_jax import distill  # distillation pulls in more code; only DP needs it
+    from dp_jax.data.augment import make_augment
+    dset = distill.ensure_distilled(config, workdir, dataset)
+    distill.check_compatible(dset, dataset)
+    inner = prune_lib.make_inner_train(setup.model, config.dp, float(dset.lr),
+                                       make_augment(config.dp.augment))
+    x, y = jnp.asarray(dset.images), jnp.asarray(dset.labels)
+    return (x, y, inner), dict(dset.cost)
+
+
+def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, config=None,
+               distilled=None) -> list:
+    """Run (or resume) one method for one seed; returns its records.
+
+    ``distilled`` is ``(x, y, inner_train)`` for the DP methods (see :func:`prepare_distilled`).
+    """
     seed_key = jax.random.key(seed)
     run = prune_lib.Run(workdir, spec, seed)
     params_like = dense["variables"]["params"]
@@ -164,6 +191,34 @@ def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None) -> li
                 start_point=lambda rnd: (fresh, 0),
                 search_examples=lambda rnd: src_examples[rnd] - src_examples[rnd - 1],
                 on_round=on_round)
+        if spec.name in ("dp", "dp_imp"):
+            if distilled is None:
+                raise ValueError(f"{spec.label} needs a distilled set")
+            x, y, inner = distilled
+            variables = dense["variables"]
+            dp_mask = prune_lib.distilled_next_mask(setup, inner, variables, x, y, seed_key,
+                                                    config.dp.inner_seeds)
+            dp_cost = (config.dp.steps * min(config.dp.batch_size, int(x.shape[0]))
+                       * config.dp.inner_seeds)
+            start = prune_lib.rewind_start(dense, spec.rewind_step)
+            if spec.name == "dp":
+                return prune_lib.run_rounds(
+                    setup, run, dense, seed_key=seed_key, next_mask=dp_mask, start_point=start,
+                    search_examples=lambda rnd: dp_cost, on_round=on_round)
+            switch = prune_lib.switch_round(config.dp.switch_sparsity, setup.fraction)
+
+            def hybrid_examples(rnd):
+                if rnd <= switch:
+                    return dp_cost
+                # IMP after the switch prunes the previous round's real training; with k > 0
+                # the rewind point also needed the dense training.
+                extra = setup.num_steps * B if (rnd == switch + 1 and spec.rewind_step) else 0
+                return (setup.num_steps - spec.rewind_step) * B + extra
+            return prune_lib.run_rounds(
+                setup, run, dense, seed_key=seed_key,
+                next_mask=prune_lib.hybrid_next_mask(dp_mask, prune_lib.magnitude_next_mask(setup),
+                                                     switch),
+                start_point=start, search_examples=hybrid_examples, on_round=on_round)
         raise ValueError(f"prune.method {spec.name!r} is not available in this build")
     finally:
         run.close()

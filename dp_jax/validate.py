@@ -61,7 +61,35 @@ def validate_static(config) -> list:
         n = jax.device_count()
         _need(t.batch_size % n == 0, "train.batch_size",
               f"a multiple of the {n} devices when parallel.data_parallel=True", t.batch_size)
-    return prune_lib.parse_methods(p.method, default_rewind_step=p.rewind_step)
+    specs = prune_lib.parse_methods(p.method, default_rewind_step=p.rewind_step)
+    if any(s.name in ("dp", "dp_imp") for s in specs):
+        _validate_dp(config)
+        if any(s.name == "dp_imp" for s in specs):
+            switch = prune_lib.switch_round(config.dp.switch_sparsity, p.fraction)
+            _need(switch < p.rounds, "dp.switch_sparsity",
+                  f"a sparsity reached before the last round ({p.rounds} rounds of "
+                  f"{p.fraction} reach {prune_lib.sparsity_after(p.rounds, p.fraction):.3f})",
+                  config.dp.switch_sparsity)
+    return specs
+
+
+def _validate_dp(config) -> None:
+    if "dp" not in config:
+        raise ValueError("prune.method uses Distilled Pruning but the config has no 'dp' section")
+    d = config.dp
+    _need(d.steps >= 1, "dp.steps", "an integer >= 1", d.steps)
+    _need(d.batch_size >= 1, "dp.batch_size", "an integer >= 1", d.batch_size)
+    _need(d.lr >= 0, "dp.lr", "0 (use the distilled set's learned lr) or a number > 0", d.lr)
+    _need(0 <= d.momentum < 1, "dp.momentum", "a number in [0, 1)", d.momentum)
+    _need(d.weight_decay >= 0, "dp.weight_decay", "a number >= 0", d.weight_decay)
+    _need(all(0 < f < 1 for f in d.decay_at), "dp.decay_at", "fractions in (0, 1)", d.decay_at)
+    _need(d.augment in ("dsa", "none"), "dp.augment", "dsa | none", d.augment)
+    _need(d.inner_seeds >= 1, "dp.inner_seeds", "an integer >= 1", d.inner_seeds)
+    _need(d.unroll >= 1, "dp.unroll", "an integer >= 1", d.unroll)
+    _need(d.chunk >= 0 and (d.chunk == 0 or d.steps % d.chunk == 0), "dp.chunk",
+          "0 or a divisor of dp.steps", d.chunk)
+    _need(0 < d.switch_sparsity < 1, "dp.switch_sparsity", "a sparsity in (0, 1)",
+          d.switch_sparsity)
 
 
 def validate_with_data(config, dataset, specs) -> None:
