@@ -172,7 +172,7 @@ def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, co
             return prune_lib.run_rounds(
                 setup, run, dense, seed_key=seed_key, next_mask=prune_lib.magnitude_next_mask(setup),
                 start_point=prune_lib.rewind_start(dense, spec.rewind_step),
-                search_examples=imp_examples, on_round=on_round)
+                search_examples=imp_examples, uses_trained=lambda rnd: True, on_round=on_round)
         if spec.name == "random":
             return prune_lib.run_rounds(
                 setup, run, dense, seed_key=seed_key,
@@ -218,7 +218,8 @@ def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, co
                 setup, run, dense, seed_key=seed_key,
                 next_mask=prune_lib.hybrid_next_mask(dp_mask, prune_lib.magnitude_next_mask(setup),
                                                      switch),
-                start_point=start, search_examples=hybrid_examples, on_round=on_round)
+                start_point=start, search_examples=hybrid_examples,
+                uses_trained=lambda rnd: rnd > switch, on_round=on_round)
         raise ValueError(f"prune.method {spec.name!r} is not available in this build")
     finally:
         run.close()
@@ -252,6 +253,7 @@ def summarize(workdir: str, phases: dict, wall_s: float) -> dict:
             "final_test_accuracy_std": float(np.std([r["test_accuracy"] for r in final])),
             "dense_test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in dense])),
             "mask_search_examples": int(max(r["train_examples"] for r in final)),
+            "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),
             "wall_s": float(sum(r["wall_s"] for r in rs)),
         }
     summary = {"methods": methods, "phases_s": phases, "wall_s": wall_s,

@@ -199,6 +199,7 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
                next_mask: Callable[[int, PyTree, dict], PyTree],
                start_point: Callable[[int], tuple[dict, int]],
                search_examples: Callable[[int], int],
+               uses_trained: Callable[[int], bool] = lambda rnd: False,
                on_round: Callable[[dict], None] = lambda r: None):
     """The generic pruning loop shared by IMP, random pruning and re-initialisation.
 
@@ -212,6 +213,8 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
       search_examples: ``round -> examples`` the mask search processes to produce that
         round's mask (its evaluation training is not counted). ``train_examples`` in
         the records is the cumulative sum: the cost of finding the round's mask.
+      uses_trained: ``round -> bool``, whether that round's mask is derived from the
+        previous round's trained weights (so that training counts as search time).
       on_round: called with each new record (progress display).
 
     Returns:
@@ -222,7 +225,8 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
     start, arrays, records = run.resume(like)
     if start == 0:
         rec = dict(dense["record"], method=run.spec.label, base_method=run.spec.name,
-                   rewind_step=run.spec.rewind_step, train_examples=0)
+                   rewind_step=run.spec.rewind_step, train_examples=0, search_s=0.0,
+                   mask_s=0.0, train_s=dense["record"]["wall_s"])
         records = [rec]
         arrays = {"mask": dense_mask, "trained": dense["trained"]}
         run.commit(0, dense_mask, arrays, records)
@@ -235,15 +239,22 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
     data_key = jax.random.fold_in(seed_key, KEY_DATA)
     for rnd in range(start, setup.rounds + 1):
         t0 = time.time()
-        mask = next_mask(rnd, mask, trained)
+        mask = jax.block_until_ready(next_mask(rnd, mask, trained))
+        t_mask = time.time() - t0
         variables, start_step = start_point(rnd)
         state, ev, _, tm = train_and_eval(
             setup, variables, mask, data_key, start_step=start_step,
             log={"run": run.spec.label, "seed": run.seed, "round": rnd})
         trained = _trained(state)
+        prev = records[-1]
+        # Search time: computing this mask, plus the previous training when the mask
+        # was derived from its weights (IMP); DP's search is its inner loop alone.
+        search_s = prev.get("search_s", 0.0) + t_mask + (
+            prev.get("train_s", prev["wall_s"]) if uses_trained(rnd) else 0.0)
         rec = make_record(run.spec, run.seed, rnd, mask, ev,
-                          records[-1]["train_examples"] + search_examples(rnd),
-                          time.time() - t0, train_accuracy=tm.get("accuracy"))
+                          prev["train_examples"] + search_examples(rnd),
+                          time.time() - t0, train_accuracy=tm.get("accuracy"),
+                          mask_s=t_mask, train_s=time.time() - t0 - t_mask, search_s=search_s)
         records.append(rec)
         run.commit(rnd, mask, {"mask": mask, "trained": trained}, records)
         on_round(rec)

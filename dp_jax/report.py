@@ -88,11 +88,147 @@ def plot_accuracy_vs_sparsity(agg: dict[str, list[dict]], path: str, title: str 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    _save(fig, path)
+
+
+def ticket_sparsity(agg: dict[str, list[dict]], tolerance: float = 0.01) -> dict[str, float]:
+    """Per method: the highest sparsity whose mean accuracy is within ``tolerance`` of dense."""
+    out = {}
+    for m, rows in agg.items():
+        dense = next((a["acc_mean"] for a in rows if a["round"] == 0), None)
+        if dense is None:
+            continue
+        ok = [a["sparsity"] for a in rows if a["acc_mean"] >= dense - tolerance]
+        out[m] = max(ok) if ok else 0.0
+    return out
+
+
+def _load_masks(workdir: str) -> dict[tuple[str, int], dict[int, dict]]:
+    """{(label, seed): {round: {path: bool array}}} for every run with saved masks."""
+    out = {}
+    runs = os.path.join(workdir, "runs")
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        label, _, seed = name.rpartition("-seed")
+        mdir = os.path.join(runs, name, "masks")
+        if not os.path.isdir(mdir) or not seed.isdigit():
+            continue
+        rounds = {}
+        for f in sorted(os.listdir(mdir)):
+            if f.startswith("round_") and f.endswith(".npz"):
+                with np.load(os.path.join(mdir, f), allow_pickle=False) as z:
+                    rounds[int(f[6:9])] = {k: z[k] for k in z.files}
+        out[(label, int(seed))] = rounds
+    return out
+
+
+def _prunable(mask: dict) -> dict:
+    # Prunable leaves are the kernels; other leaves are all-True by construction.
+    return {k: v for k, v in mask.items() if k.endswith("kernel") and v.ndim >= 2}
+
+
+def mask_agreement(workdir: str, a: str, b: str) -> list[dict]:
+    """Per round, mean over seeds of the Hamming distance and IoU between runs ``a`` and ``b``."""
+    masks = _load_masks(workdir)
+    seeds = sorted({s for (lab, s) in masks if lab == a} & {s for (lab, s) in masks if lab == b})
+    per_round = defaultdict(list)
+    for s in seeds:
+        ma, mb = masks[(a, s)], masks[(b, s)]
+        for rnd in sorted(set(ma) & set(mb)):
+            ka, kb = _prunable(ma[rnd]), _prunable(mb[rnd])
+            x = np.concatenate([ka[k].reshape(-1) for k in sorted(ka)])
+            y = np.concatenate([kb[k].reshape(-1) for k in sorted(kb)])
+            union = np.logical_or(x, y).sum()
+            per_round[rnd].append((float(np.mean(x != y)),
+                                   float(np.logical_and(x, y).sum() / union) if union else 1.0))
+    return [{"round": r, "hamming": float(np.mean([h for h, _ in v])),
+             "iou": float(np.mean([i for _, i in v])), "n": len(v)}
+            for r, v in sorted(per_round.items())]
+
+
+def layer_sparsity_table(workdir: str) -> str:
+    """Markdown: per method, per prunable layer, sparsity of the last round (seed-mean)."""
+    masks = _load_masks(workdir)
+    final = defaultdict(list)
+    for (label, _), rounds in masks.items():
+        if rounds:
+            last = rounds[max(rounds)]
+            final[label].append({k: 1.0 - float(v.mean()) for k, v in _prunable(last).items()})
+    if not final:
+        return ""
+    layers = sorted({k for rows in final.values() for r in rows for k in r})
+    lines = ["| method | " + " | ".join(layers) + " |", "|---|" + "---|" * len(layers)]
+    for label in sorted(final):
+        cells = [f"{100 * np.mean([r[k] for r in final[label]]):.1f}%" for k in layers]
+        lines.append(f"| {pretty(label)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_examples(agg: dict[str, list[dict]], path: str) -> None:
+    """Test accuracy vs examples processed by the mask search (log axis)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in sorted(agg):
+        rows = [a for a in agg[m] if a["train_examples"] > 0]
+        if rows:
+            ax.plot([a["train_examples"] for a in rows], [100 * a["acc_mean"] for a in rows],
+                    marker="o", ms=3, label=pretty(m))
+    ax.set_xscale("log")
+    ax.set_xlabel("examples processed by the mask search (cumulative)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Cost of finding each mask")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def cost_section(summary: dict, agg: dict[str, list[dict]]) -> list[str]:
+    """Markdown lines comparing the mask-search cost of IMP and DP (with and without distillation)."""
+    methods = summary.get("methods", {})
+    imp = [m for m in methods if m.startswith("imp_k")]
+    dp = "dp" if "dp" in methods else None
+    parts = ["## Cost of the mask search", "",
+             "`train_examples` counts the examples processed to *find* each round's mask (the "
+             "trainings of rounds 0..r-1 for IMP, the inner loops on the distilled set for DP); "
+             "evaluation training is not counted.", "",
+             "| method | final sparsity | examples processed by the mask search | "
+             "search wall time (s) | run wall time (s) |",
+             "|---|---|---|---|---|"]
+    for m, s in sorted(methods.items()):
+        parts.append(f"| {pretty(m)} | {100 * s['final_sparsity']:.1f}% | "
+                     f"{s['mask_search_examples']:,} | {s.get('search_wall_s', 0):.0f} | "
+                     f"{s['wall_s']:.0f} |")
+    phases = summary.get("phases_s", {})
+    if dp and imp:
+        d = methods[dp]
+        distill_examples = phases.get("distill_examples", 0) + phases.get("expert_examples", 0)
+        distill_wall = phases.get("distill_wall_s", 0.0) + phases.get("expert_wall_s", 0.0)
+        parts += ["", "| ratio | examples | wall time of the search |", "|---|---|---|"]
+        for m in imp:
+            i = methods[m]
+            ex = i["mask_search_examples"] / max(d["mask_search_examples"], 1)
+            ex_all = i["mask_search_examples"] / max(d["mask_search_examples"] + distill_examples, 1)
+            parts.append(f"| {pretty(m)} / DP | {ex:,.1f}x | "
+                         f"{i.get('search_wall_s', 0) / max(d.get('search_wall_s', 0), 1e-9):,.1f}x |")
+            parts.append(f"| {pretty(m)} / (DP + distillation + experts) | {ex_all:,.2f}x | "
+                         f"{i.get('search_wall_s', 0) / max(d.get('search_wall_s', 0) + distill_wall, 1e-9):,.2f}x |")
+        parts += ["", f"Distillation: {phases.get('distill_examples', 0):,} examples, "
+                  f"{phases.get('distill_wall_s', 0):.0f} s; experts: "
+                  f"{phases.get('expert_examples', 0):,} examples, {phases.get('expert_wall_s', 0):.0f} s."]
+    parts += ["", f"Total wall time: {summary.get('wall_s', 0):.0f} s on "
+              f"{summary.get('backend', '?')}.", ""]
+    return parts
 
 
 def write_report(workdir: str) -> str:
@@ -111,15 +247,29 @@ def write_report(workdir: str) -> str:
              "Test accuracy (%) of each round's mask, trained on the real training set; "
              "mean ± std over seeds.", "", accuracy_table(agg), "",
              "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)", ""]
+    tickets = ticket_sparsity(agg)
+    parts += ["Highest sparsity whose accuracy is within 1 point of the dense network: " +
+              ", ".join(f"{pretty(m)} {100 * s:.1f}%" for m, s in sorted(tickets.items())), ""]
     if summary.get("methods"):
-        parts += ["## Cost of the mask search", "",
-                  "| method | final sparsity | examples processed by the mask search | wall time (s) |",
-                  "|---|---|---|---|"]
-        for m, s in sorted(summary["methods"].items()):
-            parts.append(f"| {pretty(m)} | {100 * s['final_sparsity']:.1f}% | "
-                         f"{s['mask_search_examples']:,} | {s['wall_s']:.0f} |")
-        parts += ["", f"Total wall time: {summary.get('wall_s', 0):.0f} s on "
-                  f"{summary.get('backend', '?')}.", ""]
+        parts += cost_section(summary, agg)
+        plot_accuracy_vs_examples(agg, os.path.join(workdir, "plots", "accuracy_vs_examples.png"))
+        parts += ["![accuracy vs examples](plots/accuracy_vs_examples.png)", ""]
+    labels = sorted(agg)
+    pairs = [(a, b) for a in labels if a.startswith("dp") for b in labels if b.startswith("imp_k")]
+    if pairs:
+        parts += ["## Mask agreement", "", "Hamming distance (fraction of prunable weights on "
+                  "which the masks differ) and IoU of the kept weights, mean over seeds.", "",
+                  "| round | " + " | ".join(f"{pretty(a)} vs {pretty(b)}" for a, b in pairs) + " |",
+                  "|---|" + "---|" * len(pairs)]
+        tables = [{r["round"]: r for r in mask_agreement(workdir, a, b)} for a, b in pairs]
+        for rnd in sorted(set().union(*[t.keys() for t in tables])):
+            cells = [f"{t[rnd]['hamming']:.3f} / {t[rnd]['iou']:.3f}" if rnd in t else ""
+                     for t in tables]
+            parts.append(f"| {rnd} | " + " | ".join(cells) + " |")
+        parts.append("")
+    table = layer_sparsity_table(workdir)
+    if table:
+        parts += ["## Per-layer sparsity of the last round", "", table, ""]
     text = "\n".join(parts)
     io.atomic_write_bytes(os.path.join(workdir, "report.md"), text.encode())
     return text
