@@ -64,6 +64,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.prune.rewind_step = 0  # default k for 'imp' entries (0 = init)
     c.prune.on_empty_layer = "warn"  # warn | error | ignore
 
+    c.distill = ml_collections.ConfigDict()
+    c.distill.path = placeholder(str)  # a distilled.npz to use instead of distilling
+
     # Distilled Pruning's inner loop: training on the distilled set (one compiled program).
     c.dp = ml_collections.ConfigDict()
     c.dp.steps = 300  # optimiser steps per round on the distilled set

@@ -13,11 +13,15 @@ import pytest
 from dp_jax import experiment
 from dp_jax import io
 
-from conftest import ROOT
+from conftest import ROOT, load_config_module, make_distilled
+
+
+TIMINGS = ("wall_s", "mask_s", "train_s", "search_s")
 
 
 def _strip(rows):
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    """Records without their timings (which differ between any two runs)."""
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
 def test_end_to_end_contract(tiny_config, tmp_path):
@@ -97,9 +101,14 @@ def _cli(wd, *overrides):
 
 
 def test_resume_after_kill_matches_uninterrupted(toy_npz, tmp_path):
+    base = load_config_module("fashion_mnist").get_config("smoke")
+    base.data.name = f"npz:{toy_npz}"
+    base.data.train_size = 0
+    syn = make_distilled(base, str(tmp_path / "syn.npz"))
     overrides = [f"--config.data.name=npz:{toy_npz}", "--config.data.train_size=0",
                  "--config.train.batch_size=40", "--config.prune.rounds=3",
-                 "--config.prune.method=imp,random"]
+                 "--config.prune.method=imp,random,dp", f"--config.distill.path={syn}",
+                 "--config.dp.steps=20"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     ref = tmp_path / "ref"
     subprocess.run(_cli(ref, *overrides), cwd=ROOT, env=env, check=True, capture_output=True)
@@ -118,7 +127,7 @@ def test_resume_after_kill_matches_uninterrupted(toy_npz, tmp_path):
     subprocess.run(_cli(wd, *overrides), cwd=ROOT, env=env, check=True, capture_output=True)
     assert _strip(io.read_jsonl(str(wd / "rounds.jsonl"))) == \
         _strip(io.read_jsonl(str(ref / "rounds.jsonl")))
-    for run in ("imp_k0-seed0", "random-seed0"):
+    for run in ("imp_k0-seed0", "random-seed0", "dp-seed0"):
         for rnd in range(4):
             a = np.load(ref / "runs" / run / "masks" / f"round_{rnd:03d}.npz")
             b = np.load(wd / "runs" / run / "masks" / f"round_{rnd:03d}.npz")
