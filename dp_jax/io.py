@@ -19,6 +19,8 @@ import os
 import tempfile
 from typing import Any, Iterable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -130,7 +132,10 @@ class RoundCheckpointer:
         except Exception as e:  # orbax raises many types for corrupt files
             raise ValueError(f"checkpoint {self.directory}/{step} is corrupt or does not match "
                              f"this config: {type(e).__name__}: {e}") from e
-        return out["arrays"], out["payload"]
+        # Restored arrays come back committed to a device; fresh ones are not, and jit
+        # compiles a second program when the two kinds are mixed.
+        arrays = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), out["arrays"])
+        return arrays, out["payload"]
 
     def close(self) -> None:
         """Wait for pending writes and release the manager."""

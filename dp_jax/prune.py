@@ -34,6 +34,7 @@ METHODS = ("imp", "random", "reinit", "dp", "dp_imp")
 
 # Purposes for jax.random.fold_in on a seed's root key: one stream per consumer.
 KEY_INIT, KEY_DATA, KEY_RANDOM_PRUNE, KEY_REINIT, KEY_DISTILL, KEY_INNER = range(6)
+KEY_ANALYSIS = 1000  # dp_jax.analysis folds its own sub-purposes into this one
 
 
 @dataclasses.dataclass(frozen=True)

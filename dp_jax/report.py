@@ -13,6 +13,7 @@ import numpy as np
 
 from dp_jax import io
 
+ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis -->", "<!-- /analysis -->"
 PRETTY = {"imp": "IMP", "random": "Random pruning", "reinit": "Re-init", "dp": "Distilled Pruning",
           "dp_imp": "DP then IMP", "dense": "Dense"}
 
@@ -271,7 +272,13 @@ def write_report(workdir: str) -> str:
     if table:
         parts += ["## Per-layer sparsity of the last round", "", table, ""]
     text = "\n".join(parts)
-    io.atomic_write_bytes(os.path.join(workdir, "report.md"), text.encode())
+    path = os.path.join(workdir, "report.md")
+    if os.path.exists(path):  # keep the block written by `python -m dp_jax.analysis`
+        old = open(path).read()
+        start, end = old.find(ANALYSIS_BEGIN), old.find(ANALYSIS_END)
+        if 0 <= start < end:
+            text += "\n" + old[start:end + len(ANALYSIS_END)] + "\n"
+    io.atomic_write_bytes(path, text.encode())
     return text
 
 

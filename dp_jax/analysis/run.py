@@ -1,0 +1,482 @@
+"""Analyses of a finished workdir: instability, Hessian and landscapes of its saved masks.
+
+``run(workdir, ...)`` is what ``python -m dp_jax.analysis`` calls. It rebuilds the
+experiment from ``workdir/config.json`` exactly as :mod:`dp_jax.experiment` does
+(dataset, model, optimiser, the seed's init ``init_fn(fold_in(key(seed),
+KEY_INIT))``), and for every selected mask ``runs/<label>-seed<s>/masks/round_XXX.npz``:
+
+  1. trains ``P`` copies from the mask's *starting point* -- the method's rewind
+     point (init for k=0, the dense run's weights at step k otherwise, a fresh
+     init for ``reinit``), masked -- with the config's training settings on the
+     real training set (copy 0 retraces the run's own evaluation training);
+  2. instability: interpolation between every pair of copies, barriers,
+     layer-wise interpolation, L2 distances;
+  3. Hessian of the training loss at copy 0 (and optionally at the start point);
+  4. landscapes around the copies.
+
+It also computes the dense network's instability as a function of the rewind
+step k and the Hamming distances between the methods' masks. Outputs:
+``analysis/*.json`` (plus npz of Hessian diagonals and landscape directions),
+``plots/*.png`` and the ``<!-- analysis -->`` section of ``report.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io as _io
+import itertools
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dp_jax import experiment
+from dp_jax import io
+from dp_jax import masks as masks_lib
+from dp_jax import prune as prune_lib
+from dp_jax import train as train_lib
+from dp_jax.analysis import family, hessian, instability, landscape
+from dp_jax.analysis import report as report_lib
+from dp_jax.data import load_dataset
+
+ANALYSES = ("instability", "hessian", "landscape")
+BN_CHOICES = ("interpolate", "recompute", "both")
+HESSIAN_POINTS = ("trained", "start")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Knobs of the analyses; the defaults are sized for a 2-core CPU."""
+    copies: int = 2                      # copies per start point (landscape raises it to 3)
+    alphas: int = 11                     # interpolation grid points on [0, 1]
+    bn_mode: str = "both"                # BatchNorm statistics: interpolate | recompute | both
+    bn_batches: int = 20                 # training batches for "recompute"
+    layerwise: bool = True               # layer-wise interpolation
+    eval_examples: int = 0               # test examples for instability (0 = all)
+    eval_chunk: Optional[int] = None     # grid points per compiled program (None = alphas)
+    k_values: Optional[tuple] = None     # dense rewind-step curve (None = a default set)
+    hessian_examples: int = 2000
+    hessian_batch: int = 500
+    hessian_at: tuple = ("trained",)     # trained (copy 0) and/or start (the masked start point)
+    lanczos_steps: int = 20
+    top_k: int = 5
+    trace_probes: int = 32
+    slq_probes: int = 2
+    landscape_grid: int = 11
+    landscape_points: int = 21
+    landscape_span: float = 1.0
+    landscape_examples: int = 2000
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field and its allowed values."""
+        def need(ok, field, allowed):
+            if not ok:
+                raise ValueError(f"analysis setting {field}={getattr(self, field)!r} is invalid; "
+                                 f"allowed: {allowed}")
+        need(self.copies >= 2, "copies", "an integer >= 2")
+        need(self.alphas >= 2, "alphas", "an integer >= 2")
+        need(self.bn_mode in BN_CHOICES, "bn_mode", " | ".join(BN_CHOICES))
+        need(self.bn_batches >= 1, "bn_batches", "an integer >= 1")
+        need(self.eval_examples >= 0, "eval_examples", "0 (all) or a positive integer")
+        need(self.hessian_examples >= 1, "hessian_examples", "an integer >= 1")
+        need(all(p in HESSIAN_POINTS for p in self.hessian_at), "hessian_at",
+             " and/or ".join(HESSIAN_POINTS))
+        need(self.lanczos_steps >= 1, "lanczos_steps", "an integer >= 1")
+        need(self.trace_probes >= 2, "trace_probes", "an integer >= 2")
+        need(self.slq_probes >= 1, "slq_probes", "an integer >= 1")
+        need(self.top_k >= 1, "top_k", "an integer >= 1")
+        need(self.landscape_grid >= 2, "landscape_grid", "an integer >= 2")
+        need(self.landscape_points >= 2, "landscape_points", "an integer >= 2")
+        need(self.landscape_span > 0, "landscape_span", "a number > 0")
+
+    @property
+    def bn_modes(self) -> tuple:
+        """BatchNorm modes to evaluate, the headline one first."""
+        return ("recompute", "interpolate") if self.bn_mode == "both" else (self.bn_mode,)
+
+
+def tag(label: str, seed: int, rnd: int) -> str:
+    """File stem of one mask's results, e.g. ``imp_k0-seed0-round002``."""
+    return f"{label}-seed{seed}-round{rnd:03d}"
+
+
+def _digest(mask) -> str:
+    h = hashlib.sha1()
+    for k, v in sorted(masks_lib.to_flat(mask).items()):
+        h.update(k.encode())
+        h.update(np.packbits(v).tobytes())
+    return h.hexdigest()
+
+
+class _Context:
+    """Everything shared by the analyses of one workdir (compiled once)."""
+
+    def __init__(self, workdir: str, cfg, settings: Settings, analyses: Sequence[str], log):
+        self.workdir, self.cfg, self.settings, self.log = workdir, cfg, settings, log
+        self.analyses = tuple(analyses)
+        dataset = load_dataset(cfg.data, seed=cfg.seed)
+        self.setup = experiment.build_setup(cfg, dataset)
+        self.specs = _specs(cfg)
+        s = self.setup
+        like = jax.eval_shape(s.init_fn, jax.random.key(0))
+        self.has_bn = bool(like.get("batch_stats"))
+        loop = train_lib.resolve_loop(cfg.train.loop, like["params"])
+        self.copy_trainer = instability.CopyTrainer(
+            s.model, s.tx, batch_size=cfg.train.batch_size, num_train=int(s.y_train.shape[0]),
+            loop=loop, unroll=cfg.train.unroll)
+        # One chunk size for every grid (alpha sweeps, lines, planes): the compiled
+        # evaluation programs then differ only in the number of anchors (2 or 3).
+        self.evaluator = family.FamilyEvaluator(s.model, eval_batch_size=cfg.train.eval_batch_size,
+                                                chunk=settings.eval_chunk or settings.alphas)
+        self.engine = None
+        self.num_copies = max(settings.copies, 3 if "landscape" in self.analyses else 2)
+        self.alphas = np.linspace(0.0, 1.0, settings.alphas)
+        n_test = int(s.y_test.shape[0])
+        self.x_eval, self.y_eval = s.x_test, s.y_test
+        if settings.eval_examples and settings.eval_examples < n_test:
+            self.x_eval = s.x_test[:settings.eval_examples]
+            self.y_eval = s.y_test[:settings.eval_examples]
+        self.eval_batches = family.pad_batches(self.x_eval, self.y_eval,
+                                               cfg.train.eval_batch_size)
+        self._dense_cache = {}
+        self.results_cache = {}
+
+    def hessian_engine(self, params):
+        """The Hessian engine (built on first use, then shared by every mask)."""
+        if self.engine is None:
+            self.engine = hessian.HessianEngine(self.setup.model, params)
+        return self.engine
+
+    def copies(self, seed: int, variables: dict, mask, start_step: int, start_tag: tuple,
+               num: Optional[int] = None):
+        """``num`` trained copies from a start point (default: as many as the analyses need).
+
+        Copies of dense masks are kept: runs share round 0, and the rewind curve reuses them.
+        """
+        num = num or self.num_copies
+        dense = masks_lib.sparsity(mask) == 0.0
+        key = (seed, start_tag)
+        if dense and key in self._dense_cache and len(self._dense_cache[key][0]) >= num:
+            return self._dense_cache[key]
+        t0 = time.time()
+        s = self.setup
+        copies, metrics = instability.spawn_copies(
+            self.copy_trainer, variables, mask, instability.copy_keys(seed, num),
+            s.x_train, s.y_train, start_step=start_step, num_steps=s.num_steps)
+        out = (copies, {"last_epoch": metrics, "wall_s": time.time() - t0})
+        if dense:
+            self._dense_cache[key] = out
+        return out
+
+
+class _SeedState:
+    """A seed's init, rewind snapshots and BatchNorm/evaluation subsets."""
+
+    def __init__(self, ctx: _Context, seed: int, ks_needed: Sequence[int]):
+        s, settings = ctx.setup, ctx.settings
+        self.seed = seed
+        root = jax.random.key(seed)
+        self.init = s.init_fn(jax.random.fold_in(root, prune_lib.KEY_INIT))
+        self.reinit = None
+        self.snapshots = {0: {"params": self.init["params"],
+                              "batch_stats": self.init.get("batch_stats", {})}}
+        ks = sorted({int(k) for k in ks_needed if k > 0})
+        ckpt_dir = os.path.join(ctx.workdir, "runs", f"dense-seed{seed}", "checkpoints")
+        rewind = sorted({sp.rewind_step for sp in ctx.specs.values() if sp.rewind_step > 0})
+        if any(k in rewind for k in ks) and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+            # The dense run's own snapshots: exactly what the pruning runs rewound to.
+            dense = experiment.dense_run(s, ctx.workdir, seed, rewind)
+            # Restored arrays are committed to a device, fresh ones are not; jit keys
+            # its cache on that, so mixing them would recompile every program.
+            self.snapshots.update({int(k): jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), v)
+                                   for k, v in dense["snapshots"].items()})
+        missing = [k for k in ks if k not in self.snapshots]
+        if missing:
+            ctx.log(f"seed {seed}: training the dense net to step {max(missing)} for "
+                    f"snapshots at {missing}")
+            self.snapshots.update(instability.dense_snapshots(
+                s.trainer, s.tx, self.init, s.x_train, s.y_train,
+                jax.random.fold_in(root, prune_lib.KEY_DATA), missing))
+        self.bn_batches = None
+        if ctx.has_bn:
+            self.bn_batches = family.bn_batches(
+                s.x_train, instability.analysis_key(seed, instability.BN_BATCHES),
+                num_batches=settings.bn_batches, batch_size=ctx.cfg.train.batch_size)
+        self.hessian_x, self.hessian_y = hessian.data_subset(
+            s.x_train, s.y_train, instability.analysis_key(seed, instability.HESSIAN_DATA),
+            settings.hessian_examples)
+        self.land_x, self.land_y = hessian.data_subset(
+            s.x_test, s.y_test, instability.analysis_key(seed, instability.LANDSCAPE_DATA),
+            settings.landscape_examples)
+
+    def start_point(self, ctx: _Context, spec: prune_lib.MethodSpec):
+        """``(variables, start_step, start_tag)`` the method trains every round from."""
+        if spec.name == "reinit":
+            if self.reinit is None:
+                root = jax.random.key(self.seed)
+                self.reinit = ctx.setup.init_fn(jax.random.fold_in(root, prune_lib.KEY_REINIT))
+            return self.reinit, 0, ("reinit",)
+        k = spec.rewind_step
+        return self.snapshots[k], k, ("rewind", k)
+
+
+def default_k_values(ctx: _Context) -> list[int]:
+    """0, a quarter, half and one epoch, and the config's rewind steps (below the run's length)."""
+    S = ctx.copy_trainer.steps_per_epoch
+    ks = {0, S // 4, S // 2, S} | {sp.rewind_step for sp in ctx.specs.values()}
+    return sorted(k for k in ks if 0 <= k < ctx.setup.num_steps)
+
+
+def _record_accuracy(workdir: str, label: str, seed: int, rnd: int) -> Optional[float]:
+    rows = io.read_jsonl(os.path.join(workdir, "runs", f"{label}-seed{seed}", "rounds.jsonl"))
+    for r in rows:
+        if r.get("round") == rnd:
+            return r.get("test_accuracy")
+    return None
+
+
+def _specs(cfg) -> dict:
+    return {s.label: s for s in prune_lib.parse_methods(
+        cfg.prune.method, default_rewind_step=cfg.prune.rewind_step)}
+
+
+def _parse_selection(workdir: str, cfg, runs, rounds, seed):
+    """Check the selection; ``(todo, seeds, runs)``, todo = [(seed, label, round, mask path)]."""
+    specs = _specs(cfg)
+    labels = list(specs)
+    runs = list(runs) if runs else labels
+    unknown = [r for r in runs if r not in specs]
+    if unknown:
+        raise ValueError(f"--runs: unknown run(s) {unknown}; this workdir has: {labels}")
+    all_seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    if seed is not None and seed not in all_seeds:
+        raise ValueError(f"--seed={seed} is not a seed of this workdir; seeds: {all_seeds}")
+    seeds = [seed] if seed is not None else all_seeds
+    explicit = rounds is not None
+    rounds = list(rounds) if explicit else list(range(cfg.prune.rounds + 1))
+    bad = [r for r in rounds if not 0 <= r <= cfg.prune.rounds]
+    if bad:
+        raise ValueError(f"--rounds: {bad} outside 0..{cfg.prune.rounds}")
+    todo = []
+    for s in seeds:
+        for label in runs:
+            for rnd in rounds:
+                path = os.path.join(workdir, "runs", f"{label}-seed{s}", "masks",
+                                    f"round_{rnd:03d}.npz")
+                if os.path.exists(path):
+                    todo.append((s, label, rnd, path))
+                elif explicit:
+                    raise FileNotFoundError(f"no mask {path}; has the run finished that round?")
+    if not todo:
+        raise FileNotFoundError(f"no masks found under {workdir}/runs for runs={runs}, "
+                                f"seeds={seeds}")
+    return todo, seeds, runs
+
+
+def analyze_mask(ctx: _Context, ss: _SeedState, label: str, rnd: int, path: str) -> dict:
+    """Every requested analysis of one mask; writes its analysis/*.json (and npz) files.
+
+    A mask that another run shares with the same start point (round 0's dense
+    mask, typically) reuses that run's results instead of recomputing them.
+
+    Returns:
+      ``{analysis: result}`` for the analyses run.
+    """
+    spec = ctx.specs[label]
+    mask = masks_lib.load(path, ss.init["params"])
+    variables, k, start_tag = ss.start_point(ctx, spec)
+    digest = _digest(mask)
+    meta = {"run": label, "seed": ss.seed, "round": rnd, "sparsity": masks_lib.sparsity(mask),
+            "start": "reinit" if spec.name == "reinit" else f"rewind k={k}", "start_step": k,
+            "mask_sha1": digest,
+            "record_test_accuracy": _record_accuracy(ctx.workdir, label, ss.seed, rnd)}
+    key = (ss.seed, start_tag, digest)
+    if key in ctx.results_cache:
+        results, arrays = ctx.results_cache[key]
+    else:
+        results, arrays = _compute(ctx, ss, mask, variables, k, start_tag)
+        if meta["sparsity"] == 0.0:  # only dense masks recur across runs; keep memory flat
+            ctx.results_cache[key] = (results, arrays)
+    out_dir = os.path.join(ctx.workdir, "analysis")
+    stem = tag(label, ss.seed, rnd)
+    out = {}
+    for name, r in results.items():
+        r = dict(r, **meta)
+        if name == "landscape":
+            r["directions_file"] = f"landscape_{stem}_directions.npz"
+        io.write_json(os.path.join(out_dir, f"{name}_{stem}.json"), r)
+        out[name] = r
+    for (prefix, suffix), arr in arrays.items():
+        _save_npz(os.path.join(out_dir, prefix + stem + suffix), arr)
+    return out
+
+
+def _compute(ctx: _Context, ss: _SeedState, mask, variables: dict, k: int, start_tag: tuple):
+    """The analyses of one (start point, mask): ``(results, npz arrays by file-name parts)``."""
+    settings = ctx.settings
+    copies, train_info = ctx.copies(ss.seed, variables, mask, k, start_tag)
+    results, arrays = {}, {}
+    bn = {"bn_mode": settings.bn_modes[0], "bn_batches": ss.bn_batches}
+    if "instability" in ctx.analyses:
+        t0 = time.time()
+        # Pairs among the requested copies only; a third copy trained for the
+        # landscape plane would triple the pairs otherwise.
+        r = instability.analyze_copies(
+            ctx.evaluator, copies[:settings.copies], mask, ctx.x_eval, ctx.y_eval,
+            alphas=ctx.alphas, bn_modes=settings.bn_modes, bn_batches=ss.bn_batches,
+            with_layerwise=settings.layerwise, batches=ctx.eval_batches)
+        r.update(wall_s=time.time() - t0, num_test_examples=int(ctx.x_eval.shape[0]),
+                 copies_training=train_info)
+        results["instability"] = r
+    if "hessian" in ctx.analyses:
+        t0 = time.time()
+        points = {"trained": copies[0],
+                  "start": {"params": masks_lib.apply(variables["params"], mask),
+                            "batch_stats": variables.get("batch_stats", {})}}
+        h = {}
+        for where in settings.hessian_at:
+            p = points[where]
+            summary, diag = hessian.analyze(
+                ctx.hessian_engine(p["params"]), p["params"], p["batch_stats"], mask,
+                ss.hessian_x, ss.hessian_y,
+                jax.random.fold_in(instability.analysis_key(ss.seed, instability.HESSIAN_PROBES),
+                                   HESSIAN_POINTS.index(where)),
+                top_k=settings.top_k, lanczos_steps=settings.lanczos_steps,
+                trace_probes=settings.trace_probes, slq_probes=settings.slq_probes,
+                batch_size=settings.hessian_batch)
+            h[where] = summary
+            arrays[("hessian_", f"_{where}_diag.npz")] = {
+                "diag": diag.astype(np.float32),
+                "mask": np.asarray(ctx.engine.flatten(mask)).astype(bool)}
+        r = {**h[settings.hessian_at[0]], "at": settings.hessian_at[0]}
+        for where in settings.hessian_at[1:]:
+            r[where] = h[where]
+        r["wall_s"] = time.time() - t0
+        results["hessian"] = r
+    if "landscape" in ctx.analyses:
+        t0 = time.time()
+        key = instability.analysis_key(ss.seed, instability.LANDSCAPE_DIRS)
+        r, dirs = landscape.analyze(
+            ctx.evaluator, copies, mask, ss.land_x, ss.land_y, key,
+            grid=settings.landscape_grid, line_points=settings.landscape_points,
+            span=settings.landscape_span, **bn)
+        arrays[("landscape_", "_directions.npz")] = landscape.directions_arrays(
+            dirs, seed=ss.seed, purpose=instability.LANDSCAPE_DIRS)
+        r.update(wall_s=time.time() - t0, bn_mode=bn["bn_mode"] if ctx.has_bn else "none")
+        results["landscape"] = r
+    return results, arrays
+
+
+def _save_npz(path: str, arrays: dict) -> None:
+    buf = _io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    io.atomic_write_bytes(path, buf.getvalue())
+
+
+def rewind_curve(ctx: _Context, ss: _SeedState, ks: Sequence[int]) -> dict:
+    """Instability of the dense network started at each rewind step ``k``; writes its JSON."""
+    t0 = time.time()
+    mask = masks_lib.ones_like(ss.init["params"])
+    rows = []
+    for k in ks:
+        copies, _ = ctx.copies(ss.seed, ss.snapshots[k], mask, k, ("rewind", k),
+                               num=ctx.settings.copies)
+        r = instability.analyze_copies(ctx.evaluator, copies[:ctx.settings.copies], mask,
+                                       ctx.x_eval, ctx.y_eval,
+                                       alphas=ctx.alphas, bn_modes=ctx.settings.bn_modes,
+                                       bn_batches=ss.bn_batches, with_layerwise=False,
+                                       batches=ctx.eval_batches)
+        rows.append(r)
+        ctx.log(f"seed {ss.seed} dense k={k}: error barrier {100 * r['barrier']:.2f} pp")
+    out = {"seed": ss.seed, "k": [int(k) for k in ks], "alphas": ctx.alphas.tolist(),
+           "steps_per_epoch": ctx.copy_trainer.steps_per_epoch, "num_steps": ctx.setup.num_steps,
+           "barrier": [r["barrier"] for r in rows],
+           "loss_barrier": [r["loss_barrier"] for r in rows],
+           "error": [r["error"] for r in rows], "loss": [r["loss"] for r in rows],
+           "copy_test_error": [r["copy_test_error"] for r in rows],
+           "l2_distance": [r["l2_distance"][0]["l2"] for r in rows],
+           "bn_mode": rows[0]["bn_mode"], "wall_s": time.time() - t0}
+    io.write_json(os.path.join(ctx.workdir, "analysis", f"instability_dense_k_seed{ss.seed}.json"),
+                  out)
+    return out
+
+
+def mask_distances(ctx: _Context, seeds, runs, rounds_by: dict) -> dict:
+    """Hamming distance and IoU between the masks of every pair of runs, per seed and round."""
+    out = []
+    like = jax.eval_shape(ctx.setup.init_fn, jax.random.key(0))["params"]
+    for s in seeds:
+        for a, b in itertools.combinations(runs, 2):
+            for rnd in sorted(set(rounds_by.get((s, a), ())) & set(rounds_by.get((s, b), ()))):
+                pa, pb = (os.path.join(ctx.workdir, "runs", f"{r}-seed{s}", "masks",
+                                       f"round_{rnd:03d}.npz") for r in (a, b))
+                h = masks_lib.hamming(masks_lib.load(pa, like), masks_lib.load(pb, like))
+                out.append({"seed": s, "round": rnd, "runs": [a, b], **h})
+    return {"pairs": out}
+
+
+def run(workdir: str, *, analyses: Sequence[str] = ANALYSES, runs: Optional[Sequence[str]] = None,
+        rounds: Optional[Sequence[int]] = None, seed: Optional[int] = None,
+        settings: Settings = Settings(), log: Callable[[str], None] = lambda m: None) -> dict:
+    """Run the analyses on a finished workdir (see module doc).
+
+    Args:
+      workdir: a directory written by ``python -m dp_jax.main``.
+      analyses: any of ``ANALYSES``.
+      runs: run labels (e.g. ``imp_k0``, ``random``); default every run of the config.
+      rounds: rounds to analyse; default every round whose mask exists.
+      seed: one seed; default every seed of the config.
+      settings: analysis knobs (:class:`Settings`).
+      log: progress callback taking a message.
+
+    Returns:
+      ``{"results": {tag: {analysis: result}}, "rewind_curves": {...}, "wall_s"}``.
+    """
+    t_start = time.time()
+    analyses = tuple(analyses)
+    bad = [a for a in analyses if a not in ANALYSES]
+    if bad or not analyses:
+        raise ValueError(f"--analyses: unknown {bad}; allowed: {', '.join(ANALYSES)}")
+    settings.validate()
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found; is {workdir} a dp_jax workdir?")
+    cfg = ml_collections.ConfigDict(io.read_json(cfg_path))
+    todo, seeds, run_labels = _parse_selection(workdir, cfg, runs, rounds, seed)
+    ctx = _Context(workdir, cfg, settings, analyses, log)
+    ks = list(settings.k_values) if settings.k_values is not None else default_k_values(ctx)
+    bad_k = [k for k in ks if not 0 <= k < ctx.setup.num_steps]
+    if bad_k:
+        raise ValueError(f"k_values {bad_k} outside 0..{ctx.setup.num_steps - 1} (training steps)")
+    os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
+    results, curves = {}, {}
+    for s in seeds:
+        mine = [t for t in todo if t[0] == s]
+        need = {ctx.specs[label].rewind_step for _, label, _, _ in mine}
+        if "instability" in analyses:
+            need |= set(ks)
+        ss = _SeedState(ctx, s, sorted(need))
+        for _, label, rnd, path in mine:
+            t0 = time.time()
+            results[tag(label, s, rnd)] = r = analyze_mask(ctx, ss, label, rnd, path)
+            msg = [f"{tag(label, s, rnd)}:"]
+            if "instability" in r:
+                msg.append(f"barrier {100 * r['instability']['barrier']:.2f} pp")
+            if "hessian" in r:
+                msg.append(f"lambda_max {r['hessian']['top_eigenvalues'][0]:.4g}")
+            log(" ".join(msg) + f" ({time.time() - t0:.1f} s)")
+        if "instability" in analyses:
+            curves[s] = rewind_curve(ctx, ss, ks)
+    rounds_by = {}
+    for s, label, rnd, _ in todo:
+        rounds_by.setdefault((s, label), []).append(rnd)
+    if len(run_labels) > 1:
+        io.write_json(os.path.join(workdir, "analysis", "masks.json"),
+                      mask_distances(ctx, seeds, run_labels, rounds_by))
+    report_lib.write(workdir)
+    return {"results": results, "rewind_curves": curves, "wall_s": time.time() - t_start}

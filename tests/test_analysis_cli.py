@@ -1,0 +1,144 @@
+"""End to end: ``python -m dp_jax.analysis`` on a tiny finished workdir.
+
+The workdir is made by the real experiment entry function on a generated npz
+dataset (8x8 grayscale; LeNet-300-100, and a BatchNorm ConvNet of width 4 in the
+slow variant), with IMP at k=0 and k=3 and random pruning, so the CLI exercises
+rewind points from the dense checkpoint, BatchNorm recomputation and every analysis.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dp_jax import experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(npz_path: str, model: str = "convnet_bn"):
+    spec = importlib.util.spec_from_file_location("fmnist_cfg",
+                                                  os.path.join(ROOT, "configs", "fashion_mnist.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("smoke")
+    c.data.name = f"npz:{npz_path}"
+    c.data.train_size = 0
+    if model == "convnet_bn":
+        c.model.name = "convnet"
+        c.model.width = 4
+        c.model.depth = 2
+        c.model.norm = "batch"
+    c.train.epochs = 2
+    c.train.batch_size = 20
+    c.train.eval_batch_size = 50
+    c.train.lr = 0.02
+    c.prune.rounds = 1
+    c.prune.method = "imp,imp:k=3,random"
+    return c
+
+
+# LeNet compiles quickly and runs by default; the BatchNorm ConvNet adds the
+# recomputed statistics and conv programs (about a minute on a loaded 2-core CPU).
+@pytest.fixture(scope="module", params=["lenet_300_100",
+                                        pytest.param("convnet_bn", marks=pytest.mark.slow)])
+def workdir(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("analysis_cli")
+    rng = np.random.default_rng(0)
+    npz = str(d / "data.npz")
+    protos = rng.uniform(0, 255, (4, 8, 8))
+
+    def split(n):
+        y = rng.integers(0, 4, n)
+        x = np.clip(protos[y] + rng.normal(0, 60, (n, 8, 8)), 0, 255).astype(np.uint8)
+        return x, y
+
+    (xt, yt), (xv, yv) = split(100), split(60)
+    np.savez(npz, x_train=xt, y_train=yt, x_test=xv, y_test=yv)
+    wd = str(d / "wd")
+    experiment.run(_config(npz, request.param), wd)
+    return wd, request.param == "convnet_bn"
+
+
+def test_cli_writes_json_plots_and_report_section(workdir):
+    workdir, has_bn = workdir
+    with open(os.path.join(workdir, "report.md")) as f:
+        before = f.read()
+    cmd = [sys.executable, "-m", "dp_jax.analysis", f"--workdir={workdir}",
+           "--hessian_examples=40", "--lanczos_steps=6", "--landscape_grid=3",
+           "--landscape_examples=30", "--k_values=0,3", "--rounds=0,1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    adir = os.path.join(workdir, "analysis")
+    for label in ("imp_k0", "imp_k3", "random"):
+        for rnd in (0, 1):
+            stem = f"{label}-seed0-round{rnd:03d}"
+            inst = json.load(open(os.path.join(adir, f"instability_{stem}.json")))
+            assert {"alphas", "error", "barrier", "loss", "loss_barrier", "layerwise",
+                    "l2_distance"} <= set(inst)
+            assert len(inst["alphas"]) == 11 and len(inst["error"]) == 11
+            if has_bn:
+                assert set(inst["bn_modes"]) == {"recompute", "interpolate"}
+                assert inst["bn_mode"] == "recompute"
+            else:
+                assert inst["bn_mode"] == "none" and "bn_modes" not in inst
+            hess = json.load(open(os.path.join(adir, f"hessian_{stem}.json")))
+            assert {"top_eigenvalues", "trace", "density"} <= set(hess)
+            assert os.path.exists(os.path.join(adir, f"landscape_{stem}_directions.npz"))
+            land = json.load(open(os.path.join(adir, f"landscape_{stem}.json")))
+            assert np.asarray(land["plane"]["loss"]).shape == (3, 3)
+            assert os.path.exists(os.path.join(workdir, "plots", f"landscape_{stem}.png"))
+    # Copy 0 retraces the run's own evaluation training.
+    inst = json.load(open(os.path.join(adir, "instability_imp_k3-seed0-round001.json")))
+    assert inst["start_step"] == 3
+    assert inst["copy_test_error"][0] == pytest.approx(1 - inst["record_test_accuracy"], abs=0.02)
+    curve = json.load(open(os.path.join(adir, "instability_dense_k_seed0.json")))
+    assert curve["k"] == [0, 3] and len(curve["barrier"]) == 2
+    assert os.path.exists(os.path.join(adir, "masks.json"))
+    for name in ("instability_barrier", "instability_curves", "instability_dense_k", "hessian",
+                 "hessian_density", "accuracy_vs_sparsity"):
+        assert os.path.getsize(os.path.join(workdir, "plots", f"{name}.png")) > 1000
+    with open(os.path.join(workdir, "report.md")) as f:
+        after = f.read()
+    assert after.startswith(before.rstrip())  # the experiment's report is kept
+    assert after.count("<!-- analysis -->") == 1 and "<!-- /analysis -->" in after
+    assert "Instability" in after and "Hessian" in after
+
+
+def test_cli_rejects_bad_selection(workdir):
+    from dp_jax.analysis import run as run_lib
+    workdir, _ = workdir
+    with pytest.raises(ValueError, match="unknown run"):
+        run_lib.run(workdir, runs=["nope"])
+    with pytest.raises(ValueError, match="analyses"):
+        run_lib.run(workdir, analyses=["sharpness"])
+    with pytest.raises(ValueError, match="rounds"):
+        run_lib.run(workdir, rounds=[7])
+
+
+def test_retrained_dense_snapshot_matches_the_checkpoint(workdir):
+    """The k-curve retrains the dense net; it must reach the weights IMP rewound to."""
+    import jax
+    import ml_collections
+    from dp_jax import io, prune
+    from dp_jax.analysis import instability
+    from dp_jax.data import load_dataset
+
+    workdir, _ = workdir
+    cfg = ml_collections.ConfigDict(io.read_json(os.path.join(workdir, "config.json")))
+    setup = experiment.build_setup(cfg, load_dataset(cfg.data, seed=cfg.seed))
+    saved = experiment.dense_run(setup, workdir, 0, [3])["snapshots"][3]
+    root = jax.random.key(0)
+    init = setup.init_fn(jax.random.fold_in(root, prune.KEY_INIT))
+    again = instability.dense_snapshots(setup.trainer, setup.tx, init, setup.x_train,
+                                        setup.y_train, jax.random.fold_in(root, prune.KEY_DATA),
+                                        [0, 3])
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(again[3])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
