@@ -15,6 +15,8 @@ Variants (``--config=configs/fashion_mnist.py:VARIANT``):
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from dp_jax.distill import distill_defaults
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """Returns the experiment config; ``variant`` selects a preset (see module doc)."""
@@ -64,8 +66,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.prune.rewind_step = 0  # default k for 'imp' entries (0 = init)
     c.prune.on_empty_layer = "warn"  # warn | error | ignore
 
-    c.distill = ml_collections.ConfigDict()
-    c.distill.path = placeholder(str)  # a distilled.npz to use instead of distilling
+    # Distillation (MTT) for Distilled Pruning; made in the workdir unless distill.path is set.
+    c.distill = distill_defaults()
 
     # Distilled Pruning's inner loop: training on the distilled set (one compiled program).
     c.dp = ml_collections.ConfigDict()

@@ -14,7 +14,6 @@ rewrites the report.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any
@@ -25,7 +24,6 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dp_jax import distilled as distilled_lib
 from dp_jax import io
 from dp_jax import masks as masks_lib
 from dp_jax import prune as prune_lib
@@ -145,20 +143,10 @@ def prepare_distilled(config, workdir, dataset, setup):
     Returns ``((x, y, inner_train), cost)`` where ``cost`` holds the distillation
     and expert-training examples and wall time (reported apart from the mask search).
     """
+    from dp_jax import distill  # distillation pulls in more code; only DP needs it
     from dp_jax.data.augment import make_augment
-    path = config.distill.path
-    local = os.path.join(workdir, "distilled.npz")
-    if path:
-        dset = distilled_lib.load(path)
-    elif os.path.exists(local):  # made earlier in this workdir: reuse it
-        dset = distilled_lib.load(local)
-        cost_path = os.path.join(workdir, "distill", "summary.json")
-        if os.path.exists(cost_path):
-            dset = dataclasses.replace(dset, cost=io.read_json(cost_path).get("cost", {}))
-    else:
-        from dp_jax import distill  # distillation pulls in more code; only DP needs it
-        dset = distill.ensure_distilled(config, workdir, dataset)
-    distilled_lib.check_compatible(dset, dataset)
+    dset = distill.ensure_distilled(config, workdir, dataset)
+    distill.check_compatible(dset, dataset)
     inner = prune_lib.make_inner_train(setup.model, config.dp, float(dset.lr),
                                        make_augment(config.dp.augment))
     x, y = jnp.asarray(dset.images), jnp.asarray(dset.labels)

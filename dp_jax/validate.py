@@ -74,8 +74,12 @@ def validate_static(config) -> list:
 
 
 def _validate_dp(config) -> None:
-    if "dp" not in config:
-        raise ValueError("prune.method uses Distilled Pruning but the config has no 'dp' section")
+    for section in ("dp", "distill"):
+        if section not in config:
+            raise ValueError(f"prune.method uses Distilled Pruning but the config has no "
+                             f"{section!r} section")
+    from dp_jax import distill  # only DP configs need the distillation fields
+    distill.validate(config)
     d = config.dp
     _need(d.steps >= 1, "dp.steps", "an integer >= 1", d.steps)
     _need(d.batch_size >= 1, "dp.batch_size", "an integer >= 1", d.batch_size)

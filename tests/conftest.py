@@ -36,13 +36,13 @@ def make_npz(path, *, n_train=200, n_test=100, shape=(8, 8, 1), num_classes=10, 
 
 def make_distilled(config, path, per_class=2):
     """A 'distilled' set: the first real training images of each class, in model input space."""
-    from dp_jax import distilled
+    from dp_jax import distill
     from dp_jax.data import load_dataset
     ds = load_dataset(config.data, seed=config.seed)
     idx = np.concatenate([np.flatnonzero(ds.y_train == c)[:per_class] for c in range(ds.num_classes)])
-    distilled.save(path, distilled.DistilledSet(images=ds.x_train[idx], labels=ds.y_train[idx],
-                                                lr=0.02, preprocessing=ds.preprocessing,
-                                                dataset=ds.name))
+    distill.save_distilled(path, distill.DistilledSet(
+        images=ds.x_train[idx], labels=ds.y_train[idx], lr=0.02, preprocessing=ds.preprocessing,
+        dataset=ds.name))
     return path
 
 

@@ -1,0 +1,41 @@
+"""Dataset distillation by Matching Training Trajectories (MTT).
+
+Public API:
+
+  run(config, workdir) -> dict                   the 'distill' task (experts -> MTT -> evaluation)
+  ensure_distilled(config, workdir, dataset)     the set Distilled Pruning trains on (+ cost)
+  load_distilled(path) -> DistilledSet           validated read of a distilled.npz
+  check_compatible(distilled, dataset)           same dataset / preprocessing, or ValueError
+  distill_defaults() -> ConfigDict               every ``config.distill`` field with defaults
+  validate(config)                               static checks of ``config.distill``
+
+Building blocks: ``experts`` (trajectory buffers), ``mtt`` (the unrolled student and its exact
+gradient in three memory modes), ``loop`` (iterations, checkpoints), ``evaluate`` (train on the
+set, test on real data), ``synthetic`` (initialisation, multi-formation), ``convs`` (convolutions
+whose second derivatives run fast on XLA:CPU). See docs/distillation.md.
+"""
+
+from dp_jax.distill.config import distill_defaults, validate, validate_with_data
+from dp_jax.distill.distilled import (DistilledSet, check_compatible, load_distilled,
+                                      save_distilled)
+from dp_jax.distill.experts import ExpertBuffer, load_trajectories, train_experts
+from dp_jax.distill.mtt import MEMORY_MODES, TrajectoryMatcher
+from dp_jax.distill.run import distill_into, ensure_distilled, run
+
+__all__ = [
+    "DistilledSet",
+    "ExpertBuffer",
+    "MEMORY_MODES",
+    "TrajectoryMatcher",
+    "check_compatible",
+    "distill_defaults",
+    "distill_into",
+    "ensure_distilled",
+    "load_distilled",
+    "load_trajectories",
+    "run",
+    "save_distilled",
+    "train_experts",
+    "validate",
+    "validate_with_data",
+]

@@ -1,0 +1,205 @@
+"""The distillation task and the hook Distilled Pruning uses.
+
+``run(config, workdir)`` (``config.task == 'distill'``): experts -> MTT -> evaluation, writing
+the run-directory contract: config.json, metrics.jsonl, experts/ (the buffer, unless
+``distill.buffer_dir`` points elsewhere), checkpoints/distill/, distilled.npz, distilled.png,
+summary.json and report.md.
+
+``ensure_distilled(config, workdir, dataset)``: the distilled set for a pruning run, from
+``distill.path`` if set, else ``<workdir>/distilled.npz`` if present, else by distilling into
+``workdir`` (resuming whatever part already exists).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+from absl import logging
+
+from dp_jax import io
+from dp_jax.data import describe_preprocessing, load_dataset
+from dp_jax.distill import config as config_lib
+from dp_jax.distill import distilled as dist_lib
+from dp_jax.distill import evaluate as eval_lib
+from dp_jax.distill import experts as experts_lib
+from dp_jax.distill.loop import KEY_EVAL, distill_loop
+from dp_jax.models import MODELS, create_model
+from dp_jax.validate import DATA_SCHEMES, PREPROCESS
+
+import jax
+
+
+def validate_static(config) -> None:
+    """Checks of the fields the distillation task reads (data, model, train, distill)."""
+    def need(cond, field, allowed, value):
+        if not cond:
+            raise ValueError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
+    need(isinstance(config.seed, int) and config.seed >= 0, "seed", "an integer >= 0",
+         config.seed)
+    name = str(config.data.name)
+    need(name == "fashion_mnist" or (name.startswith(("tfds:", "npz:")) and len(name) > 5),
+         "data.name", DATA_SCHEMES, name)
+    need(config.data.preprocess in PREPROCESS, "data.preprocess", " | ".join(PREPROCESS),
+         config.data.preprocess)
+    need(config.model.name in MODELS, "model.name", ", ".join(sorted(MODELS)), config.model.name)
+    create_model(config.model, num_classes=10)  # raises ValueError on bad model fields
+    need(config.train.batch_size >= 1, "train.batch_size", "an integer >= 1",
+         config.train.batch_size)
+    config_lib.validate(config)
+
+
+def _buffer_dir(config, workdir: str) -> str:
+    return config.distill.buffer_dir or os.path.join(workdir, "experts")
+
+
+def distill_into(config, workdir: str, dataset, *, mask=None,
+                 log=lambda **kw: None, evaluator=None) -> dist_lib.DistilledSet:
+    """Train/resume experts, run/resume MTT, and write distilled.npz and distilled.png."""
+    d = config.distill
+    buf_dir = _buffer_dir(config, workdir)
+    buf = experts_lib.train_experts(config, dataset, buf_dir, log=log)
+    traj = experts_lib.load_trajectories(config, dataset, buf_dir)
+    res = distill_loop(config, dataset, traj, workdir, mask=mask, log=log, evaluator=evaluator)
+    cost = buf.cost()
+    ds = dist_lib.DistilledSet(
+        images=res.images, labels=res.labels, lr=res.lr, preprocessing=dataset.preprocessing,
+        dataset=dataset.name, stored_images=res.stored_images, stored_labels=res.stored_labels,
+        factor=int(d.factor),
+        meta={"model": experts_lib.model_fields(config.model), "distill": d.to_dict(),
+              "seed": int(config.seed), "final_loss": res.last_loss,
+              "preprocessing": describe_preprocessing(dataset.preprocessing),
+              "masked": mask is not None},
+        cost={"expert_examples": int(cost["examples"]), "expert_wall_s": float(cost["wall_s"]),
+              "distill_examples": int(res.examples), "distill_wall_s": float(res.wall_s)})
+    dist_lib.save_distilled(os.path.join(workdir, "distilled.npz"), ds)
+    dist_lib.save_grid(os.path.join(workdir, "distilled.png"), ds,
+                       num_classes=dataset.num_classes)
+    return ds
+
+
+def ensure_distilled(config, workdir: str, dataset, *,
+                     log=None) -> dist_lib.DistilledSet:
+    """The distilled set Distilled Pruning trains on, with its cost accounting.
+
+    Precedence: ``config.distill.path`` if set; else ``<workdir>/distilled.npz`` if it exists;
+    else experts + MTT into ``workdir`` (resumable). The set is checked against ``dataset``
+    (same dataset and preprocessing) with :func:`check_compatible`. ``.cost`` holds
+    ``{expert_examples, expert_wall_s, distill_examples, distill_wall_s}``.
+    """
+    config_lib.validate(config)
+    path = config.distill.path or os.path.join(workdir, "distilled.npz")
+    if config.distill.path or os.path.exists(path):
+        ds = dist_lib.load_distilled(path)
+        dist_lib.check_compatible(ds, dataset)
+        return ds
+    config_lib.validate_with_data(config, dataset)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    log = log or (lambda **kw: io.append_jsonl(metrics, kw))
+    return distill_into(config, workdir, dataset, log=log)
+
+
+def run(config, workdir: str) -> dict:
+    """The 'distill' task: experts -> MTT -> evaluation; returns summary.json's content."""
+    t_start = time.time()
+    validate_static(config)
+    os.makedirs(workdir, exist_ok=True)
+    io.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    dataset = load_dataset(config.data, seed=config.seed)
+    config_lib.validate_with_data(config, dataset)
+    d = config.distill
+    metrics = os.path.join(workdir, "metrics.jsonl")
+
+    def log(**kw):
+        io.append_jsonl(metrics, kw)
+        if kw.get("phase") == "experts":
+            logging.info("expert %s epoch %s: %s", kw.get("expert"), kw.get("epoch"),
+                         {k: v for k, v in kw.items() if k in ("loss", "accuracy",
+                                                               "test_accuracy")})
+
+    evaluator = eval_lib.make_evaluator(config, dataset)
+    phases = {"load_s": time.time() - t_start}
+    t0 = time.time()
+    if d.path:
+        ds = dist_lib.load_distilled(d.path)
+        dist_lib.check_compatible(ds, dataset)
+        dist_lib.save_distilled(os.path.join(workdir, "distilled.npz"), ds)
+        dist_lib.save_grid(os.path.join(workdir, "distilled.png"), ds,
+                           num_classes=dataset.num_classes)
+    else:
+        ds = distill_into(config, workdir, dataset, log=log, evaluator=evaluator)
+    phases["experts_and_distill_s"] = time.time() - t0
+
+    key = jax.random.fold_in(experts_lib.distill_key(config), KEY_EVAL)
+    results = {}
+    t0 = time.time()
+    results["distilled"] = evaluator.run(ds.images, ds.labels, ds.lr, jax.random.fold_in(key, 0),
+                                         num_models=int(d.eval_models))
+    log(phase="final_eval", set="distilled", **results["distilled"])
+    if d.eval_random:
+        xr, yr = eval_lib.random_subset(dataset, len(ds), seed=config.seed)
+        results["random"] = evaluator.run(xr, yr, float(d.lr_init), jax.random.fold_in(key, 1),
+                                          num_models=int(d.eval_models))
+        results["random"]["lr"] = float(d.lr_init)
+        log(phase="final_eval", set="random", **results["random"])
+    if d.eval_full_epochs:
+        results["full"] = eval_lib.full_data_baseline(
+            config, dataset, jax.random.fold_in(key, 2), num_models=int(d.eval_full_models),
+            epochs=int(d.eval_full_epochs))
+        log(phase="final_eval", set="full", **results["full"])
+    phases["eval_s"] = time.time() - t0
+    summary = {"task": "distill", "dataset": dataset.name, "model": experts_lib.model_fields(
+        config.model), "images": len(ds), "stored_images": int(ds.stored_images.shape[0]),
+        "ipc": int(d.ipc), "factor": int(d.factor), "lr": ds.lr,
+        "preprocess": dataset.preprocessing["kind"], "results": results, "cost": ds.cost,
+        "phases_s": phases, "wall_s": time.time() - t_start,
+        "devices": [str(x) for x in jax.devices()], "backend": jax.default_backend()}
+    io.write_json(os.path.join(workdir, "summary.json"), summary)
+    write_report(workdir, summary, config)
+    return summary
+
+
+def _fmt(r: Optional[dict]) -> str:
+    if not r:
+        return "n/a"
+    return f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}"
+
+
+def write_report(workdir: str, summary: dict, config) -> None:
+    """A short report.md next to summary.json."""
+    d = config.distill
+    r = summary["results"]
+    c = summary["cost"]
+    lines = [
+        f"# Distillation: {summary['dataset']}, {summary['model']['name']}",
+        "",
+        f"{summary['stored_images']} stored images ({summary['ipc']}/class, factor "
+        f"{summary['factor']}) -> {summary['images']} training images; learned step size "
+        f"{summary['lr']:.4g}; preprocessing `{summary['preprocess']}`.",
+        "",
+        "| training set | images | test accuracy % (mean ± std) | models |",
+        "|---|---|---|---|",
+        f"| distilled | {summary['images']} | {_fmt(r.get('distilled'))} | {d.eval_models} |",
+        f"| random real subset (stratified) | {summary['images']} | {_fmt(r.get('random'))} | "
+        f"{d.eval_models} |",
+        f"| full training set ({d.eval_full_epochs} epochs) | all | {_fmt(r.get('full'))} | "
+        f"{d.eval_full_models} |",
+        "",
+        f"Evaluation: SGD momentum {d.eval_momentum}, weight decay {d.eval_weight_decay}, "
+        f"{d.eval_epochs} epochs, batch {d.eval_batch_size}, lr x0.1 at half, augmentation "
+        f"`{d.eval_augment}`; the random subset uses lr {d.lr_init}.",
+        "",
+        f"MTT: {d.iterations} iterations, N={d.syn_steps} student steps, M={d.expert_epochs} "
+        f"expert epochs, start epoch < {d.max_start_epoch}, lr_img {d.lr_img}, lr_lr {d.lr_lr} "
+        f"(log step size), memory `{d.memory}`; {d.num_experts} experts x "
+        f"{d.expert_train_epochs} epochs (lr {d.expert_lr}, batch {d.expert_batch_size}).",
+        "",
+        f"Cost: experts {c.get('expert_examples', 0):,} examples / "
+        f"{c.get('expert_wall_s', 0):.0f} s; distillation {c.get('distill_examples', 0):,} "
+        f"synthetic examples / {c.get('distill_wall_s', 0):.0f} s; total wall "
+        f"{summary['wall_s']:.0f} s.",
+        "",
+        "![distilled images](distilled.png)",
+        ""]
+    io.atomic_write_bytes(os.path.join(workdir, "report.md"), "\n".join(lines).encode())
