@@ -59,7 +59,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.prune = ml_collections.ConfigDict()
     # Comma-separated methods; 'imp:k=STEP' overrides rewind_step for that entry,
     # 'reinit:of=METHOD' names the run whose masks are re-initialised.
-    c.prune.method = "imp,imp:k=200,random"
+    c.prune.method = "imp,imp:k=200,random,dp,reinit:of=dp"
     c.prune.rounds = 14
     c.prune.fraction = 0.2  # of the remaining prunable weights, per round
     c.prune.scope = "global"  # global | layerwise
@@ -68,6 +68,22 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     # Distillation (MTT) for Distilled Pruning; made in the workdir unless distill.path is set.
     c.distill = distill_defaults()
+    # CPU-sized MTT for LeNet-300-100 (docs/distillation.md): 3 experts x 5 epochs on the
+    # full training set, 300 iterations matching 2 expert epochs with 20 student steps.
+    c.distill.ipc = 10
+    c.distill.num_experts = 3
+    c.distill.expert_train_epochs = 5
+    c.distill.expert_lr = 0.05
+    c.distill.expert_batch_size = 128
+    c.distill.max_start_epoch = 3
+    c.distill.expert_epochs = 2
+    c.distill.syn_steps = 20
+    c.distill.batch_syn = 100
+    c.distill.iterations = 300
+    c.distill.lr_img = 100.0
+    c.distill.lr_init = 0.05
+    c.distill.memory = "unroll"
+    c.distill.checkpoint_every = 50
 
     # Distilled Pruning's inner loop: training on the distilled set (one compiled program).
     c.dp = ml_collections.ConfigDict()

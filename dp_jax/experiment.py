@@ -116,7 +116,7 @@ def run(config, workdir: str) -> dict:
     distilled = None
     if any(s.name in ("dp", "dp_imp") for s in specs):
         t0 = time.time()
-        distilled, cost = prepare_distilled(config, workdir, dataset, setup)
+        distilled, cost = prepare_distilled(config, workdir, dataset, setup, progress)
         phases["distill_s"] = time.time() - t0
         phases.update(cost)
     for seed in seeds:
@@ -137,7 +137,7 @@ def run(config, workdir: str) -> dict:
     return summary
 
 
-def prepare_distilled(config, workdir, dataset, setup):
+def prepare_distilled(config, workdir, dataset, setup, progress=None):
     """The distilled set (made, reused or loaded) and DP's compiled inner loop.
 
     Returns ``((x, y, inner_train), cost)`` where ``cost`` holds the distillation
@@ -145,7 +145,15 @@ def prepare_distilled(config, workdir, dataset, setup):
     """
     from dp_jax import distill  # distillation pulls in more code; only DP needs it
     from dp_jax.data.augment import make_augment
-    dset = distill.ensure_distilled(config, workdir, dataset)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+
+    def log(**kw):  # distillation metrics go to metrics.jsonl and to the progress line
+        io.append_jsonl(metrics, kw)
+        if progress is not None:
+            progress.note(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in kw.items() if k in ("phase", "expert", "epoch",
+                                                                     "iteration", "loss")))
+    dset = distill.ensure_distilled(config, workdir, dataset, log=log)
     distill.check_compatible(dset, dataset)
     inner = prune_lib.make_inner_train(setup.model, config.dp, float(dset.lr),
                                        make_augment(config.dp.augment))

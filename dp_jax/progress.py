@@ -27,6 +27,10 @@ class Progress:
             f"{info.get('run')} seed {info.get('seed')} r{info.get('round')} "
             f"epoch {info.get('epoch', 0) + 1} loss {info.get('loss', float('nan')):.4f}")
 
+    def note(self, text: str) -> None:
+        """Show free text (e.g. the distillation phase) without advancing."""
+        self._bar.set_postfix_str(text)
+
     def close(self) -> None:
         """Finish the bar."""
         self._bar.close()
