@@ -236,6 +236,8 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
     else:
         # The kill may have come between the checkpoint and the records file.
         io.write_jsonl(os.path.join(run.dir, "rounds.jsonl"), records)
+        for rec in records:  # count the finished rounds in the progress display
+            on_round(rec)
     mask, trained = arrays["mask"], arrays["trained"]
     data_key = jax.random.fold_in(seed_key, KEY_DATA)
     for rnd in range(start, setup.rounds + 1):
