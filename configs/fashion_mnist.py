@@ -31,6 +31,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.data.train_size = 0  # 0 = all; otherwise a stratified, seeded subset
     c.data.preprocess = "standard"  # standard | zca | none
     c.data.zca_eps = 0.1
+    c.data.image_size = placeholder(int)  # tfds images of varying size: centre crop + resize
+    c.data.augment = "none"  # none | crop_flip | random_resized_crop (stream only)
+    c.data.pipeline = "memory"  # memory (on the devices) | stream (dp_jax.data.pipeline)
+    c.data.classes = ()  # stream: label indices to keep, relabelled 0..k-1 (() = all)
+    c.data.label_cache = placeholder(str)  # stream + classes: where the label index is cached
+    c.data.eval_split = placeholder(str)  # stream: split to test on (default test, else validation)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "lenet_300_100"
@@ -101,7 +107,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.dp.switch_sparsity = 0.8  # dp_imp: DP rounds up to this sparsity, IMP after
 
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.data_parallel = False  # shard batches over all local devices ('data' mesh axis)
+    c.parallel.data_parallel = False  # shard batches over all devices ('data' mesh axis)
+    # One process per host, joined by jax.distributed (dp_jax/distributed.py documents the
+    # coordinator settings; Cloud TPU, SLURM and Open MPI need none).
+    c.parallel.multihost = False
+    c.parallel.coordinator_address = placeholder(str)
+    c.parallel.num_processes = placeholder(int)
+    c.parallel.process_id = placeholder(int)
 
     if variant:
         _apply_variant(c, variant)

@@ -24,20 +24,27 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dp_jax import distributed
 from dp_jax import io
 from dp_jax import masks as masks_lib
 from dp_jax import prune as prune_lib
 from dp_jax import train as train_lib
 from dp_jax import validate as validate_lib
 from dp_jax.data import load_dataset
+from dp_jax.data import pipeline
 from dp_jax.models import create_model, init_variables
 from dp_jax.progress import Progress
 
 
 def build_setup(config, dataset, *, metrics_path: str | None = None) -> prune_lib.Setup:
-    """Model, optimiser, compiled trainer and device-resident data for ``config``."""
+    """Model, optimiser, compiled trainer and device-resident data for ``config``.
+
+    ``dataset`` is a ``Dataset`` (held on the devices) or, for ``data.pipeline='stream'``,
+    a ``pipeline.StreamingData`` (read by the host while training).
+    """
     model = create_model(config.model, num_classes=dataset.num_classes)
-    n = len(dataset.y_train)
+    stream = dataset if isinstance(dataset, pipeline.StreamingData) else None
+    n = stream.num_train if stream is not None else len(dataset.y_train)
     num_steps = train_lib.total_steps(config.train.epochs, n, config.train.batch_size)
     tx = train_lib.make_optimizer(config.train, num_steps)
     mesh = None
@@ -49,19 +56,25 @@ def build_setup(config, dataset, *, metrics_path: str | None = None) -> prune_li
     shape_vars = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
                                 jax.random.key(0))
     loop = train_lib.resolve_loop(config.train.loop, shape_vars["params"])
+    # In memory, crop+flip runs on the device inside the step; a stream augments on the host.
+    augment = (pipeline.device_crop_flip
+               if stream is None and config.data.get("augment", "none") == "crop_flip" else None)
     trainer = train_lib.Trainer(model, tx, batch_size=config.train.batch_size, num_train=n,
                                 loop=loop, unroll=config.train.unroll, mesh=mesh,
-                                eval_batch_size=config.train.eval_batch_size)
+                                eval_batch_size=config.train.eval_batch_size, augment=augment)
 
     def log_epoch(**kw):
         if metrics_path:
             io.append_jsonl(metrics_path, kw)
 
-    init_jit = jax.jit(lambda k: init_variables(model, k, dataset.image_shape))
+    # With a mesh the variables are created replicated on it: on several hosts every jitted
+    # program needs global arrays, not each host's local copy.
+    init_jit = jax.jit(lambda k: init_variables(model, k, dataset.image_shape),
+                       out_shardings=None if mesh is None else replicated)
+    arrays = {k: None if stream is not None else put(np.asarray(getattr(dataset, k)))
+              for k in ("x_train", "y_train", "x_test", "y_test")}
     return prune_lib.Setup(
-        model=model, trainer=trainer, tx=tx,
-        x_train=put(jnp.asarray(dataset.x_train)), y_train=put(jnp.asarray(dataset.y_train)),
-        x_test=put(jnp.asarray(dataset.x_test)), y_test=put(jnp.asarray(dataset.y_test)),
+        model=model, trainer=trainer, tx=tx, **arrays, stream=stream,
         image_shape=dataset.image_shape, num_steps=num_steps, rounds=config.prune.rounds,
         fraction=config.prune.fraction, scope=config.prune.scope,
         on_empty_layer=config.prune.on_empty_layer, init_fn=init_jit, log_epoch=log_epoch)
@@ -101,10 +114,14 @@ def dense_run(setup: prune_lib.Setup, workdir: str, seed: int, rewind_steps) -> 
 def run(config, workdir: str) -> dict:
     """Run the experiment described by ``config`` into ``workdir``; returns summary.json's content."""
     t_start = time.time()
+    distributed.initialize(config)  # before anything touches a JAX backend
     specs = validate_lib.validate_static(config)
     os.makedirs(workdir, exist_ok=True)
     io.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    dataset = load_dataset(config.data, seed=config.seed)
+    if config.data.get("pipeline", "memory") == "stream":
+        dataset = pipeline.from_config(config.data, seed=config.seed)
+    else:
+        dataset = load_dataset(config.data, seed=config.seed)
     validate_lib.validate_with_data(config, dataset, specs)
     setup = build_setup(config, dataset, metrics_path=os.path.join(workdir, "metrics.jsonl"))
     seeds = [config.seed + i for i in range(config.seeds)]
@@ -130,10 +147,13 @@ def run(config, workdir: str) -> dict:
                        on_round=lambda r: (progress.update(r), _merge_rounds(workdir)),
                        config=config, distilled=distilled)
             phases[f"{spec.label}_s"] = phases.get(f"{spec.label}_s", 0.0) + time.time() - t0
+            # Process 0 wrote this run's files; other hosts read them (reinit, summary) after it.
+            distributed.sync(f"dp_jax-{spec.label}-seed{seed}")
     progress.close()
     summary = summarize(workdir, phases, time.time() - t_start)
-    from dp_jax import report  # matplotlib is imported only when reporting
-    report.write_report(workdir)
+    if distributed.is_main_process():
+        from dp_jax import report  # matplotlib is imported only when reporting
+        report.write_report(workdir)
     return summary
 
 

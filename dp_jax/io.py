@@ -26,7 +26,9 @@ import orbax.checkpoint as ocp
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+    """Write ``data`` to ``path`` atomically; only process 0 of a multi-host run writes."""
+    if jax.process_index() != 0:  # every process holds the same results: write them once
+        return
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
@@ -72,6 +74,8 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
 
 def append_jsonl(path: str, row: dict) -> None:
     """Append one JSON object as a line (metrics streams; a torn last line is skipped on read)."""
+    if jax.process_index() != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(_jsonable(row), sort_keys=True) + "\n")
@@ -105,6 +109,23 @@ def read_json(path: str) -> Any:
         raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from e
 
 
+def _checkpointable(tree: Any) -> Any:
+    """Host-local device arrays -> numpy when several processes run.
+
+    orbax saves global arrays jointly across hosts but refuses arrays that live on one
+    host's device (masks and init built per host hold the same values on every host);
+    as numpy they are written once, by the primary host. No-op on a single process.
+    """
+    if jax.process_count() == 1:
+        return tree
+
+    def convert(a):
+        if isinstance(a, jax.Array) and a.is_fully_addressable:
+            return np.asarray(a)
+        return a
+    return jax.tree.map(convert, tree)
+
+
 class RoundCheckpointer:
     """Per-round checkpoints of a pruning run: ``save(round, arrays, payload)``, ``restore``."""
 
@@ -120,12 +141,14 @@ class RoundCheckpointer:
 
     def save(self, step: int, arrays: Any, payload: dict) -> None:
         """Save a pytree of arrays and a JSON payload as ``step`` (blocks until committed)."""
+        arrays = _checkpointable(arrays)
         self._mgr.save(step, args=ocp.args.Composite(
             arrays=ocp.args.StandardSave(arrays), payload=ocp.args.JsonSave(_jsonable(payload))))
         self._mgr.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict]:
         """Restore ``(arrays, payload)`` of ``step``; ``like`` gives the array structure."""
+        like = _checkpointable(like)
         try:
             out = self._mgr.restore(step, args=ocp.args.Composite(
                 arrays=ocp.args.StandardRestore(like), payload=ocp.args.JsonRestore()))

@@ -187,7 +187,9 @@ def to_flat(mask: PyTree) -> dict[str, np.ndarray]:
 
 
 def save(path: str, mask: PyTree) -> None:
-    """Write the mask to ``path`` (npz keyed by parameter path), atomically."""
+    """Write the mask to ``path`` (npz keyed by parameter path), atomically (process 0 only)."""
+    if jax.process_index() != 0:
+        return
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")

@@ -120,6 +120,7 @@ class Setup:
     on_empty_layer: str
     init_fn: Callable[[jax.Array], dict]   # key -> variables
     log_epoch: Callable[..., None] = lambda **kw: None
+    stream: Any = None  # dp_jax.data.pipeline.StreamingData when data.pipeline='stream'
 
 
 def train_and_eval(setup: Setup, variables: dict, mask: PyTree, key: jax.Array, *,
@@ -140,6 +141,21 @@ def train_and_eval(setup: Setup, variables: dict, mask: PyTree, key: jax.Array, 
         last.update(m)
         setup.log_epoch(epoch=epoch, **(log or {}), **m)
 
+    if setup.stream is not None:
+        # The host pipeline orders the data from an integer seed; derive it from the key so
+        # that, as in memory, a step's batch depends only on (key, step).
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        batches = setup.stream.train_iterator(
+            global_batch_size=setup.trainer.batch_size, seed=seed, start_step=start_step,
+            num_steps=setup.num_steps)
+        state, snaps = setup.trainer.train_stream(state, batches, key, setup.num_steps,
+                                                  snapshot_steps=snapshot_steps,
+                                                  on_epoch=on_epoch)
+        ev = setup.trainer.evaluate_stream(
+            state.params, state.batch_stats, state.mask,
+            setup.stream.eval_batches(global_batch_size=setup.trainer.eval_batch_size),
+            len(setup.stream.test))
+        return state, ev, snaps, last
     state, snaps = setup.trainer.train(state, setup.x_train, setup.y_train, key,
                                        setup.num_steps, snapshot_steps=snapshot_steps,
                                        on_epoch=on_epoch)

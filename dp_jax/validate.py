@@ -61,7 +61,23 @@ def validate_static(config) -> list:
         n = jax.device_count()
         _need(t.batch_size % n == 0, "train.batch_size",
               f"a multiple of the {n} devices when parallel.data_parallel=True", t.batch_size)
+    if jax.process_count() > 1:
+        _need(bool(config.parallel.data_parallel), "parallel.data_parallel",
+              "True when several processes run (parallel.multihost)", config.parallel.data_parallel)
+    augment, streamed = d.get("augment", "none"), d.get("pipeline", "memory")
+    _need(streamed in ("memory", "stream"), "data.pipeline", "memory | stream", streamed)
+    _need(augment in (("none", "crop_flip", "random_resized_crop") if streamed == "stream"
+                      else ("none", "crop_flip")), "data.augment",
+          "none | crop_flip (| random_resized_crop with data.pipeline='stream')", augment)
+    if streamed == "stream":
+        _need(name.startswith("tfds:"), "data.name", "tfds:<name> with data.pipeline='stream'",
+              name)
+        _need(not d.train_size, "data.train_size", "0 with data.pipeline='stream' "
+              "(restrict classes with data.classes)", d.train_size)
     specs = prune_lib.parse_methods(p.method, default_rewind_step=p.rewind_step)
+    if streamed == "stream":
+        _need(not any(s.name in ("dp", "dp_imp") for s in specs), "prune.method",
+              "imp, random, reinit with data.pipeline='stream' (DP distils from memory)", p.method)
     if any(s.name in ("dp", "dp_imp") for s in specs):
         _validate_dp(config)
         if any(s.name == "dp_imp" for s in specs):
@@ -98,7 +114,7 @@ def _validate_dp(config) -> None:
 
 def validate_with_data(config, dataset, specs) -> None:
     """Checks that need the dataset size: batch size and rewind steps."""
-    n = len(dataset.y_train)
+    n = dataset.num_train if hasattr(dataset, "num_train") else len(dataset.y_train)
     _need(config.train.batch_size <= n, "train.batch_size",
           f"at most the {n} training examples", config.train.batch_size)
     steps = train_lib.total_steps(config.train.epochs, n, config.train.batch_size)
