@@ -14,6 +14,7 @@ checkpoint are dropped from ``metrics.jsonl`` (they are recomputed identically).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable, Optional
@@ -52,6 +53,22 @@ class LoopResult:
     last_loss: float
 
 
+@functools.lru_cache(maxsize=8)
+def _matcher(model, num_steps, batch, dsa, memory, loop, unroll, fast_conv):
+    # Cached so that repeated distillations in one process (resumes, tests, several pruning
+    # runs) reuse the compiled student steps.
+    augment = make_augment("dsa", strategy=dsa[0], all_ops=dsa[1]) if dsa else None
+    return mtt_lib.TrajectoryMatcher(model, num_steps=num_steps, batch_size=batch,
+                                     augment=augment, memory=memory, loop=loop, unroll=unroll,
+                                     fast_conv=fast_conv)
+
+
+@functools.lru_cache(maxsize=16)
+def _sgd(lr: float, momentum: float) -> optax.GradientTransformation:
+    # One object per setting: apply_updates is jitted with the optimiser as a static argument.
+    return optax.sgd(lr, momentum=momentum or None)
+
+
 def _truncate_metrics(path: str, after: int) -> None:
     rows = io.read_jsonl(path)
     keep = [r for r in rows
@@ -85,12 +102,11 @@ def distill_loop(config, dataset, traj: Trajectories, workdir: str, *,
     factor = int(d.factor)
     n_train = d.ipc * dataset.num_classes * factor ** 2
     batch = int(d.batch_syn) or n_train
-    matcher = mtt_lib.TrajectoryMatcher(
-        model, num_steps=int(d.syn_steps), batch_size=batch,
-        augment=make_augment("dsa", strategy=d.dsa_strategy, all_ops=d.dsa_all_ops) if d.dsa
-        else None, memory=d.memory, loop=loop, unroll=int(d.unroll), fast_conv=bool(d.fast_conv))
-    tx_img = optax.sgd(float(d.lr_img), momentum=float(d.momentum_img) or None)
-    tx_lr = optax.sgd(float(d.lr_lr), momentum=float(d.momentum_lr) or None)
+    matcher = _matcher(model, int(d.syn_steps), batch,
+                       (d.dsa_strategy, bool(d.dsa_all_ops)) if d.dsa else None, d.memory, loop,
+                       int(d.unroll), bool(d.fast_conv))
+    tx_img = _sgd(float(d.lr_img), float(d.momentum_img))
+    tx_lr = _sgd(float(d.lr_lr), float(d.momentum_lr))
 
     root = distill_key(config)
     k_mtt = jax.random.fold_in(root, KEY_MTT)
@@ -164,7 +180,7 @@ def distill_loop(config, dataset, traj: Trajectories, workdir: str, *,
             if done % int(d.log_every) == 0 or done == int(d.iterations):
                 lr_now = float(jnp.exp(log_lr))
                 log(phase="distill", iteration=done, loss=float(np.mean(window)),
-                    loss_last=loss_f, lr=lr_now, grad_norm_images=float(optax.global_norm(g_img)),
+                    loss_last=loss_f, lr=lr_now, grad_norm_images=float(optax.tree.norm(g_img)),
                     expert=e, start_epoch=t, wall_s=wall_prev + time.time() - t0)
                 bar.set_postfix_str(f"loss {np.mean(window):.4f} lr {lr_now:.4g}")
                 window = []

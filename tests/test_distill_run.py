@@ -1,0 +1,191 @@
+"""End-to-end tests of the 'distill' task: run() smoke, resume after a kill, ensure_distilled,
+config validation."""
+
+import importlib.util
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from dp_jax import distill
+from dp_jax.data import load_dataset
+from dp_jax.distill import config as config_lib
+from dp_jax.distill.run import distill_into
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "distill_fashion_mnist.py")
+
+
+def _get_config(variant="smoke"):
+    spec = importlib.util.spec_from_file_location("_distill_cfg_run", CONFIG)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(variant)
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = np.arange(n) % 3
+        x = rng.random((n, 8, 8)) * 0.3
+        for i, c in enumerate(y):
+            x[i, 2 * c:2 * c + 3, :] += 0.6
+        return (np.clip(x, 0, 1) * 255).astype(np.uint8), y
+    (xt, yt), (xs, ys) = make(60), make(30)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x_train=xt, y_train=yt, x_test=xs, y_test=ys)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tiny_npz, tmp_path_factory):
+    """The real entry function on the smoke config (ConvNet, python-driven student)."""
+    cfg = _get_config("smoke")
+    cfg.data.name = f"npz:{tiny_npz}"
+    workdir = str(tmp_path_factory.mktemp("run"))
+    summary = distill.run(cfg, workdir)
+    return cfg, workdir, summary
+
+
+def test_run_writes_the_contract(smoke_run):
+    cfg, workdir, summary = smoke_run
+    for name in ("config.json", "metrics.jsonl", "distilled.npz", "distilled.png", "summary.json",
+                 "report.md"):
+        assert os.path.isfile(os.path.join(workdir, name)), name
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "distill"))
+    with open(os.path.join(workdir, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["task"] == "distill" and set(on_disk["results"]) == {"distilled", "random",
+                                                                        "full"}
+    for r in summary["results"].values():
+        assert 0.0 <= r["accuracy_mean"] <= 1.0
+    assert set(summary["cost"]) == {"expert_examples", "expert_wall_s", "distill_examples",
+                                    "distill_wall_s"}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    phases = {r["phase"] for r in rows}
+    assert {"experts", "distill", "distill_eval", "final_eval"} <= phases
+    its = [r["iteration"] for r in rows if r["phase"] == "distill"]
+    assert its == list(range(1, cfg.distill.iterations + 1))
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in rows if r["phase"] == "distill")
+    ds = distill.load_distilled(os.path.join(workdir, "distilled.npz"))
+    assert ds.images.shape == (cfg.distill.ipc * 3, 8, 8, 1)
+    assert sorted(np.bincount(ds.labels)) == [cfg.distill.ipc] * 3
+    assert ds.cost["distill_examples"] == cfg.distill.iterations * cfg.distill.syn_steps * 6
+    with open(os.path.join(workdir, "report.md")) as f:
+        assert "random real subset" in f.read()
+
+
+def test_ensure_distilled_precedence(smoke_run, tiny_npz, tmp_path):
+    cfg, workdir, _ = smoke_run
+    dataset = load_dataset(cfg.data, seed=cfg.seed)
+    # An existing <workdir>/distilled.npz is loaded, not recomputed.
+    ds = distill.ensure_distilled(cfg, workdir, dataset)
+    assert ds.cost["distill_examples"] > 0
+    # distill.path wins over the workdir.
+    cfg2 = ml_collections.ConfigDict(cfg.to_dict())
+    cfg2.distill.path = os.path.join(workdir, "distilled.npz")
+    ds2 = distill.ensure_distilled(cfg2, str(tmp_path), dataset)
+    np.testing.assert_array_equal(ds.images, ds2.images)
+    assert not os.path.exists(tmp_path / "distilled.npz")
+    # ... and is checked against the dataset's preprocessing.
+    other = ml_collections.ConfigDict(cfg2.to_dict())
+    other.data.preprocess = "none"
+    with pytest.raises(ValueError, match="different preprocessing"):
+        distill.ensure_distilled(other, str(tmp_path), load_dataset(other.data, seed=0))
+
+
+def _mlp_config(npz, iterations, buffer_dir):
+    cfg = _get_config("smoke")
+    cfg.data.name = f"npz:{npz}"
+    cfg.model.name = "lenet_300_100"
+    for f in ("width", "depth", "norm"):
+        cfg.model[f] = None
+    d = cfg.distill
+    d.iterations = iterations
+    d.checkpoint_every = 2
+    d.eval_every = 0
+    d.buffer_dir = buffer_dir
+    d.factor = 2  # also exercises multi-formation through the loop
+    return cfg
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_resume_after_kill_is_identical(tiny_npz, tmp_path):
+    buf = str(tmp_path / "experts")
+    cfg = _mlp_config(tiny_npz, 6, buf)
+    dataset = load_dataset(cfg.data, seed=cfg.seed)
+
+    def logger(path, kill_at=None):
+        def log(**row):
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if kill_at is not None and row.get("iteration") == kill_at:
+                raise Killed(f"killed at iteration {kill_at}")
+        return log
+
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    a = distill_into(cfg, str(straight_dir), dataset,
+                     log=logger(straight_dir / "metrics.jsonl"))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    with pytest.raises(Killed):  # dies after the checkpoint of iteration 4, during iteration 5
+        distill_into(cfg, str(resumed_dir), dataset, log=logger(resumed_dir / "metrics.jsonl", 5))
+    b = distill_into(cfg, str(resumed_dir), dataset, log=logger(resumed_dir / "metrics.jsonl"))
+    np.testing.assert_array_equal(a.stored_images, b.stored_images)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.lr == b.lr and a.images.shape[0] == 4 * b.stored_images.shape[0]
+
+    def rows(d):
+        with open(d / "metrics.jsonl") as f:
+            return [{k: v for k, v in json.loads(line).items() if k != "wall_s"}
+                    for line in f if '"distill"' in line]
+    assert rows(straight_dir) == rows(resumed_dir)
+    assert len(rows(straight_dir)) == 6
+
+
+def test_config_variants_and_validation(tiny_npz):
+    for v in ("", "lenet", "zca", "smoke", "lenet,zca"):
+        c = _get_config(v)
+        assert c.task == "distill"
+        config_lib.validate(c)
+    with pytest.raises(ValueError, match="allowed: lenet, zca, smoke"):
+        _get_config("bigger")
+
+    def bad(**kw):
+        c = _get_config("smoke")
+        for k, v in kw.items():
+            c.distill[k] = v
+        return c
+    cases = [(dict(memory="tesla"), r"distill.memory='tesla' is invalid; allowed: unroll \| "
+                                    r"remat \| constant"),
+             (dict(loop="gpu"), "distill.loop"),
+             (dict(expert_train_epochs=2), r"expert_train_epochs=2 is invalid; allowed: >= "),
+             (dict(syn_steps=0), "distill.syn_steps"),
+             (dict(lr_img=-1.0), "distill.lr_img"),
+             (dict(momentum_img=1.0), "distill.momentum_img"),
+             (dict(init="zeros"), "distill.init"),
+             (dict(dsa_strategy="color_blur"), "distill.dsa_strategy"),
+             (dict(expert_augment="mixup"), "distill.expert_augment")]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            config_lib.validate(bad(**kw))
+    c = _get_config("smoke")
+    c.distill.unknown_field = 1
+    with pytest.raises(ValueError, match="unknown field"):
+        config_lib.validate(c)
+    c = bad(batch_syn=100)
+    c.data.name = f"npz:{tiny_npz}"
+    ds = load_dataset(c.data, seed=0)
+    with pytest.raises(ValueError, match="distill.batch_syn=100 is invalid"):
+        config_lib.validate_with_data(c, ds)
+    c = bad(factor=3)
+    with pytest.raises(ValueError, match="distill.factor=3"):
+        config_lib.validate_with_data(c, ds)
