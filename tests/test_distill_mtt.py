@@ -118,9 +118,11 @@ def test_masked_student_ignores_pruned_coordinates():
 
 def test_fast_convs_equal_lax_convs_to_second_order():
     with jax.enable_x64(True):
-        x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3), jnp.float64)
-        w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), jnp.float64)
-        for pad in (((1, 1), (1, 1)), ((3, 3), (3, 3)), ((0, 2), (1, 0))):
+        # 1 input channel: patch products; 6: canonical lax convolutions.
+        for cin, pad in ((1, ((3, 3), (3, 3))), (1, ((0, 2), (1, 0))), (6, ((1, 1), (1, 1))),
+                         (6, ((0, 2), (1, 0)))):
+            x = jax.random.normal(jax.random.key(0), (2, 7, 6, cin), jnp.float64)
+            w = jax.random.normal(jax.random.key(1), (3, 3, cin, 4), jnp.float64)
             def f(conv):
                 return lambda xx, ww: jnp.sum(jnp.sin(conv(xx, ww)))
             fast = f(lambda a, b: convs.conv(pad, a, b))

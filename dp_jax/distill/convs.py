@@ -13,8 +13,9 @@ differentiation and each lowered to a canonical NHWC/HWIO convolution:
   wgrad(x, dy)    = adjoint of conv in w        d/dx -> conv_t,  d/ddy -> conv
 
 ``wgrad`` runs as a convolution with the input channels as batch and the examples as
-features (the standard weight-gradient formulation, which XLA:CPU executes well). The values are
-identical to ``lax.conv_general_dilated``'s; only the lowering of derivatives changes.
+features (the standard weight-gradient formulation, which XLA:CPU executes well). Layers with at
+most ``SMALL_CHANNELS`` input channels use patch matrix products instead. Values equal
+``lax.conv_general_dilated``'s up to float rounding; only the lowering changes.
 
 ``fast_convs()`` routes every eligible ``flax.linen.Conv`` (stride 1, no dilation, one group,
 NHWC) through these functions for the calls traced inside it, without touching model code.
@@ -33,22 +34,72 @@ from jax import lax
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv(x, w, pad):
+# Convolutions with at most this many input channels (the first layer of a grayscale or RGB
+# net) run as patch matrix products: XLA:CPU's convolution paths are slow for them (measured
+# 1-3 GFLOP/s for the 1-channel layer of ConvNet-32 and its transposes).
+SMALL_CHANNELS = 4
+
+
+def _lax_conv(x, w, pad):
     return lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=_DN)
+
+
+def _pad(x, pad):
+    # lax.pad accepts negative padding (cropping), which the adjoint of a wide pad needs.
+    return lax.pad(x, jnp.zeros((), x.dtype),
+                   [(0, 0, 0), (pad[0][0], pad[0][1], 0), (pad[1][0], pad[1][1], 0), (0, 0, 0)])
+
+
+def _patches(x, kh, kw, pad):
+    """(B, H, W, C) -> (B, Ho, Wo, kh*kw*C) in HWIO kernel order."""
+    xp = _pad(x, pad)
+    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    return jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
+                           axis=-1)
+
+
+def _transpose_pad(pad, kh, kw):
+    return ((kh - 1 - pad[0][0], kh - 1 - pad[0][1]), (kw - 1 - pad[1][0], kw - 1 - pad[1][1]))
+
+
+def _conv(x, w, pad):
+    kh, kw, ci, co = w.shape
+    if ci <= SMALL_CHANNELS:
+        return _patches(x, kh, kw, pad) @ w.reshape(kh * kw * ci, co)
+    return _lax_conv(x, w, pad)
 
 
 def _conv_t(dy, w, pad):
     # Adjoint in x: correlate dy with the spatially flipped kernel, in/out channels swapped.
-    kh, kw = w.shape[:2]
-    tpad = ((kh - 1 - pad[0][0], kh - 1 - pad[0][1]), (kw - 1 - pad[1][0], kw - 1 - pad[1][1]))
-    return _conv(dy, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)), tpad)
+    kh, kw, ci, co = w.shape
+    tpad = _transpose_pad(pad, kh, kw)
+    if ci <= SMALL_CHANNELS:
+        # Few output channels: one matrix product for every kernel tap, then shifted sums.
+        b, h, wd, _ = dy.shape
+        z = (dy.reshape(-1, co) @ w.reshape(kh * kw * ci, co).T).reshape(b, h, wd, kh * kw * ci)
+        zp = _pad(z, tpad)
+        ho, wo = zp.shape[1] - kh + 1, zp.shape[2] - kw + 1
+        zp = zp.reshape(zp.shape[:3] + (kh * kw, ci))
+        out = None
+        for i in range(kh):
+            for j in range(kw):
+                tap = zp[:, kh - 1 - i:kh - 1 - i + ho, kw - 1 - j:kw - 1 - j + wo, i * kw + j, :]
+                out = tap if out is None else out + tap
+        return out
+    return _lax_conv(dy, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)), tpad)
 
 
 def _wgrad(x, dy, pad):
     # w[i, j, ci, co] = sum_{b, p} xpad[b, p + (i, j), ci] * dy[b, p, co]
+    ci = x.shape[-1]
+    kh = x.shape[1] + pad[0][0] + pad[0][1] - dy.shape[1] + 1
+    kw = x.shape[2] + pad[1][0] + pad[1][1] - dy.shape[2] + 1
+    if ci <= SMALL_CHANNELS:
+        p = _patches(x, kh, kw, pad).reshape(-1, kh * kw * ci)
+        return (p.T @ dy.reshape(-1, dy.shape[-1])).reshape(kh, kw, ci, dy.shape[-1])
     xt = jnp.transpose(x, (3, 1, 2, 0))     # (Cin, H, W, B): Cin as batch, B as feature
     dyt = jnp.transpose(dy, (1, 2, 0, 3))   # (Ho, Wo, B, Cout): the "kernel"
-    return jnp.transpose(_conv(xt, dyt, pad), (1, 2, 0, 3))
+    return jnp.transpose(_lax_conv(xt, dyt, pad), (1, 2, 0, 3))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
