@@ -5,8 +5,9 @@
 The inner loop trains a masked network on a 100-image distilled set (10 classes x 10)
 for ``--steps`` SGD steps (momentum 0.9, wd 5e-4, batch 100, without augmentation so
 that both sides do the same work; the DSA variant of ours is reported beside it).
-Ours is ``dp_jax.train.make_inner_loop`` (one ``lax.scan``, jitted once), called as
-DP calls it; the reference is the eager PyTorch loop of the original code with
+Ours is the loop form DP picks (``--loop auto``): ``dp_jax.train.make_inner_loop`` (one
+``lax.scan``, jitted once) for LeNet, ``make_inner_python`` (one jitted step driven from
+Python) for the ConvNet on CPU; the reference is the eager PyTorch loop of the original code with
 masked weights. Also: S=4 inner seeds in one vmapped program vs 4 sequential calls.
 Prints one JSON object; compile time is reported apart from the steady state.
 """
@@ -28,6 +29,8 @@ def parse():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--loop", default="auto", choices=("auto", "scan", "python"),
+                   help="inner-loop form (auto: what DP picks on this backend)")
     return p.parse_args()
 
 
@@ -35,7 +38,7 @@ MODEL_CFG = {"lenet_300_100": {"name": "lenet_300_100"},
              "convnet32": {"name": "convnet", "width": 32, "depth": 3}}
 
 
-def ours(name, steps, repeats, seeds, threads):
+def ours(name, steps, repeats, seeds, threads, loop):
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -51,28 +54,34 @@ def ours(name, steps, repeats, seeds, threads):
     x = jax.random.normal(jax.random.key(1), (100, 28, 28, 1))
     y = jnp.arange(100) % 10
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
-    # XLA:CPU runs rolled scans over conv steps slowly: chunks of unrolled steps for convs.
-    chunk = 10 if name.startswith("conv") and steps % 10 == 0 else 0
-    out = {"loop": {"chunk": chunk}}
+    # The loop form DP picks with dp.loop=auto: Python-driven steps for conv nets on CPU.
+    form = train.resolve_loop(loop, v["params"])
+
+    def program(aug):
+        """fn(keys) -> state for len(keys) seeds, in the chosen loop form."""
+        if form == "python":
+            fn = train.make_inner_python(model, tx, num_steps=steps, batch_size=100, augment=aug)
+            return lambda keys: fn(v, mask, x, y, keys)
+        fn = jax.jit(jax.vmap(train.make_inner_loop(model, tx, num_steps=steps, batch_size=100,
+                                                    augment=aug),
+                              in_axes=(None, None, None, None, 0)))
+        return lambda keys: fn(v, mask, x, y, keys)
+
+    out = {"loop": form}
     for label, aug in (("no_aug", None), ("dsa", make_augment("dsa"))):
-        fn = jax.jit(train.make_inner_loop(model, tx, num_steps=steps, batch_size=100,
-                                           augment=aug, chunk=chunk))
-        _, m0 = common.measure(lambda: jax.block_until_ready(fn(v, mask, x, y, jax.random.key(2))))
+        fn = program(aug)
+        _, m0 = common.measure(lambda: jax.block_until_ready(fn(jax.random.key(2)[None])))
         samples = [common.measure(lambda: jax.block_until_ready(
-            fn(v, mask, x, y, jax.random.key(3 + r))))[1] for r in range(repeats)]
+            fn(jax.random.key(3 + r)[None])))[1] for r in range(repeats)]
         out[label] = {"compile_and_first_s": m0["wall_s"],
                       **common.summarize_rate(samples, steps)}
-    # S seeds: one vmapped program vs S sequential calls of the single-seed program.
-    loop = train.make_inner_loop(model, tx, num_steps=steps, batch_size=100, chunk=chunk)
-    single = jax.jit(loop)
-    batched = jax.jit(jax.vmap(loop, in_axes=(None, None, None, None, 0)))
+    # S seeds: one vmapped program vs S sequential runs of the single-seed program.
+    fn = program(None)
     keys = jax.random.split(jax.random.key(7), seeds)
-    jax.block_until_ready(batched(v, mask, x, y, keys))
-    jax.block_until_ready(single(v, mask, x, y, keys[0]))
-    vm = [common.measure(lambda: jax.block_until_ready(batched(v, mask, x, y, keys)))[1]
-          for _ in range(repeats)]
-    seq = [common.measure(lambda: [jax.block_until_ready(single(v, mask, x, y, k)) for k in keys])[1]
-           for _ in range(repeats)]
+    jax.block_until_ready(fn(keys))
+    vm = [common.measure(lambda: jax.block_until_ready(fn(keys)))[1] for _ in range(repeats)]
+    seq = [common.measure(lambda: [jax.block_until_ready(fn(keys[i:i + 1]))
+                                   for i in range(seeds)])[1] for _ in range(repeats)]
     out["seeds"] = {"S": seeds, "vmapped": common.summarize_rate(vm, steps * seeds),
                     "sequential": common.summarize_rate(seq, steps * seeds)}
     out["seeds"]["speedup"] = (out["seeds"]["vmapped"]["items_per_s"]
@@ -127,7 +136,7 @@ def main():
               "host": common.host_info(), "models": {}}
     for name in args.models.split(","):
         common.log(f"{name}: ours")
-        o = ours(name, args.steps, args.repeats, args.seeds, args.threads)
+        o = ours(name, args.steps, args.repeats, args.seeds, args.threads, args.loop)
         common.log(f"{name}: torch")
         t = torch_reference(name, args.steps, args.repeats, args.threads)
         result["models"][name] = {"ours": o, "torch_eager": t,

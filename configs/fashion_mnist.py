@@ -102,8 +102,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.dp.decay_factor = 0.1
     c.dp.augment = "dsa"  # dsa | none
     c.dp.inner_seeds = 1  # >1: vmapped inner runs, scores = mean |w| over them
+    c.dp.loop = "auto"  # scan | python | auto (python for conv nets on CPU)
     c.dp.unroll = 1  # lax.scan unroll of the inner loop
-    c.dp.chunk = 0  # >0: scan over chunks of this many fully unrolled steps
+    c.dp.chunk = 0  # >0: chunks of this many unrolled steps (scan over them, or one per call)
     c.dp.switch_sparsity = 0.8  # dp_imp: DP rounds up to this sparsity, IMP after
 
     c.parallel = ml_collections.ConfigDict()

@@ -176,7 +176,9 @@ def prepare_distilled(config, workdir, dataset, setup, progress=None):
     dset = distill.ensure_distilled(config, workdir, dataset, log=log)
     distill.check_compatible(dset, dataset)
     inner = prune_lib.make_inner_train(setup.model, config.dp, float(dset.lr),
-                                       make_augment(config.dp.augment))
+                                       make_augment(config.dp.augment),
+                                       params_like=jax.eval_shape(setup.init_fn,
+                                                                  jax.random.key(0))["params"])
     x, y = jnp.asarray(dset.images), jnp.asarray(dset.labels)
     return (x, y, inner), dict(dset.cost)
 

@@ -318,17 +318,34 @@ def rewind_start(dense: dict, step: int) -> Callable:
     return fn
 
 
-def make_inner_train(model, dp_cfg, distilled_lr: float, augment) -> Callable:
-    """The DP inner loop: masked training on the distilled set, jitted once, vmapped over seeds.
+def make_inner_train(model, dp_cfg, distilled_lr: float, augment, params_like=None) -> Callable:
+    """The DP inner loop: masked training on the distilled set, compiled once, vmapped over seeds.
 
-    Returns ``fn(variables, mask, x, y, keys) -> params`` where ``keys`` has one key per
-    inner seed; the returned params are those of every seed (leading axis).
+    ``dp.loop`` picks the loop form: ``scan`` (the whole inner loop is one program),
+    ``python`` (a jitted chunk of ``dp.chunk`` steps, default 1, driven from Python), or
+    ``auto`` (``python`` for conv nets on CPU, where rolled scans over conv steps are slow;
+    decided from ``params_like``). Both take identical steps.
+
+    Returns ``fn(variables, mask, x, y, keys) -> (params, final_loss)`` where ``keys`` has one
+    key per inner seed; the params of every seed are returned (leading axis).
     """
     lr = float(dp_cfg.lr) if dp_cfg.lr > 0 else float(distilled_lr)
     tx_cfg = dict(optimizer="sgd", lr=lr, momentum=dp_cfg.momentum, weight_decay=dp_cfg.weight_decay,
                   schedule="multistep" if dp_cfg.decay_at else "constant",
                   decay_at=tuple(dp_cfg.decay_at), decay_factor=dp_cfg.decay_factor)
     tx = train_lib.make_optimizer(_Attrs(tx_cfg), dp_cfg.steps)
+    loop_form = dp_cfg.get("loop", "scan")
+    if loop_form == "auto":
+        loop_form = "scan" if params_like is None else train_lib.resolve_loop("auto", params_like)
+    if loop_form == "python":
+        loop = train_lib.make_inner_python(model, tx, num_steps=dp_cfg.steps,
+                                           batch_size=dp_cfg.batch_size, augment=augment,
+                                           chunk=dp_cfg.chunk)
+
+        def run_python(variables, mask, x, y, keys):
+            state, metrics = loop(variables, mask, x, y, keys)
+            return state.params, metrics["loss"][:, -1]
+        return run_python
     loop = train_lib.make_inner_loop(model, tx, num_steps=dp_cfg.steps, batch_size=dp_cfg.batch_size,
                                      augment=augment, unroll=dp_cfg.unroll, chunk=dp_cfg.chunk)
 

@@ -105,6 +105,8 @@ def _validate_dp(config) -> None:
     _need(all(0 < f < 1 for f in d.decay_at), "dp.decay_at", "fractions in (0, 1)", d.decay_at)
     _need(d.augment in ("dsa", "none"), "dp.augment", "dsa | none", d.augment)
     _need(d.inner_seeds >= 1, "dp.inner_seeds", "an integer >= 1", d.inner_seeds)
+    _need(d.get("loop", "scan") in train_lib.LOOPS, "dp.loop", " | ".join(train_lib.LOOPS),
+          d.get("loop"))
     _need(d.unroll >= 1, "dp.unroll", "an integer >= 1", d.unroll)
     _need(d.chunk >= 0 and (d.chunk == 0 or d.steps % d.chunk == 0), "dp.chunk",
           "0 or a divisor of dp.steps", d.chunk)

@@ -60,14 +60,17 @@ def test_dp_and_hybrid_end_to_end(dp_config, tmp_path):
 
 
 def test_dp_reuses_distilled_set_in_workdir(dp_config, tmp_path):
+    # Also: the Python-driven inner loop (b) finds the scan form's (a) mask.
     dp_config.prune.method = "dp"
     dp_config.prune.rounds = 1
+    dp_config.dp.loop = "scan"
     a = str(tmp_path / "a")
     experiment.run(dp_config, a)
     b = str(tmp_path / "b")
     os.makedirs(b)
     shutil.copy(dp_config.distill.path, os.path.join(b, "distilled.npz"))
     dp_config.distill.path = None
+    dp_config.dp.loop = "python"
     experiment.run(dp_config, b)
     ma, mb = _mask(a, "dp", 1), _mask(b, "dp", 1)
     assert all(np.array_equal(ma[k], mb[k]) for k in ma)
@@ -90,6 +93,7 @@ def test_incompatible_distilled_set_is_refused(dp_config, tmp_path):
 @pytest.mark.parametrize("field,value,match", [
     ("dp.steps", 0, "dp.steps"),
     ("dp.augment", "mixup", "dp.augment"),
+    ("dp.loop", "while", "dp.loop"),
     ("dp.switch_sparsity", 0.95, "dp.switch_sparsity"),  # not reached in 3 rounds of 0.5
 ])
 def test_dp_config_errors(dp_config, tmp_path, field, value, match):

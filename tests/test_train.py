@@ -194,3 +194,36 @@ def test_inner_loop_vmaps_over_seeds():
                                                batch_size=10, chunk=4))(v, mask, x, y, keys[1])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  chunked.params, single.params)
+
+
+def test_python_driven_inner_loop_takes_the_scan_steps():
+    # The Python-driven form (the fast one for conv nets on CPU) must train exactly as the
+    # one-program scan: same minibatches, augmentations and updates, per seed.
+    from dp_jax.data.augment import make_augment
+    model = lenet()
+    x, y = _toy(n=40)
+    v = init_variables(model, jax.random.key(0), (4, 4, 1))
+    mask = masks.prune(masks.magnitude_scores(v["params"]), masks.ones_like(v["params"]), 0.5)
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
+    aug = make_augment("dsa")
+    keys = jax.random.split(jax.random.key(1), 2)
+    scan = jax.jit(jax.vmap(train.make_inner_loop(model, tx, num_steps=12, batch_size=10,
+                                                  augment=aug), in_axes=(None, None, None, None, 0)))
+    ref, m_ref = scan(v, mask, x, y, keys)
+    for chunk in (0, 4):
+        traces = []
+
+        def counting_aug(key, xb):  # runs once per traced step: counts compilations
+            traces.append(1)
+            return aug(key, xb)
+        fn = train.make_inner_python(model, tx, num_steps=12, batch_size=10,
+                                     augment=counting_aug, chunk=chunk)
+        fn(v, mask, x, y, keys)
+        got, m = fn(v, mask, x, y, keys)
+        assert len(traces) == max(chunk, 1)  # one program, traced once, for all calls
+        assert m["loss"].shape == (2, 12)
+        np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-4, atol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                     got.params, ref.params)
+        jax.tree.map(lambda a, m_: np.testing.assert_array_equal(np.asarray(a)[:, np.asarray(m_) == 0], 0),
+                     got.params, mask)
