@@ -162,3 +162,12 @@ def test_smoke_runs_end_to_end(name, variant, keep_dp, tmp_path):
     assert set(summary["methods"]) == labels
     cfg = json.load(open(os.path.join(wd, "config.json")))
     assert cfg["data"]["image_size"] == c.data.image_size
+
+
+@pytest.mark.parametrize("variant", ["", "probe", "lr04", "smoke", "smoke,lr04"])
+def test_stability_config_validates(variant):
+    c = load_config_module("stability_fashion_mnist").get_config(variant)
+    labels = {s.label for s in validate.validate_static(c)}
+    assert labels == ({"imp_k0"} if "probe" in variant else {"imp_k0", "random", "dp"})
+    with pytest.raises(ValueError, match="allowed"):
+        load_config_module("stability_fashion_mnist").get_config("bogus")
