@@ -407,3 +407,21 @@ def test_replace_report_section():
     assert twice.count("<!-- analysis -->") == 1 and twice.endswith("tail\n")
     assert report.replace_section("", "C") == "<!-- analysis -->\nC\n<!-- /analysis -->\n"
 
+
+
+def test_aggregate_over_seeds_hand_computed():
+    from dp_jax.analysis.report import aggregate
+    rows = [dict(run="dp", seed=0, round=2, sparsity=0.51, barrier=0.010, loss_barrier=0.1,
+                 top_eigenvalue=4.0, trace=100.0),
+            dict(run="dp", seed=1, round=2, sparsity=0.51, barrier=0.030, loss_barrier=0.3,
+                 top_eigenvalue=6.0, trace=300.0),
+            dict(run="dense", seed=0, round=0, sparsity=0.0, barrier=0.05, loss_barrier=0.2)]
+    agg = {(a["run"], a["round"]): a for a in aggregate(rows)}
+    dp = agg[("dp", 2)]
+    assert dp["seeds"] == [0, 1] and dp["barrier_n"] == 2
+    assert dp["barrier_mean"] == pytest.approx(0.02) and dp["barrier_std"] == pytest.approx(0.01)
+    assert dp["stable"] == 1  # 1 pp < 2 pp; 3 pp is not
+    assert dp["top_eigenvalue_mean"] == pytest.approx(5.0)
+    assert dp["trace_std"] == pytest.approx(100.0)
+    dense = agg[("dense", 0)]
+    assert dense["stable"] == 0 and "trace_mean" not in dense

@@ -12,6 +12,8 @@ import glob
 import os
 import re
 
+import numpy as np
+
 from dp_jax import io
 from dp_jax.analysis import plots
 from dp_jax.report import ANALYSIS_BEGIN as BEGIN
@@ -135,6 +137,58 @@ def _landscape_section(rows) -> list[str]:
     return out
 
 
+STABLE_PP = 2.0  # error barrier (percentage points) below which a mask counts as stable
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of :func:`summary_rows` per (run, round).
+
+    Returns one dict per (run, round): ``run, round, sparsity, seeds`` and, where present,
+    ``barrier_mean/std`` (fractions), ``stable`` (seeds with barrier < 2 pp),
+    ``loss_barrier_mean/std``, ``top_eigenvalue_mean/std``, ``trace_mean/std`` (population
+    std, ``ddof=0``).
+    """
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["run"], r["round"]), []).append(r)
+    out = []
+    for (run, rnd), rs in sorted(groups.items()):
+        a = {"run": run, "round": rnd, "sparsity": float(np.mean([r["sparsity"] for r in rs])),
+             "seeds": sorted(r["seed"] for r in rs)}
+        for f in ("barrier", "loss_barrier", "top_eigenvalue", "trace"):
+            v = [r[f] for r in rs if f in r]
+            if v:
+                a[f + "_mean"], a[f + "_std"] = float(np.mean(v)), float(np.std(v))
+                a[f + "_n"] = len(v)
+        if "barrier_mean" in a:
+            a["stable"] = sum(r["barrier"] < STABLE_PP / 100 for r in rs if "barrier" in r)
+        out.append(a)
+    return out
+
+
+def _summary_section(workdir) -> list[str]:
+    agg = aggregate(summary_rows(workdir))
+    if not agg:
+        return []
+
+    def ms(a, f, scale=1.0, fmt="{:.2f}"):
+        if f + "_mean" not in a:
+            return ""
+        return (fmt.format(scale * a[f + "_mean"]) + " ± " + fmt.format(scale * a[f + "_std"])
+                + f" (n={a[f + '_n']})")
+    out = ["### Summary over seeds", "",
+           "Mean ± std over the seeds analysed; stable = seeds whose error barrier is below "
+           f"{STABLE_PP:g} percentage points.", "",
+           "| run | round | sparsity | error barrier (pp) | stable | loss barrier | top Hessian "
+           "eigenvalue | Hessian trace |", "|---|---|---|---|---|---|---|---|"]
+    for a in agg:
+        stable = f"{a['stable']}/{a['barrier_n']}" if "stable" in a else ""
+        out.append(f"| {pretty(a['run'])} | {a['round']} | {100 * a['sparsity']:.1f}% | "
+                   f"{ms(a, 'barrier', 100)} | {stable} | {ms(a, 'loss_barrier', 1, '{:.3f}')} | "
+                   f"{ms(a, 'top_eigenvalue', 1, '{:.4g}')} | {ms(a, 'trace', 1, '{:.4g}')} |")
+    return out + [""]
+
+
 def write(workdir: str) -> str:
     """Redraw the aggregate plots and rewrite the analysis section of report.md.
 
@@ -162,6 +216,7 @@ def write(workdir: str) -> str:
     lines = ["## Analyses", "",
              "Written by `python -m dp_jax.analysis`; numbers in `analysis/*.json` "
              "(see docs/analysis.md).", ""]
+    lines += _summary_section(workdir)
     if inst or curves:
         lines += _instability_section(workdir, inst, curves, masks)
     lines += _hessian_section(hess) + _landscape_section(land)
