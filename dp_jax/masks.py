@@ -140,6 +140,7 @@ def magnitude_scores(params: PyTree) -> PyTree:
     return jax.tree.map(jnp.abs, params)
 
 
+@jax.jit  # one program for the whole tree: eager calls compiled one per leaf shape
 def random_scores(params: PyTree, key: jax.Array) -> PyTree:
     """I.i.d. uniform scores (random pruning), one independent key per leaf."""
     leaves, treedef = jax.tree.flatten(params)
