@@ -166,3 +166,21 @@ def test_init_synthetic_from_real_and_noise():
         assert any(np.array_equal(img, x[i]) for i in np.flatnonzero(y == c))
     noise, _ = synthetic.init_synthetic(x, y, ipc=2, num_classes=3, init="noise", seed=0)
     assert noise.shape == imgs.shape and abs(float(noise.std()) - 1) < 0.5
+
+
+def test_set_evaluator_loop_forms_agree():
+    # The Python-driven, scan and vmapped evaluations train the same networks (same steps).
+    from dp_jax.distill.evaluate import SetEvaluator
+    model = create_model(ml_collections.ConfigDict({"name": "lenet_300_100"}), num_classes=3)
+    k = jax.random.split(jax.random.key(0), 4)
+    x, y = jax.random.normal(k[0], (12, 6, 6, 1)), jnp.arange(12) % 3
+    xt, yt = jax.random.normal(k[1], (30, 6, 6, 1)), jnp.arange(30) % 3
+    out = {}
+    for loop, vmap in (("scan", False), ("python", False), ("scan", True)):
+        ev = SetEvaluator(model, image_shape=(6, 6, 1), epochs=3, batch_size=4, augment="dsa",
+                          x_test=xt, y_test=yt, loop=loop, vmap=vmap, eval_batch_size=30)
+        out[(loop, vmap)] = ev.run(x, y, 0.05, k[2], num_models=2)
+    ref = out[("scan", False)]
+    for r in out.values():
+        np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-4)
+        np.testing.assert_allclose(r["final_train_loss"], ref["final_train_loss"], rtol=1e-4)

@@ -108,17 +108,13 @@ class SetEvaluator:
 
     def _python_program(self, n: int):
         b, steps = self._steps(n)
-        passes = max(n // b, 1)
 
         def one(state, x, y, t, key, lr):
-            # Same minibatch/augmentation keys as make_inner_loop's body.
+            # The steps of make_inner_loop (same minibatch and augmentation keys).
             tx = eval_tx(lr, num_steps=steps, momentum=self.momentum,
                          weight_decay=self.weight_decay)
-            data_key, aug_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-            perm = jax.random.permutation(jax.random.fold_in(data_key, t // passes), n)
-            idx = jax.lax.dynamic_slice_in_dim(perm, (t % passes) * b, b)
-            return train_lib.train_step(state, x[idx], y[idx], jax.random.fold_in(aug_key, t),
-                                        model=self.model, tx=tx, augment=self.augment)
+            return train_lib.inner_step(self.model, tx, batch_size=b,
+                                        augment=self.augment)(state, x, y, key, t)
 
         step = jax.jit(one, donate_argnums=0)
         tx0 = eval_tx(1.0, num_steps=steps, momentum=self.momentum,
