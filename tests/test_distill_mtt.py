@@ -8,7 +8,8 @@ import pytest
 
 from dp_jax import masks
 from dp_jax.data.augment import make_augment
-from dp_jax.distill import convs, mtt, synthetic
+from dp_jax.distill import mtt, synthetic
+from dp_jax.models import convs
 from dp_jax.models import create_model, init_variables
 
 

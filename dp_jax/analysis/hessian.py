@@ -16,7 +16,9 @@ couple the examples of a batch through batch statistics (train mode would
 differentiate through them and depend on the batch split). For models without
 BatchNorm both modes coincide.
 
-**HVP**: forward-over-reverse, ``jax.jvp`` of ``jax.grad``.
+**HVP**: forward-over-reverse (``jax.jvp`` of ``jax.grad``), or reverse-over-reverse
+(``jax.grad`` of ``<grad, v>``) when convolutions go through :mod:`dp_jax.models.convs`,
+whose custom VJPs have no forward mode; both give ``H v``.
 """
 
 from __future__ import annotations
@@ -32,21 +34,29 @@ from jax.flatten_util import ravel_pytree
 
 from dp_jax import masks as masks_lib
 from dp_jax.analysis import family
+from dp_jax.models.convs import fast_convs
 
 PyTree = Any
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _loss_sum(theta, mflat, batch_stats, x, y, w, *, model, unravel):
+def _loss_sum(theta, mflat, batch_stats, x, y, w, *, model, unravel, fast_conv=True):
     params = unravel(theta * mflat)
     v = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-    logits = model.apply(v, x, train=False)
+    # HVPs differentiate convolutions twice; fast_convs lowers those terms to canonical
+    # convolutions (XLA:CPU runs the default lowering through a slow generic loop).
+    with fast_convs(fast_conv):
+        logits = model.apply(v, x, train=False)
     return jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
-def _hvp_sum(theta, mflat, v, batch_stats, x, y, w, *, model, unravel):
-    grad = jax.grad(functools.partial(_loss_sum, model=model, unravel=unravel))
+def _hvp_sum(theta, mflat, v, batch_stats, x, y, w, *, model, unravel, fast_conv=True):
+    grad = jax.grad(functools.partial(_loss_sum, model=model, unravel=unravel,
+                                      fast_conv=fast_conv))
     g = lambda t: grad(t, mflat, batch_stats, x, y, w)  # noqa: E731
+    if fast_conv:
+        # fast_convs has custom VJPs (no forward mode): reverse-over-reverse, d/dt <g(t), v>.
+        return jax.grad(lambda t: jnp.vdot(g(t), v * mflat))(theta) * mflat
     return jax.jvp(g, (theta,), (v * mflat,))[1] * mflat
 
 
@@ -56,12 +66,14 @@ class HessianEngine:
     Args:
       model: Flax module.
       like_params: a params pytree (fixes the flat layout).
+      fast_conv: route stride-1 convolutions through :mod:`dp_jax.models.convs` (same values;
+        several times faster second derivatives on CPU).
     """
 
-    def __init__(self, model, like_params: PyTree):
+    def __init__(self, model, like_params: PyTree, fast_conv: bool = True):
         flat, self.unravel = ravel_pytree(like_params)
         self.size = int(flat.size)
-        kw = dict(model=model, unravel=self.unravel)
+        kw = dict(model=model, unravel=self.unravel, fast_conv=bool(fast_conv))
         self._loss = jax.jit(functools.partial(_loss_sum, **kw))
         self._hvp = jax.jit(functools.partial(_hvp_sum, **kw))
         # Several probes per program: the batch of vectors is the mapped axis.

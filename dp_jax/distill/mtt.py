@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import optax
 
 from dp_jax import masks as masks_lib
-from dp_jax.distill.convs import fast_convs
+from dp_jax.models.convs import fast_convs
 
 PyTree = Any
 MEMORY_MODES = ("unroll", "remat", "constant")
@@ -126,7 +126,7 @@ class TrajectoryMatcher:
       memory: one of ``MEMORY_MODES``.
       loop: ``'scan'`` or ``'python'`` (resolve ``'auto'`` with :func:`resolve_loop`).
       unroll: ``lax.scan`` unroll factor of the ``scan`` loop.
-      fast_conv: trace the student with :func:`dp_jax.distill.convs.fast_convs`.
+      fast_conv: trace the student with :func:`dp_jax.models.convs.fast_convs`.
     """
 
     def __init__(self, model, *, num_steps: int, batch_size: int,
