@@ -55,7 +55,7 @@ def ours(name, steps, repeats, seeds, threads, loop):
     y = jnp.arange(100) % 10
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
     # The loop form DP picks with dp.loop=auto: Python-driven steps for conv nets on CPU.
-    form = train.resolve_loop(loop, v["params"])
+    form = train.resolve_loop(loop, v["params"], model, (28, 28, 1))
 
     def program(aug):
         """fn(keys) -> state for len(keys) seeds, in the chosen loop form."""

@@ -55,7 +55,8 @@ def build_setup(config, dataset, *, metrics_path: str | None = None) -> prune_li
         put = lambda a: jax.device_put(a, replicated)  # noqa: E731
     shape_vars = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
                                 jax.random.key(0))
-    loop = train_lib.resolve_loop(config.train.loop, shape_vars["params"])
+    loop = train_lib.resolve_loop(config.train.loop, shape_vars["params"], model,
+                                  dataset.image_shape)
     # In memory, crop+flip runs on the device inside the step; a stream augments on the host.
     augment = (pipeline.device_crop_flip
                if stream is None and config.data.get("augment", "none") == "crop_flip" else None)
@@ -178,7 +179,8 @@ def prepare_distilled(config, workdir, dataset, setup, progress=None):
     inner = prune_lib.make_inner_train(setup.model, config.dp, float(dset.lr),
                                        make_augment(config.dp.augment),
                                        params_like=jax.eval_shape(setup.init_fn,
-                                                                  jax.random.key(0))["params"])
+                                                                  jax.random.key(0))["params"],
+                                       image_shape=setup.image_shape)
     x, y = jnp.asarray(dset.images), jnp.asarray(dset.labels)
     return (x, y, inner), dict(dset.cost)
 

@@ -318,13 +318,14 @@ def rewind_start(dense: dict, step: int) -> Callable:
     return fn
 
 
-def make_inner_train(model, dp_cfg, distilled_lr: float, augment, params_like=None) -> Callable:
+def make_inner_train(model, dp_cfg, distilled_lr: float, augment, params_like=None,
+                     image_shape=None) -> Callable:
     """The DP inner loop: masked training on the distilled set, compiled once, vmapped over seeds.
 
     ``dp.loop`` picks the loop form: ``scan`` (the whole inner loop is one program),
     ``python`` (a jitted chunk of ``dp.chunk`` steps, default 1, driven from Python), or
-    ``auto`` (``python`` for conv nets on CPU, where rolled scans over conv steps are slow;
-    decided from ``params_like``). Both take identical steps.
+    ``auto`` (:func:`dp_jax.train.resolve_loop` on ``params_like`` and ``image_shape``).
+    Both take identical steps.
 
     Returns ``fn(variables, mask, x, y, keys) -> (params, final_loss)`` where ``keys`` has one
     key per inner seed; the params of every seed are returned (leading axis).
@@ -336,7 +337,8 @@ def make_inner_train(model, dp_cfg, distilled_lr: float, augment, params_like=No
     tx = train_lib.make_optimizer(_Attrs(tx_cfg), dp_cfg.steps)
     loop_form = dp_cfg.get("loop", "scan")
     if loop_form == "auto":
-        loop_form = "scan" if params_like is None else train_lib.resolve_loop("auto", params_like)
+        loop_form = ("scan" if params_like is None
+                     else train_lib.resolve_loop("auto", params_like, model, image_shape))
     if loop_form == "python":
         loop = train_lib.make_inner_python(model, tx, num_steps=dp_cfg.steps,
                                            batch_size=dp_cfg.batch_size, augment=augment,

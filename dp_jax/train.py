@@ -34,6 +34,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dp_jax import masks as masks_lib
+from dp_jax.models.convs import fast_convs, only_fast_convs
 
 PyTree = Any
 
@@ -119,11 +120,14 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array, *,
 
     def loss_fn(params):
         v = _variables(masks_lib.apply(params, state.mask), state.batch_stats)
-        if has_bn:
-            logits, new_vars = model.apply(v, x, train=True, mutable=["batch_stats"])
-            new_bs = new_vars["batch_stats"]
-        else:
-            logits, new_bs = model.apply(v, x, train=True), state.batch_stats
+        # On CPU, stride-1 convolutions go through dp_jax.models.convs: same values, and their
+        # gradients lower to kernels XLA:CPU runs fast (also inside a rolled lax.scan).
+        with fast_convs(jax.default_backend() == "cpu"):
+            if has_bn:
+                logits, new_vars = model.apply(v, x, train=True, mutable=["batch_stats"])
+                new_bs = new_vars["batch_stats"]
+            else:
+                logits, new_bs = model.apply(v, x, train=True), state.batch_stats
         loss = cross_entropy(logits, y)
         return loss, (logits, new_bs)
 
@@ -356,14 +360,25 @@ def _eval_batch(params, batch_stats, mask, x, y, w, *, model):
     return {"correct": jnp.sum(w * (jnp.argmax(logits, -1) == y)), "loss": jnp.sum(w * losses)}
 
 
-def resolve_loop(loop: str, params: PyTree) -> str:
-    """'auto' -> 'python' for conv nets on CPU (rolled scans are slow there), else 'scan'."""
+def resolve_loop(loop: str, params: PyTree, model=None, image_shape=None) -> str:
+    """Resolve ``'auto'``: ``'scan'``, except ``'python'`` for conv nets on CPU.
+
+    XLA:CPU runs the default lowering of conv gradients inside a rolled ``lax.scan`` 10-30x
+    slower than as separate programs. Convolutions routed through
+    :mod:`dp_jax.models.convs` (what :func:`train_step` does on CPU) do not have that problem,
+    so a conv net whose convolutions are all eligible (stride 1, e.g. the MTT ConvNet; known
+    when ``model`` and ``image_shape`` are given) gets ``'scan'`` too.
+    """
     if loop not in LOOPS:
         raise ValueError(f"train.loop must be one of {LOOPS}, got {loop!r}")
     if loop != "auto":
         return loop
     has_conv = any(len(k.shape) == 4 for k in masks_lib.prunable_leaves(params).values())
-    return "python" if (has_conv and jax.default_backend() == "cpu") else "scan"
+    if not has_conv or jax.default_backend() != "cpu":
+        return "scan"
+    if model is not None and image_shape is not None and only_fast_convs(model, image_shape):
+        return "scan"
+    return "python"
 
 
 class TrainingDivergedError(RuntimeError):

@@ -125,7 +125,7 @@ class _Context:
         s = self.setup
         like = jax.eval_shape(s.init_fn, jax.random.key(0))
         self.has_bn = bool(like.get("batch_stats"))
-        loop = train_lib.resolve_loop(cfg.train.loop, like["params"])
+        loop = train_lib.resolve_loop(cfg.train.loop, like["params"], s.model, s.image_shape)
         self.copy_trainer = instability.CopyTrainer(
             s.model, s.tx, batch_size=cfg.train.batch_size, num_train=int(s.y_train.shape[0]),
             loop=loop, unroll=cfg.train.unroll)

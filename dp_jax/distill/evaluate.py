@@ -77,7 +77,7 @@ class SetEvaluator:
         self.unroll = int(unroll)
         like = jax.eval_shape(lambda k: init_variables(model, k, self.image_shape),
                               jax.random.key(0))
-        self.loop = train_lib.resolve_loop(loop, like["params"])
+        self.loop = train_lib.resolve_loop(loop, like["params"], model, self.image_shape)
         self.vmap = bool(vmap) and self.loop == "scan"
         self.x_test, self.y_test = jnp.asarray(x_test), jnp.asarray(y_test)
         self._init = jax.jit(lambda k: init_variables(model, k, self.image_shape))
@@ -202,7 +202,8 @@ def full_data_baseline(config, dataset, key: jax.Array, *, num_models: int,
     like = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
                           jax.random.key(0))
     trainer = train_lib.Trainer(model, tx, batch_size=batch, num_train=n,
-                                loop=train_lib.resolve_loop(cfg.loop, like["params"]),
+                                loop=train_lib.resolve_loop(cfg.loop, like["params"], model,
+                                                             dataset.image_shape),
                                 unroll=cfg.unroll, eval_batch_size=int(cfg.eval_batch_size))
     x, y = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
     xt, yt = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)

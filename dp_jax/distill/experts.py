@@ -281,7 +281,7 @@ def train_experts(config, dataset, directory: str, *,
     tx = train_lib.make_optimizer(optimizer_config(d), epochs * spe)
     like = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
                           jax.random.key(0))
-    loop = train_lib.resolve_loop(config.train.loop, like["params"])
+    loop = train_lib.resolve_loop(config.train.loop, like["params"], model, dataset.image_shape)
     trainer = train_lib.Trainer(model, tx, batch_size=batch, num_train=len(y), loop=loop,
                                 unroll=config.train.unroll, augment=make_augment(d.expert_augment),
                                 eval_batch_size=config.train.eval_batch_size)

@@ -173,3 +173,29 @@ def fast_convs(enabled: bool = True):
         return
     with nn.intercept_methods(_interceptor):
         yield
+
+
+def _eligible_module(m: nn.Conv) -> bool:
+    def ones(v):
+        return v is None or all(int(d) == 1 for d in ((v,) if isinstance(v, int) else v))
+    return (ones(m.strides) and ones(m.input_dilation) and ones(m.kernel_dilation)
+            and m.feature_group_count == 1 and m.conv_general_dilated is None
+            and m.conv_general_dilated_cls is None)
+
+
+def only_fast_convs(model, image_shape) -> bool:
+    """True if ``model`` has convolutions and :func:`fast_convs` covers every one of them.
+
+    Traced abstractly (``jax.eval_shape`` of the init): no compute. Models with strided or
+    dilated convolutions (ResNets) return False.
+    """
+    from dp_jax.models import init_variables  # models imports this module's users
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if type(context.module) is nn.Conv and context.method_name == "__call__":
+            seen.append(_eligible_module(context.module))
+        return next_fun(*args, **kwargs)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda k: init_variables(model, k, image_shape), jax.random.key(0))
+    return bool(seen) and all(seen)
