@@ -227,3 +227,19 @@ def test_python_driven_inner_loop_takes_the_scan_steps():
                      got.params, ref.params)
         jax.tree.map(lambda a, m_: np.testing.assert_array_equal(np.asarray(a)[:, np.asarray(m_) == 0], 0),
                      got.params, mask)
+
+
+def test_auto_loop_picks_scan_for_stride1_conv_nets_on_cpu():
+    # Stride-1 conv nets go through dp_jax.models.convs inside the scan; ResNets (strided
+    # convolutions) keep the Python loop on CPU. Asked twice: cached init programs must not
+    # hide the model's convolutions from the check.
+    from dp_jax.models import create_model
+    assert jax.default_backend() == "cpu"
+    for cfg, want in ((dict(name="convnet", width=4, depth=2), "scan"),
+                      (dict(name="resnet18", width=4), "python"),
+                      (dict(name="lenet_300_100"), "scan")):
+        model = create_model(ml_collections.ConfigDict(cfg), num_classes=10)
+        for _ in range(2):
+            v = init_variables(model, jax.random.key(0), (8, 8, 1))
+            assert train.resolve_loop("auto", v["params"], model, (8, 8, 1)) == want, cfg
+        assert train.resolve_loop("python", v["params"], model, (8, 8, 1)) == "python"

@@ -189,13 +189,14 @@ def only_fast_convs(model, image_shape) -> bool:
     Traced abstractly (``jax.eval_shape`` of the init): no compute. Models with strided or
     dilated convolutions (ResNets) return False.
     """
-    from dp_jax.models import init_variables  # models imports this module's users
     seen = []
 
     def record(next_fun, args, kwargs, context):
         if type(context.module) is nn.Conv and context.method_name == "__call__":
             seen.append(_eligible_module(context.module))
         return next_fun(*args, **kwargs)
+    x = jnp.zeros((1, *tuple(int(d) for d in image_shape)), jnp.float32)
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda k: init_variables(model, k, image_shape), jax.random.key(0))
+        # A fresh function, so it is traced now (cached init programs would skip the calls).
+        jax.eval_shape(lambda k: model.init(k, x, train=False), jax.random.key(0))
     return bool(seen) and all(seen)
