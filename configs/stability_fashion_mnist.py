@@ -7,14 +7,14 @@ the probes that led to this setting: docs/stability.md.
 
   # pruning: dense, IMP (k=0), random and DP masks, 6 rounds of 30% (88.2% sparsity); the first
   # invocation also distils the 100-image set DP trains on (experts + MTT into the workdir).
-  # ~25-35 min per seed on a shared 2-core CPU; re-run with --config.seeds=2, 3 to add seeds
-  # (finished seeds are resumed, not recomputed).
+  # ~5-10 min per seed on a shared 2-core CPU plus ~3 min of distillation; re-running with more
+  # --config.seeds adds seeds (finished seeds are resumed, not recomputed).
   python -m dp_jax.main --config=configs/stability_fashion_mnist.py --workdir=runs/stability \
       --config.seeds=3
-  # instability and Hessian of the masks at 0/51/83/88% sparsity, dense barrier vs rewind step k
-  # (~30 min per seed):
+  # instability and Hessian of the masks at 0/51/83% sparsity, dense barrier at k = 0 and one
+  # epoch (~27-43 min per seed):
   python -m dp_jax.analysis --workdir=runs/stability --analyses=instability,hessian \
-      --rounds=0,2,5,6 --nolayerwise --k_values=0,10,20,39,78
+      --rounds=0,2,5 --nolayerwise --bn_mode=recompute --k_values=0,39
 
 Setting: MTT ConvNet (3 x [conv3x3 width 16 -> BatchNorm -> ReLU -> avg-pool]) -> dense), a
 stratified 5,000-image subset of the training split (standardised with its own statistics), 3
