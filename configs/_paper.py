@@ -9,12 +9,13 @@ inherited; fields of those sections are set only where they already exist
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from typing import Any
 
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from dp_jax.config_files import load_module
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,11 +31,7 @@ DP_INNER = dict(lr=0.0, momentum=0.9, weight_decay=5e-4, decay_at=(2 / 3, 5 / 6)
 
 def load_base(variant: str = "") -> ml_collections.ConfigDict:
     """``configs/fashion_mnist.py``'s ``get_config(variant)``, imported by file path."""
-    spec = importlib.util.spec_from_file_location(
-        "dp_jax_config_fashion_mnist", os.path.join(_HERE, "fashion_mnist.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(variant)
+    return load_module(os.path.join(_HERE, "fashion_mnist.py")).get_config(variant)
 
 
 def ensure_fields(c: ml_collections.ConfigDict) -> None:

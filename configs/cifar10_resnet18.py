@@ -31,21 +31,14 @@ Variants (comma-separated after ':'):
                 ``tfds.testing.mock_data``.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-
-def _paper():
-    spec = importlib.util.spec_from_file_location(
-        "dp_jax_config_paper", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_paper.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from dp_jax.config_files import load_module
 
 
-P = _paper()
+P = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_paper.py"))
 NAMES = ("smoke", "hybrid")
 KEYS = {"width": int, "seeds": int}
 TRAIN_SIZE = 50_000

@@ -14,20 +14,17 @@ Variants (``--config=configs/distill_fashion_mnist.py:VARIANT[,VARIANT]``):
   smoke   tiny sizes of the same code path, for tests (use with data.name='npz:<path>').
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from dp_jax.config_files import load_module
 from dp_jax.distill import distill_defaults
 
 
 def _base_config() -> ml_collections.ConfigDict:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist.py")
-    spec = importlib.util.spec_from_file_location("_dp_jax_fashion_mnist_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_module(path).get_config()
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

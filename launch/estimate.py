@@ -16,7 +16,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -34,11 +33,8 @@ DATASETS = {
 
 def load_config(spec: str):
     """``path[:variant]`` -> ConfigDict, as ``--config`` would."""
-    path, _, variant = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("dp_jax_estimate_config", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(variant) if variant else mod.get_config()
+    from dp_jax import config_files
+    return config_files.load_config(spec)
 
 
 def flops_per_image(config, num_classes: int, image_shape: tuple) -> dict:

@@ -1,20 +1,18 @@
 """Shared fixtures: a small generated image-classification dataset and tiny experiment configs."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
+
+from dp_jax import config_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config_module(name: str):
     """Import ``configs/<name>.py`` (configs are files, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return config_files.load_module(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def make_npz(path, *, n_train=200, n_test=100, shape=(8, 8, 1), num_classes=10, seed=0):
@@ -62,3 +60,20 @@ def tiny_config(toy_npz):
     c.train.epochs = 2
     c.train.eval_batch_size = 64
     return c
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    """60 train / 30 test 8x8 grayscale images of 3 classes (a bright band per class)."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = np.arange(n) % 3
+        x = rng.random((n, 8, 8)) * 0.3
+        for i, c in enumerate(y):
+            x[i, 2 * c:2 * c + 3, :] += 0.6
+        return (np.clip(x, 0, 1) * 255).astype(np.uint8), y
+    (xt, yt), (xs, ys) = make(60), make(30)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x_train=xt, y_train=yt, x_test=xs, y_test=ys)
+    return str(path)

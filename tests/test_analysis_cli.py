@@ -8,7 +8,6 @@ rewind points from the dense checkpoint, BatchNorm recomputation and every analy
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,15 +18,13 @@ import pytest
 
 from dp_jax import experiment
 
+from conftest import load_config_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(npz_path: str, model: str = "convnet_bn"):
-    spec = importlib.util.spec_from_file_location("fmnist_cfg",
-                                                  os.path.join(ROOT, "configs", "fashion_mnist.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("smoke")
+    c = load_config_module("fashion_mnist").get_config("smoke")
     c.data.name = f"npz:{npz_path}"
     c.data.train_size = 0
     if model == "convnet_bn":

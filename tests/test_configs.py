@@ -4,7 +4,6 @@ Smoke runs use ``tfds.testing.mock_data`` (random images with the real datasets'
 label counts), so they exercise the real TFDS loading path offline.
 """
 
-import importlib.util
 import json
 import os
 import warnings
@@ -13,7 +12,7 @@ import pytest
 
 from dp_jax import experiment, io, validate
 
-from conftest import ROOT, load_config_module
+from conftest import load_config_module
 
 # Every config with the variants worth validating; build-dependent ones are handled below.
 VARIANTS = {
@@ -27,10 +26,7 @@ CASES = [(name, v) for name, vs in VARIANTS.items() for v in vs]
 
 
 def _paper():
-    spec = importlib.util.spec_from_file_location("paper", os.path.join(ROOT, "configs", "_paper.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_config_module("_paper")
 
 
 def _build_blocker(name, variant, base):

@@ -1,7 +1,5 @@
 """Tests for dp_jax.distill.experts: resumable buffers, provenance checks, epoch checks."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -9,30 +7,10 @@ import pytest
 from dp_jax.data import load_dataset
 from dp_jax.distill import experts
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "distill_fashion_mnist.py")
-
+from conftest import load_config_module
 
 def _get_config(variant="smoke"):
-    spec = importlib.util.spec_from_file_location("_distill_cfg_experts", CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(variant)
-
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        y = np.arange(n) % 3
-        x = rng.random((n, 8, 8)) * 0.3
-        for i, c in enumerate(y):
-            x[i, 2 * c:2 * c + 3, :] += 0.6
-        return (np.clip(x, 0, 1) * 255).astype(np.uint8), y
-    (xt, yt), (xs, ys) = make(60), make(30)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=xt, y_train=yt, x_test=xs, y_test=ys)
-    return str(path)
+    return load_config_module("distill_fashion_mnist").get_config(variant)
 
 
 def _config(npz, **distill):

@@ -317,13 +317,8 @@ def test_two_process_experiment_matches_one_process(tmp_path, toy_npz):
 
 def _experiment_worker(workdir: str, npz: str, methods: str, multihost: bool) -> dict:
     """The fashion_mnist smoke experiment on a generated dataset, data parallel."""
-    import importlib.util
-    from dp_jax import experiment
-    spec = importlib.util.spec_from_file_location(
-        "cfg", os.path.join(ROOT, "configs", "fashion_mnist.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("smoke")
+    from dp_jax import config_files, experiment
+    c = config_files.load_config(os.path.join(ROOT, "configs", "fashion_mnist.py") + ":smoke")
     c.data.name, c.data.train_size = f"npz:{npz}", 0
     c.train.batch_size, c.train.eval_batch_size = 40, 64
     c.prune.method = methods
@@ -335,13 +330,10 @@ def _experiment_worker(workdir: str, npz: str, methods: str, multihost: bool) ->
 
 def _mesh_worker(workdir: str, config_spec: str, data_name: str, methods: str) -> dict:
     """Run the smoke experiment on 1 device and data-parallel on 8; return both rounds."""
-    import importlib.util
     import tensorflow_datasets as tfds
-    from dp_jax import experiment, io
+    from dp_jax import config_files, experiment, io
     path, _, variant = config_spec.partition(":")
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = config_files.load_module(os.path.join(ROOT, path))
     out = {}
     for name, dp in (("single", False), ("mesh", True)):
         c = mod.get_config(variant)
