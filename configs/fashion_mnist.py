@@ -63,14 +63,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 2000
 
     c.prune = ml_collections.ConfigDict()
-    # Comma-separated methods; 'imp:k=STEP' overrides rewind_step for that entry,
-    # 'reinit:of=METHOD' names the run whose masks are re-initialised.
+    # Comma-separated methods (docs/methods.md): imp, random, reinit, dp, dp_imp, snip, grasp,
+    # synflow, mag_init, subset; options after ':' separated by ';', e.g. 'imp:k=STEP',
+    # 'reinit:of=LABEL', 'snip:oneshot', 'synflow:iters=100', 'subset:n=100'.
     c.prune.method = "imp,imp:k=200,random,dp,reinit:of=dp"
     c.prune.rounds = 14
     c.prune.fraction = 0.2  # of the remaining prunable weights, per round
     c.prune.scope = "global"  # global | layerwise
     c.prune.rewind_step = 0  # default k for 'imp' entries (0 = init)
-    c.prune.on_empty_layer = "warn"  # warn | error | ignore
+    c.prune.on_empty_layer = "warn"  # warn | error | ignore (only when min_per_layer = 0)
+    # Every layer keeps at least this many weights (its best-scoring ones): no layer collapse.
+    c.prune.min_per_layer = 1
+    # 'LAYER=RATE,...': those layers prune RATE x fraction per round (e.g. 'Dense_2=0.5').
+    c.prune.layer_rates = ""
+    c.prune.score_batches = 1  # snip/grasp: real minibatches (of train.batch_size) per score
+    c.prune.plugins = ""  # comma-separated modules to import; they register more methods
 
     # Distillation (MTT) for Distilled Pruning; made in the workdir unless distill.path is set.
     c.distill = distill_defaults()
@@ -106,6 +113,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.dp.unroll = 1  # lax.scan unroll of the inner loop
     c.dp.chunk = 0  # >0: chunks of this many unrolled steps (scan over them, or one per call)
     c.dp.switch_sparsity = 0.8  # dp_imp: DP rounds up to this sparsity, IMP after
+    c.dp.subset_lr = 0.0  # subset control's step size; 0 = DP's (dp.lr or the learned one)
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.data_parallel = False  # shard batches over all devices ('data' mesh axis)

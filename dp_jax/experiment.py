@@ -27,9 +27,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dp_jax import distributed
 from dp_jax import io
 from dp_jax import masks as masks_lib
+from dp_jax import methods
 from dp_jax import prune as prune_lib
+from dp_jax import rng
 from dp_jax import train as train_lib
 from dp_jax import validate as validate_lib
+from dp_jax import workdir as workdir_lib
 from dp_jax.data import load_dataset
 from dp_jax.data import pipeline
 from dp_jax.models import create_model, init_variables
@@ -78,16 +81,18 @@ def build_setup(config, dataset, *, metrics_path: str | None = None) -> prune_li
         model=model, trainer=trainer, tx=tx, **arrays, stream=stream,
         image_shape=dataset.image_shape, num_steps=num_steps, rounds=config.prune.rounds,
         fraction=config.prune.fraction, scope=config.prune.scope,
-        on_empty_layer=config.prune.on_empty_layer, init_fn=init_jit, log_epoch=log_epoch)
+        on_empty_layer=config.prune.on_empty_layer, init_fn=init_jit, log_epoch=log_epoch,
+        num_classes=dataset.num_classes, layer_rates=validate_lib.layer_rates(config.prune),
+        min_per_layer=int(config.prune.min_per_layer))
 
 
 def dense_run(setup: prune_lib.Setup, workdir: str, seed: int, rewind_steps) -> dict:
     """Train (or restore) the seed's dense network; keeps the weights at each rewind step."""
     seed_key = jax.random.key(seed)
-    variables = setup.init_fn(jax.random.fold_in(seed_key, prune_lib.KEY_INIT))
+    variables = setup.init_fn(jax.random.fold_in(seed_key, rng.INIT))
     mask = masks_lib.ones_like(variables["params"])
     steps = sorted({int(k) for k in rewind_steps if k > 0})
-    ckpt = io.RoundCheckpointer(os.path.join(workdir, "runs", f"dense-seed{seed}", "checkpoints"))
+    ckpt = io.RoundCheckpointer(workdir_lib.checkpoints_dir(workdir, workdir_lib.DENSE, seed))
     trained_like = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     like = {"trained": trained_like, "snapshots": {str(k): trained_like for k in steps}}
     try:
@@ -97,9 +102,9 @@ def dense_run(setup: prune_lib.Setup, workdir: str, seed: int, rewind_steps) -> 
             return {"variables": variables, "trained": arrays["trained"], "snapshots": snaps,
                     "record": payload["record"]}
         t0 = time.time()
-        spec = prune_lib.MethodSpec("dense")
+        spec = methods.DENSE
         state, ev, snaps, tm = prune_lib.train_and_eval(
-            setup, variables, mask, jax.random.fold_in(seed_key, prune_lib.KEY_DATA),
+            setup, variables, mask, jax.random.fold_in(seed_key, rng.DATA),
             snapshot_steps=steps, log={"run": "dense", "seed": seed, "round": 0})
         trained = {"params": state.params, "batch_stats": state.batch_stats}
         record = prune_lib.make_record(
@@ -118,13 +123,13 @@ def run(config, workdir: str) -> dict:
     distributed.initialize(config)  # before anything touches a JAX backend
     specs = validate_lib.validate_static(config)
     os.makedirs(workdir, exist_ok=True)
-    io.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    io.write_json(workdir_lib.config_path(workdir), config.to_dict())
     if config.data.get("pipeline", "memory") == "stream":
         dataset = pipeline.from_config(config.data, seed=config.seed)
     else:
         dataset = load_dataset(config.data, seed=config.seed)
     validate_lib.validate_with_data(config, dataset, specs)
-    setup = build_setup(config, dataset, metrics_path=os.path.join(workdir, "metrics.jsonl"))
+    setup = build_setup(config, dataset, metrics_path=workdir_lib.metrics_path(workdir))
     seeds = [config.seed + i for i in range(config.seeds)]
     total_rounds = len(seeds) * len(specs) * (config.prune.rounds + 1)
     progress = Progress(total_rounds, desc="rounds")
@@ -132,7 +137,7 @@ def run(config, workdir: str) -> dict:
     setup.log_epoch = lambda **kw: (log_metrics(**kw), progress.epoch(kw))
     phases = {"load_s": time.time() - t_start, "dense_s": 0.0}
     distilled = None
-    if any(s.name in ("dp", "dp_imp") for s in specs):
+    if any(methods.get(s.name).needs_distilled for s in specs):
         t0 = time.time()
         distilled, cost = prepare_distilled(config, workdir, dataset, setup, progress)
         phases["distill_s"] = time.time() - t0
@@ -161,12 +166,12 @@ def run(config, workdir: str) -> dict:
 def prepare_distilled(config, workdir, dataset, setup, progress=None):
     """The distilled set (made, reused or loaded) and DP's compiled inner loop.
 
-    Returns ``((x, y, inner_train), cost)`` where ``cost`` holds the distillation
+    Returns ``((x, y, inner_train, learned_lr), cost)`` where ``cost`` holds the distillation
     and expert-training examples and wall time (reported apart from the mask search).
     """
     from dp_jax import distill  # distillation pulls in more code; only DP needs it
     from dp_jax.data.augment import make_augment
-    metrics = os.path.join(workdir, "metrics.jsonl")
+    metrics = workdir_lib.metrics_path(workdir)
 
     def log(**kw):  # distillation metrics go to metrics.jsonl and to the progress line
         io.append_jsonl(metrics, kw)
@@ -176,83 +181,36 @@ def prepare_distilled(config, workdir, dataset, setup, progress=None):
                                                                      "iteration", "loss")))
     dset = distill.ensure_distilled(config, workdir, dataset, log=log)
     distill.check_compatible(dset, dataset)
-    inner = prune_lib.make_inner_train(setup.model, config.dp, float(dset.lr),
+    lr = float(config.dp.lr) if config.dp.lr > 0 else float(dset.lr)
+    inner = prune_lib.make_inner_train(setup.model, config.dp, lr,
                                        make_augment(config.dp.augment),
                                        params_like=jax.eval_shape(setup.init_fn,
                                                                   jax.random.key(0))["params"],
                                        image_shape=setup.image_shape)
     x, y = jnp.asarray(dset.images), jnp.asarray(dset.labels)
-    return (x, y, inner), dict(dset.cost)
+    return (x, y, inner, float(dset.lr)), dict(dset.cost)
 
 
 def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, config=None,
                distilled=None) -> list:
     """Run (or resume) one method for one seed; returns its records.
 
-    ``distilled`` is ``(x, y, inner_train)`` for the DP methods (see :func:`prepare_distilled`).
+    ``distilled`` is ``(x, y, inner_train, lr)`` for methods that need the distilled set
+    (see :func:`prepare_distilled`).
     """
+    method = methods.get(spec.name)
+    if method.needs_distilled and distilled is None:
+        raise ValueError(f"{spec.label} needs a distilled set")
     seed_key = jax.random.key(seed)
+    ctx = methods.Context(setup=setup, workdir=workdir, seed=seed, seed_key=seed_key,
+                          dense=dense, config=config, distilled=distilled)
+    plan = method.plan(spec, ctx)
     run = prune_lib.Run(workdir, spec, seed)
-    params_like = dense["variables"]["params"]
-    B = setup.trainer.batch_size
-
-    def imp_examples(rnd):
-        # Round 1's mask comes from the dense training; later ones from training after step k.
-        return setup.num_steps * B if rnd == 1 else (setup.num_steps - spec.rewind_step) * B
     try:
-        if spec.name == "imp":
-            return prune_lib.run_rounds(
-                setup, run, dense, seed_key=seed_key, next_mask=prune_lib.magnitude_next_mask(setup),
-                start_point=prune_lib.rewind_start(dense, spec.rewind_step),
-                search_examples=imp_examples, uses_trained=lambda rnd: True, on_round=on_round)
-        if spec.name == "random":
-            return prune_lib.run_rounds(
-                setup, run, dense, seed_key=seed_key,
-                next_mask=prune_lib.random_next_mask(setup, seed_key),
-                start_point=prune_lib.rewind_start(dense, spec.rewind_step),
-                search_examples=lambda rnd: 0, on_round=on_round)
-        if spec.name == "reinit":
-            src = os.path.join(workdir, "runs", f"{spec.source}-seed{seed}")
-            fresh = setup.init_fn(jax.random.fold_in(seed_key, prune_lib.KEY_REINIT))
-            # The mask search is the source's: charge its examples round by round.
-            src_examples = {r["round"]: r["train_examples"]
-                            for r in io.read_jsonl(os.path.join(src, "rounds.jsonl"))}
-            return prune_lib.run_rounds(
-                setup, run, dense, seed_key=seed_key,
-                next_mask=prune_lib.source_next_mask(src, params_like),
-                start_point=lambda rnd: (fresh, 0),
-                search_examples=lambda rnd: src_examples[rnd] - src_examples[rnd - 1],
-                on_round=on_round)
-        if spec.name in ("dp", "dp_imp"):
-            if distilled is None:
-                raise ValueError(f"{spec.label} needs a distilled set")
-            x, y, inner = distilled
-            variables = dense["variables"]
-            dp_mask = prune_lib.distilled_next_mask(setup, inner, variables, x, y, seed_key,
-                                                    config.dp.inner_seeds)
-            dp_cost = (config.dp.steps * min(config.dp.batch_size, int(x.shape[0]))
-                       * config.dp.inner_seeds)
-            start = prune_lib.rewind_start(dense, spec.rewind_step)
-            if spec.name == "dp":
-                return prune_lib.run_rounds(
-                    setup, run, dense, seed_key=seed_key, next_mask=dp_mask, start_point=start,
-                    search_examples=lambda rnd: dp_cost, on_round=on_round)
-            switch = prune_lib.switch_round(config.dp.switch_sparsity, setup.fraction)
-
-            def hybrid_examples(rnd):
-                if rnd <= switch:
-                    return dp_cost
-                # IMP after the switch prunes the previous round's real training; with k > 0
-                # the rewind point also needed the dense training.
-                extra = setup.num_steps * B if (rnd == switch + 1 and spec.rewind_step) else 0
-                return (setup.num_steps - spec.rewind_step) * B + extra
-            return prune_lib.run_rounds(
-                setup, run, dense, seed_key=seed_key,
-                next_mask=prune_lib.hybrid_next_mask(dp_mask, prune_lib.magnitude_next_mask(setup),
-                                                     switch),
-                start_point=start, search_examples=hybrid_examples,
-                uses_trained=lambda rnd: rnd > switch, on_round=on_round)
-        raise ValueError(f"prune.method {spec.name!r} is not available in this build")
+        return prune_lib.run_rounds(setup, run, dense, seed_key=seed_key,
+                                    next_mask=plan.next_mask, start_point=plan.start_point,
+                                    search_examples=plan.search_examples,
+                                    uses_trained=plan.uses_trained, on_round=on_round)
     finally:
         run.close()
 
@@ -260,10 +218,9 @@ def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, co
 def _merge_rounds(workdir: str) -> list:
     """Rewrite the top-level rounds.jsonl from every run's own rounds.jsonl."""
     rows = []
-    runs_dir = os.path.join(workdir, "runs")
-    for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
-        rows.extend(io.read_jsonl(os.path.join(runs_dir, name, "rounds.jsonl")))
-    io.write_jsonl(os.path.join(workdir, "rounds.jsonl"), rows)
+    for label, seed in workdir_lib.list_runs(workdir):
+        rows.extend(io.read_jsonl(workdir_lib.run_rounds_path(workdir, label, seed)))
+    io.write_jsonl(workdir_lib.rounds_path(workdir), rows)
     return rows
 
 
@@ -290,5 +247,5 @@ def summarize(workdir: str, phases: dict, wall_s: float) -> dict:
         }
     summary = {"methods": methods, "phases_s": phases, "wall_s": wall_s,
                "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend()}
-    io.write_json(os.path.join(workdir, "summary.json"), summary)
+    io.write_json(workdir_lib.summary_path(workdir), summary)
     return summary

@@ -77,8 +77,34 @@ def _rank_keep(scores: np.ndarray, alive: np.ndarray, n_prune: int) -> np.ndarra
     return keep.reshape(alive.shape)
 
 
+def layer_names(tree: PyTree) -> list[str]:
+    """Names of the prunable layers of a params-shaped tree (paths without ``/kernel``)."""
+    return [k[:-len("/kernel")] if k.endswith("/kernel") else k for k in prunable_leaves(tree)]
+
+
+def resolve_layer_rates(rates: dict[str, float], tree: PyTree) -> dict[str, float]:
+    """``{prunable path: rate}`` from ``{layer name or path: rate}``; checks names and ranges.
+
+    Raises ValueError naming ``prune.layer_rates``, the valid layer names and the allowed range.
+    """
+    paths = list(prunable_leaves(tree))
+    names = dict(zip(layer_names(tree), paths))
+    out = {}
+    for name, rate in rates.items():
+        path = names.get(name, name if name in paths else None)
+        if path is None:
+            raise ValueError(f"config.prune.layer_rates: unknown layer {name!r}; "
+                             f"valid layers: {', '.join(names)}")
+        if not (isinstance(rate, (int, float)) and 0 < rate <= 1):
+            raise ValueError(f"config.prune.layer_rates: rate {rate!r} of {name!r} is invalid; "
+                             "allowed: a number in (0, 1] (a multiple of prune.fraction)")
+        out[path] = float(rate)
+    return out
+
+
 def prune(scores: PyTree, mask: PyTree, fraction: float, *, scope: str = "global",
-          on_empty_layer: str = "warn") -> PyTree:
+          on_empty_layer: str = "warn", layer_rates: dict[str, float] | None = None,
+          min_per_layer: int = 0) -> PyTree:
     """Prune ``fraction`` of the remaining prunable weights with the lowest scores.
 
     Args:
@@ -91,6 +117,11 @@ def prune(scores: PyTree, mask: PyTree, fraction: float, *, scope: str = "global
         ``"layerwise"`` (the same fraction in every layer).
       on_empty_layer: ``"warn"``, ``"error"`` or ``"ignore"`` when a prunable layer
         would lose all its weights (the network then cannot pass signal).
+      layer_rates: ``{layer name or path: rate}``: those layers are pruned on their own at
+        ``rate * fraction`` of their remaining weights (e.g. the output layer at half the
+        rate, as in the lottery-ticket papers); the others as ``scope`` says.
+      min_per_layer: every layer keeps at least this many weights (or all it has, when it
+        has fewer): its highest-scoring ones are kept back, so no layer can collapse.
 
     Returns:
       The new mask; pruned entries stay pruned (masks are nested).
@@ -104,13 +135,17 @@ def prune(scores: PyTree, mask: PyTree, fraction: float, *, scope: str = "global
                          f"got {on_empty_layer!r}")
     s_leaves = {k: np.asarray(v, dtype=np.float64) for k, v in prunable_leaves(scores).items()}
     m_leaves = {k: np.asarray(v, dtype=bool) for k, v in prunable_leaves(mask).items()}
+    if min_per_layer < 0:
+        raise ValueError(f"min_per_layer must be >= 0, got {min_per_layer}")
+    rates = resolve_layer_rates(layer_rates or {}, mask)
     new = {}
-    if scope == "layerwise":
-        for k in m_leaves:
-            alive = int(m_leaves[k].sum())
-            new[k] = _rank_keep(s_leaves[k], m_leaves[k], int(round(fraction * alive)))
-    else:
-        keys = list(m_leaves)
+    own = [k for k in m_leaves if scope == "layerwise" or k in rates]
+    for k in own:
+        alive = int(m_leaves[k].sum())
+        n = int(round(fraction * rates.get(k, 1.0) * alive))
+        new[k] = _rank_keep(s_leaves[k], m_leaves[k], n)
+    keys = [k for k in m_leaves if k not in own]
+    if keys:
         cat_s = np.concatenate([s_leaves[k].reshape(-1) for k in keys])
         cat_a = np.concatenate([m_leaves[k].reshape(-1) for k in keys])
         keep = _rank_keep(cat_s, cat_a, int(round(fraction * cat_a.sum())))
@@ -119,6 +154,12 @@ def prune(scores: PyTree, mask: PyTree, fraction: float, *, scope: str = "global
             n = m_leaves[k].size
             new[k] = keep[off:off + n].reshape(m_leaves[k].shape)
             off += n
+    for k, v in new.items():
+        # The collapse guard: keep a layer's top-scoring weights back up to the minimum.
+        alive = int(m_leaves[k].sum())
+        need = min(int(min_per_layer), alive)
+        if int(v.sum()) < need:
+            new[k] = _rank_keep(s_leaves[k], m_leaves[k], alive - need)
     empty = [k for k, v in new.items() if not v.any()]
     if empty and on_empty_layer != "ignore":
         msg = f"pruning removed every weight of layer(s) {empty}; the network is disconnected"
@@ -147,9 +188,6 @@ def random_scores(params: PyTree, key: jax.Array) -> PyTree:
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(
         treedef, [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, leaves)])
-
-
-SCORE_FNS: dict[str, Callable] = {"magnitude": magnitude_scores, "random": random_scores}
 
 
 def sparsity(mask: PyTree) -> float:

@@ -1,14 +1,9 @@
-"""Pruning rounds: IMP with rewinding, random pruning and re-initialisation.
+"""The generic pruning-round engine shared by every method (see dp_jax.methods).
 
 One *run* is one method for one seed. Round 0 is the dense network; round
-``r >= 1`` derives a new mask from round ``r-1`` (nested: pruned stays pruned),
-resets the surviving weights to the method's starting point and trains them on
-real data; the resulting test accuracy is the round's evaluation.
-
-  method   mask of round r                         starting weights
-  imp      |trained weights of round r-1|          dense weights at step k (k=0: init)
-  random   random scores (same schedule)           init (or step k)
-  reinit   the source run's mask of round r        a fresh random init
+``r >= 1`` derives a new mask from round ``r-1`` (nested: pruned stays pruned) as the
+method's plan says, resets the surviving weights to the plan's starting point and trains
+them on real data; the resulting test accuracy is the round's evaluation.
 
 Every round ends with a checkpoint (mask + trained weights + the records so far),
 so a killed run restarts after its last complete round and finishes with the same
@@ -18,7 +13,6 @@ records and masks as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Optional
 
@@ -27,74 +21,11 @@ import jax.numpy as jnp
 
 from dp_jax import io
 from dp_jax import masks as masks_lib
+from dp_jax import rng
 from dp_jax import train as train_lib
+from dp_jax import workdir as workdir_lib
 
 PyTree = Any
-METHODS = ("imp", "random", "reinit", "dp", "dp_imp")
-
-# Purposes for jax.random.fold_in on a seed's root key: one stream per consumer.
-KEY_INIT, KEY_DATA, KEY_RANDOM_PRUNE, KEY_REINIT, KEY_DISTILL, KEY_INNER = range(6)
-KEY_ANALYSIS = 1000  # dp_jax.analysis folds its own sub-purposes into this one
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """A pruning method as written in ``prune.method`` (e.g. ``imp:k=200``)."""
-    name: str
-    rewind_step: int = 0
-    source: Optional[str] = None  # reinit: the label of the run whose masks are reused
-
-    @property
-    def label(self) -> str:
-        """Run label used in rounds.jsonl, directory names and plots."""
-        if self.name in ("imp", "dp_imp"):
-            return f"{self.name}_k{self.rewind_step}"
-        if self.name == "reinit":
-            return f"reinit_{self.source}"
-        return self.name
-
-
-def parse_methods(text: str, *, default_rewind_step: int) -> list[MethodSpec]:
-    """Parse ``'imp,imp:k=200,random,reinit:of=imp_k0'`` into method specs.
-
-    Raises ValueError naming ``prune.method`` and the allowed values.
-    """
-    specs = []
-    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
-        name, _, opts = item.partition(":")
-        if name not in METHODS:
-            raise ValueError(f"prune.method: unknown method {name!r} in {text!r}; "
-                             f"allowed: {', '.join(METHODS)} (options: imp:k=STEP, reinit:of=LABEL)")
-        kw = {}
-        for opt in [o for o in opts.split(";") if o]:
-            k, _, v = opt.partition("=")
-            if k == "k" and name in ("imp", "random", "dp", "dp_imp"):
-                try:
-                    kw["rewind_step"] = int(v)
-                except ValueError:
-                    raise ValueError(f"prune.method: k must be an integer step, got {v!r}") from None
-                if kw["rewind_step"] < 0:
-                    raise ValueError(f"prune.method: k must be >= 0, got {v!r}")
-            elif k == "of" and name == "reinit":
-                kw["source"] = v
-            else:
-                raise ValueError(f"prune.method: option {opt!r} is not valid for {name!r}; "
-                                 "allowed: k=STEP for imp/random/dp/dp_imp, of=LABEL for reinit")
-        if name == "imp":
-            kw.setdefault("rewind_step", default_rewind_step)
-        if name == "reinit":
-            kw.setdefault("source", "imp_k0")
-        specs.append(MethodSpec(name=name, **kw))
-    if not specs:
-        raise ValueError("prune.method is empty; allowed: " + ", ".join(METHODS))
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"prune.method lists a run twice: {labels}")
-    for s in specs:
-        if s.name == "reinit" and s.source not in labels[:labels.index(s.label)]:
-            raise ValueError(f"prune.method: reinit:of={s.source} needs the run {s.source!r} "
-                             f"listed before it; runs: {labels}")
-    return specs
 
 
 def sparsity_after(rounds: int, fraction: float) -> float:
@@ -119,8 +50,20 @@ class Setup:
     scope: str
     on_empty_layer: str
     init_fn: Callable[[jax.Array], dict]   # key -> variables
+    num_classes: int = 0
+    layer_rates: dict = dataclasses.field(default_factory=dict)  # {layer: rate multiplier}
+    min_per_layer: int = 0  # the layer-collapse guard of every pruning step
     log_epoch: Callable[..., None] = lambda **kw: None
     stream: Any = None  # dp_jax.data.pipeline.StreamingData when data.pipeline='stream'
+
+
+def prune_step(setup: Setup, scores: PyTree, mask: PyTree, *,
+               fraction: Optional[float] = None) -> PyTree:
+    """Prune ``fraction`` (default ``prune.fraction``) of ``mask``'s survivors by ``scores``,
+    with the experiment's scope, per-layer rates and layer-collapse guard."""
+    return masks_lib.prune(scores, mask, setup.fraction if fraction is None else fraction,
+                           scope=setup.scope, on_empty_layer=setup.on_empty_layer,
+                           layer_rates=setup.layer_rates, min_per_layer=setup.min_per_layer)
 
 
 def train_and_eval(setup: Setup, variables: dict, mask: PyTree, key: jax.Array, *,
@@ -168,7 +111,7 @@ def _trained(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def make_record(spec: MethodSpec, seed: int, rnd: int, mask: PyTree, ev: dict,
+def make_record(spec, seed: int, rnd: int, mask: PyTree, ev: dict,
                 train_examples: int, wall_s: float, **extra) -> dict:
     """One line of rounds.jsonl."""
     alive, total = masks_lib.count(mask)
@@ -182,16 +125,16 @@ def make_record(spec: MethodSpec, seed: int, rnd: int, mask: PyTree, ev: dict,
 
 
 class Run:
-    """Directory and checkpoint bookkeeping of one (method, seed) run."""
+    """Checkpoint bookkeeping of one (method, seed) run (paths from dp_jax.workdir)."""
 
-    def __init__(self, workdir: str, spec: MethodSpec, seed: int):
-        self.spec, self.seed = spec, seed
-        self.dir = os.path.join(workdir, "runs", f"{spec.label}-seed{seed}")
-        self.ckpt = io.RoundCheckpointer(os.path.join(self.dir, "checkpoints"))
+    def __init__(self, workdir: str, spec, seed: int):
+        self.workdir, self.spec, self.seed = workdir, spec, seed
+        self.ckpt = io.RoundCheckpointer(workdir_lib.checkpoints_dir(workdir, spec.label, seed))
+        self.rounds_path = workdir_lib.run_rounds_path(workdir, spec.label, seed)
 
     def mask_path(self, rnd: int) -> str:
         """Path of the mask saved after round ``rnd``."""
-        return os.path.join(self.dir, "masks", f"round_{rnd:03d}.npz")
+        return workdir_lib.mask_path(self.workdir, self.spec.label, self.seed, rnd)
 
     def resume(self, like: dict) -> tuple[int, Optional[dict], list]:
         """``(next_round, arrays, records)`` from the last complete round, or a fresh start."""
@@ -205,7 +148,7 @@ class Run:
         """Persist round ``rnd``: mask file, checkpoint, then the run's rounds.jsonl."""
         masks_lib.save(self.mask_path(rnd), mask)
         self.ckpt.save(rnd, arrays, {"records": records})
-        io.write_jsonl(os.path.join(self.dir, "rounds.jsonl"), records)
+        io.write_jsonl(self.rounds_path, records)
 
     def close(self):
         """Release the checkpoint manager."""
@@ -218,7 +161,7 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
                search_examples: Callable[[int], int],
                uses_trained: Callable[[int], bool] = lambda rnd: False,
                on_round: Callable[[dict], None] = lambda r: None):
-    """The generic pruning loop shared by IMP, random pruning and re-initialisation.
+    """The generic pruning loop every method runs (its plan gives the callables below).
 
     Args:
       setup: the shared setup.
@@ -251,11 +194,11 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
         start = 1
     else:
         # The kill may have come between the checkpoint and the records file.
-        io.write_jsonl(os.path.join(run.dir, "rounds.jsonl"), records)
+        io.write_jsonl(run.rounds_path, records)
         for rec in records:  # count the finished rounds in the progress display
             on_round(rec)
     mask, trained = arrays["mask"], arrays["trained"]
-    data_key = jax.random.fold_in(seed_key, KEY_DATA)
+    data_key = jax.random.fold_in(seed_key, rng.DATA)
     for rnd in range(start, setup.rounds + 1):
         t0 = time.time()
         mask = jax.block_until_ready(next_mask(rnd, mask, trained))
@@ -280,47 +223,12 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
     return records
 
 
-def magnitude_next_mask(setup: Setup) -> Callable:
-    """IMP: prune the smallest-magnitude surviving weights of the last trained network."""
-    def fn(rnd, mask, trained):
-        return masks_lib.prune(masks_lib.magnitude_scores(trained["params"]), mask,
-                               setup.fraction, scope=setup.scope,
-                               on_empty_layer=setup.on_empty_layer)
-    return fn
-
-
-def random_next_mask(setup: Setup, seed_key: jax.Array) -> Callable:
-    """Random pruning: same schedule, scores drawn fresh each round from the seed's key."""
-    key = jax.random.fold_in(seed_key, KEY_RANDOM_PRUNE)
-
-    def fn(rnd, mask, trained):
-        scores = masks_lib.random_scores(trained["params"], jax.random.fold_in(key, rnd))
-        return masks_lib.prune(scores, mask, setup.fraction, scope=setup.scope,
-                               on_empty_layer=setup.on_empty_layer)
-    return fn
-
-
-def source_next_mask(source_run_dir: str, like_params: PyTree) -> Callable:
-    """Re-initialisation: reuse another run's mask of the same round."""
-    def fn(rnd, mask, trained):
-        path = os.path.join(source_run_dir, "masks", f"round_{rnd:03d}.npz")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"reinit needs {path}; run its source method first")
-        return masks_lib.load(path, like_params)
-    return fn
-
-
-def rewind_start(dense: dict, step: int) -> Callable:
-    """Start every round from the dense run's weights at ``step`` (0 = init)."""
-    def fn(rnd):
-        v = dense["variables"] if step == 0 else dense["snapshots"][step]
-        return v, step
-    return fn
-
-
-def make_inner_train(model, dp_cfg, distilled_lr: float, augment, params_like=None,
+def make_inner_train(model, dp_cfg, lr: float, augment, params_like=None,
                      image_shape=None) -> Callable:
-    """The DP inner loop: masked training on the distilled set, compiled once, vmapped over seeds.
+    """The DP inner loop: masked training on a small set, compiled once, vmapped over seeds.
+
+    ``lr`` is the step size (the caller resolves ``dp.lr`` against the distilled set's
+    learned one); every other setting comes from the ``dp`` section ``dp_cfg``.
 
     ``dp.loop`` picks the loop form: ``scan`` (the whole inner loop is one program),
     ``python`` (a jitted chunk of ``dp.chunk`` steps, default 1, driven from Python), or
@@ -330,8 +238,7 @@ def make_inner_train(model, dp_cfg, distilled_lr: float, augment, params_like=No
     Returns ``fn(variables, mask, x, y, keys) -> (params, final_loss)`` where ``keys`` has one
     key per inner seed; the params of every seed are returned (leading axis).
     """
-    lr = float(dp_cfg.lr) if dp_cfg.lr > 0 else float(distilled_lr)
-    tx_cfg = dict(optimizer="sgd", lr=lr, momentum=dp_cfg.momentum, weight_decay=dp_cfg.weight_decay,
+    tx_cfg = dict(optimizer="sgd", lr=float(lr), momentum=dp_cfg.momentum, weight_decay=dp_cfg.weight_decay,
                   schedule="multistep" if dp_cfg.decay_at else "constant",
                   decay_at=tuple(dp_cfg.decay_at), decay_factor=dp_cfg.decay_factor)
     tx = train_lib.make_optimizer(_Attrs(tx_cfg), dp_cfg.steps)
@@ -362,34 +269,9 @@ class _Attrs(dict):
     __getattr__ = dict.get
 
 
-def distilled_next_mask(setup: Setup, inner: Callable, variables: dict, x, y, seed_key,
-                        num_inner_seeds: int) -> Callable:
-    """Distilled Pruning: train the masked init on the distilled set, prune by magnitude.
-
-    With several inner seeds the score is the mean magnitude over the seeds' trained
-    weights (independent data orders and augmentations).
-    """
-    key = jax.random.fold_in(seed_key, KEY_INNER)
-
-    def fn(rnd, mask, trained):
-        keys = jax.random.split(jax.random.fold_in(key, rnd), num_inner_seeds)
-        params, final_loss = inner(variables, mask, x, y, keys)
-        scores = jax.tree.map(lambda p: jnp.mean(jnp.abs(p), axis=0), params)
-        return masks_lib.prune(scores, mask, setup.fraction, scope=setup.scope,
-                               on_empty_layer=setup.on_empty_layer)
-    return fn
-
-
 def switch_round(sparsity: float, fraction: float) -> int:
     """First round whose sparsity reaches ``sparsity`` (DP-then-IMP hands over there)."""
     r = 0
     while sparsity_after(r, fraction) < sparsity - 1e-9:
         r += 1
     return r
-
-
-def hybrid_next_mask(first: Callable, then: Callable, switch: int) -> Callable:
-    """Use ``first`` for rounds <= ``switch`` and ``then`` afterwards (DP, then IMP)."""
-    def fn(rnd, mask, trained):
-        return first(rnd, mask, trained) if rnd <= switch else then(rnd, mask, trained)
-    return fn

@@ -12,22 +12,11 @@ from collections import defaultdict
 import numpy as np
 
 from dp_jax import io
+from dp_jax import methods
+from dp_jax import workdir as workdir_lib
 
 ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis -->", "<!-- /analysis -->"
-PRETTY = {"imp": "IMP", "random": "Random pruning", "reinit": "Re-init", "dp": "Distilled Pruning",
-          "dp_imp": "DP then IMP", "dense": "Dense"}
-
-
-def pretty(label: str) -> str:
-    """Human-readable method label, e.g. ``imp_k200`` -> ``IMP (k=200)``."""
-    for base in sorted(PRETTY, key=len, reverse=True):
-        if label == base:
-            return PRETTY[base]
-        if label.startswith(base + "_k"):
-            return f"{PRETTY[base]} (k={label[len(base) + 2:]})"
-        if label.startswith(base + "_"):
-            return f"{PRETTY[base]} of {pretty(label[len(base) + 1:])}"
-    return label
+pretty = methods.pretty  # a run label's name in tables and plots, from the method registry
 
 
 def aggregate(rows: list[dict]) -> dict[str, list[dict]]:
@@ -107,18 +96,13 @@ def ticket_sparsity(agg: dict[str, list[dict]], tolerance: float = 0.01) -> dict
 def _load_masks(workdir: str) -> dict[tuple[str, int], dict[int, dict]]:
     """{(label, seed): {round: {path: bool array}}} for every run with saved masks."""
     out = {}
-    runs = os.path.join(workdir, "runs")
-    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-        label, _, seed = name.rpartition("-seed")
-        mdir = os.path.join(runs, name, "masks")
-        if not os.path.isdir(mdir) or not seed.isdigit():
-            continue
+    for label, seed in workdir_lib.list_runs(workdir):
         rounds = {}
-        for f in sorted(os.listdir(mdir)):
-            if f.startswith("round_") and f.endswith(".npz"):
-                with np.load(os.path.join(mdir, f), allow_pickle=False) as z:
-                    rounds[int(f[6:9])] = {k: z[k] for k in z.files}
-        out[(label, int(seed))] = rounds
+        for rnd, path in workdir_lib.list_masks(workdir, label, seed).items():
+            with np.load(path, allow_pickle=False) as z:
+                rounds[rnd] = {k: z[k] for k in z.files}
+        if rounds:
+            out[(label, seed)] = rounds
     return out
 
 
@@ -234,16 +218,16 @@ def cost_section(summary: dict, agg: dict[str, list[dict]]) -> list[str]:
 
 def write_report(workdir: str) -> str:
     """Write report.md and plots/*.png for ``workdir``; returns the report text."""
-    rows = io.read_jsonl(os.path.join(workdir, "rounds.jsonl"))
+    rows = io.read_jsonl(workdir_lib.rounds_path(workdir))
     if not rows:
         raise ValueError(f"{workdir}/rounds.jsonl has no rounds; nothing to report")
-    summary_path = os.path.join(workdir, "summary.json")
+    summary_path = workdir_lib.summary_path(workdir)
     summary = io.read_json(summary_path) if os.path.exists(summary_path) else {}
-    cfg_path = os.path.join(workdir, "config.json")
+    cfg_path = workdir_lib.config_path(workdir)
     cfg = io.read_json(cfg_path) if os.path.exists(cfg_path) else {}
     agg = aggregate(rows)
     title = f"{cfg.get('model', {}).get('name', '')} on {cfg.get('data', {}).get('name', '')}"
-    plot_accuracy_vs_sparsity(agg, os.path.join(workdir, "plots", "accuracy_vs_sparsity.png"), title)
+    plot_accuracy_vs_sparsity(agg, workdir_lib.plot_path(workdir, "accuracy_vs_sparsity.png"), title)
     parts = [f"# Pruning report: {title}", "",
              "Test accuracy (%) of each round's mask, trained on the real training set; "
              "mean ± std over seeds.", "", accuracy_table(agg), "",
@@ -253,7 +237,7 @@ def write_report(workdir: str) -> str:
               ", ".join(f"{pretty(m)} {100 * s:.1f}%" for m, s in sorted(tickets.items())), ""]
     if summary.get("methods"):
         parts += cost_section(summary, agg)
-        plot_accuracy_vs_examples(agg, os.path.join(workdir, "plots", "accuracy_vs_examples.png"))
+        plot_accuracy_vs_examples(agg, workdir_lib.plot_path(workdir, "accuracy_vs_examples.png"))
         parts += ["![accuracy vs examples](plots/accuracy_vs_examples.png)", ""]
     labels = sorted(agg)
     pairs = [(a, b) for a in labels if a.startswith("dp") for b in labels if b.startswith("imp_k")]
@@ -272,7 +256,7 @@ def write_report(workdir: str) -> str:
     if table:
         parts += ["## Per-layer sparsity of the last round", "", table, ""]
     text = "\n".join(parts)
-    path = os.path.join(workdir, "report.md")
+    path = workdir_lib.report_path(workdir)
     if os.path.exists(path):  # keep the block written by `python -m dp_jax.analysis`
         old = open(path).read()
         start, end = old.find(ANALYSIS_BEGIN), old.find(ANALYSIS_END)

@@ -402,11 +402,6 @@ def total_steps(epochs: int, num_train: int, batch_size: int) -> int:
     return int(epochs) * (int(num_train) // int(batch_size))
 
 
-def num_epochs_for(steps: int, steps_per_epoch: int) -> int:
-    """Epochs needed to cover ``steps`` steps."""
-    return math.ceil(steps / max(steps_per_epoch, 1))
-
-
 def inner_step(model, tx, *, batch_size: int, augment: Optional[Callable] = None) -> Callable:
     """One step of training on a small in-memory set: ``step(state, x, y, key, t)``.
 

@@ -6,14 +6,17 @@ once the dataset size is known and before any training.
 
 from __future__ import annotations
 
+import math
+
 import jax
 
-from dp_jax import prune as prune_lib
+from dp_jax import masks as masks_lib
+from dp_jax import methods
 from dp_jax import train as train_lib
-from dp_jax.models import MODELS, create_model
+from dp_jax.data import DATA_SCHEMES, preprocess
+from dp_jax.models import MODELS, create_model, init_variables
 
-DATA_SCHEMES = "fashion_mnist | tfds:<name> | npz:<path>"
-PREPROCESS = ("standard", "zca", "none")
+PREPROCESS = preprocess.PREPROCESS_KINDS
 
 
 def _need(cond: bool, field: str, allowed: str, value) -> None:
@@ -74,28 +77,41 @@ def validate_static(config) -> list:
               name)
         _need(not d.train_size, "data.train_size", "0 with data.pipeline='stream' "
               "(restrict classes with data.classes)", d.train_size)
-    specs = prune_lib.parse_methods(p.method, default_rewind_step=p.rewind_step)
+    _need(isinstance(p.min_per_layer, int) and not isinstance(p.min_per_layer, bool)
+          and p.min_per_layer >= 0, "prune.min_per_layer", "an integer >= 0", p.min_per_layer)
+    layer_rates(p)  # syntax and ranges; the names are checked against the model with the data
+    methods.load_plugins(p.plugins)
+    specs = methods.parse(p.method, config)
+    used = [methods.get(s.name) for s in specs]
     if streamed == "stream":
-        _need(not any(s.name in ("dp", "dp_imp") for s in specs), "prune.method",
-              "imp, random, reinit with data.pipeline='stream' (DP distils from memory)", p.method)
-    if any(s.name in ("dp", "dp_imp") for s in specs):
-        _validate_dp(config)
-        if any(s.name == "dp_imp" for s in specs):
-            switch = prune_lib.switch_round(config.dp.switch_sparsity, p.fraction)
-            _need(switch < p.rounds, "dp.switch_sparsity",
-                  f"a sparsity reached before the last round ({p.rounds} rounds of "
-                  f"{p.fraction} reach {prune_lib.sparsity_after(p.rounds, p.fraction):.3f})",
-                  config.dp.switch_sparsity)
+        _need(not any(m.needs_dp for m in used), "prune.method",
+              "methods without a small-set inner loop (no dp, dp_imp, subset) with "
+              "data.pipeline='stream' (the inner loop trains from memory)", p.method)
+    if any(m.needs_dp for m in used):
+        _validate_dp(config, distilled=any(m.needs_distilled for m in used))
     return specs
 
 
-def _validate_dp(config) -> None:
-    for section in ("dp", "distill"):
-        if section not in config:
-            raise ValueError(f"prune.method uses Distilled Pruning but the config has no "
-                             f"{section!r} section")
-    from dp_jax import distill  # only DP configs need the distillation fields
-    distill.validate(config)
+def layer_rates(prune_cfg) -> dict:
+    """``prune.layer_rates`` (``'Dense_2=0.5,Conv_0=0.8'``) as ``{layer: rate}``, checked."""
+    out = {}
+    for item in [t.strip() for t in str(prune_cfg.layer_rates or "").split(",") if t.strip()]:
+        name, eq, value = item.partition("=")
+        try:
+            rate = float(value) if eq else float("nan")
+        except ValueError:
+            rate = float("nan")
+        _need(bool(name.strip()) and math.isfinite(rate) and 0 < rate <= 1, "prune.layer_rates",
+              "comma-separated LAYER=RATE with rates in (0, 1] (multiples of prune.fraction)",
+              prune_cfg.layer_rates)
+        out[name.strip()] = rate
+    return out
+
+
+def _validate_dp(config, *, distilled: bool) -> None:
+    if distilled:
+        from dp_jax import distill  # only DP configs need the distillation fields
+        distill.validate(config)
     d = config.dp
     _need(d.steps >= 1, "dp.steps", "an integer >= 1", d.steps)
     _need(d.batch_size >= 1, "dp.batch_size", "an integer >= 1", d.batch_size)
@@ -112,10 +128,12 @@ def _validate_dp(config) -> None:
           "0 or a divisor of dp.steps", d.chunk)
     _need(0 < d.switch_sparsity < 1, "dp.switch_sparsity", "a sparsity in (0, 1)",
           d.switch_sparsity)
+    _need(d.subset_lr >= 0, "dp.subset_lr", "0 (Distilled Pruning's step size) or a number > 0",
+          d.subset_lr)
 
 
 def validate_with_data(config, dataset, specs) -> None:
-    """Checks that need the dataset size: batch size and rewind steps."""
+    """Checks that need the dataset: batch size, rewind steps, layer names, methods' own."""
     n = dataset.num_train if hasattr(dataset, "num_train") else len(dataset.y_train)
     _need(config.train.batch_size <= n, "train.batch_size",
           f"at most the {n} training examples", config.train.batch_size)
@@ -126,3 +144,10 @@ def validate_with_data(config, dataset, specs) -> None:
                 f"config.prune.rewind_step (or k= of {s.label!r}) is {s.rewind_step}, beyond the "
                 f"training length; allowed: 0 <= k < {steps} steps "
                 f"(train.epochs x steps per epoch)")
+        methods.get(s.name).validate_with_data(s, config, n, dataset.num_classes)
+    rates = layer_rates(config.prune)
+    if rates:
+        model = create_model(config.model, num_classes=dataset.num_classes)
+        shapes = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
+                                jax.random.key(0))
+        masks_lib.resolve_layer_rates(rates, shapes["params"])

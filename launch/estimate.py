@@ -72,7 +72,7 @@ def flops_per_image(config, num_classes: int, image_shape: tuple) -> dict:
 
 def estimate(config, *, tflops: float) -> dict:
     """Compute budget of ``config`` per seed and for all its seeds."""
-    from dp_jax import prune
+    from dp_jax import methods
 
     name = str(config.data.name)
     n_train, n_test, classes, shape = DATASETS.get(name, (None, None, None, None))
@@ -91,14 +91,15 @@ def estimate(config, *, tflops: float) -> dict:
     B = int(config.train.batch_size)
     steps = int(config.train.epochs) * (n_train // B)
     per_training = steps * B * f["train"] + n_test * f["forward"]
-    specs = prune.parse_methods(config.prune.method, default_rewind_step=config.prune.rewind_step)
+    specs = methods.parse(config.prune.method, config)
     R = int(config.prune.rounds)
     trainings = 1 + R * len(specs)
     search = 0.0
     dp = config.get("dp", None)
-    if dp is not None and any(s.name in ("dp", "dp_imp") for s in specs):
+    small_set = sum(methods.get(s.name).needs_dp for s in specs)  # DP, DP-then-IMP, subset
+    if dp is not None and small_set:
         inner = int(dp.get("steps", 0) or 0) * int(dp.get("batch_size", 0) or 0)
-        search = R * inner * f["train"] * int(dp.get("inner_seeds", 1) or 1)
+        search = small_set * R * inner * f["train"] * int(dp.get("inner_seeds", 1) or 1)
     per_seed = trainings * per_training + search
     seeds = int(config.seeds)
     hours = lambda flop: flop / (tflops * 1e12) / 3600  # noqa: E731

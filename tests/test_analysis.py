@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from dp_jax import masks as masks_lib
+from dp_jax import rng
 from dp_jax import train as train_lib
 from dp_jax.analysis import family, hessian, instability, landscape
 
@@ -389,7 +390,7 @@ def test_landscapes_keep_pruned_weights_zero_and_save_directions(tmp_path):
         for leaf, off in zip(jax.tree.leaves(d), pruned):
             assert np.all(np.asarray(leaf)[off] == 0)
     path = str(tmp_path / "dirs.npz")
-    landscape.save_directions(path, dirs, seed=7, purpose=instability.LANDSCAPE_DIRS)
+    landscape.save_directions(path, dirs, seed=7, purpose=rng.ANALYSIS_LANDSCAPE_DIRS)
     back = landscape.load_directions(path, params)
     chex.assert_trees_all_equal(back, dirs)
     assert int(np.load(path)["seed"]) == 7

@@ -124,7 +124,7 @@ def test_retrained_dense_snapshot_matches_the_checkpoint(workdir):
     """The k-curve retrains the dense net; it must reach the weights IMP rewound to."""
     import jax
     import ml_collections
-    from dp_jax import io, prune
+    from dp_jax import io, prune, rng
     from dp_jax.analysis import instability
     from dp_jax.data import load_dataset
 
@@ -133,9 +133,9 @@ def test_retrained_dense_snapshot_matches_the_checkpoint(workdir):
     setup = experiment.build_setup(cfg, load_dataset(cfg.data, seed=cfg.seed))
     saved = experiment.dense_run(setup, workdir, 0, [3])["snapshots"][3]
     root = jax.random.key(0)
-    init = setup.init_fn(jax.random.fold_in(root, prune.KEY_INIT))
+    init = setup.init_fn(jax.random.fold_in(root, rng.INIT))
     again = instability.dense_snapshots(setup.trainer, setup.tx, init, setup.x_train,
-                                        setup.y_train, jax.random.fold_in(root, prune.KEY_DATA),
+                                        setup.y_train, jax.random.fold_in(root, rng.DATA),
                                         [0, 3])
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(again[3])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

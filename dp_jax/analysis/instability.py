@@ -6,9 +6,9 @@ augmentation) keys: one compiled step ``vmap``-ped over copies (built on
 :func:`dp_jax.train.train_step`), driven either by a ``lax.scan`` per epoch or
 by a Python loop (XLA:CPU runs rolled scans over conv steps ~10x slower).
 
-Copy 0 uses the seed's own data key (``fold_in(seed, KEY_DATA)``), so it
+Copy 0 uses the seed's own data key (``fold_in(seed, rng.DATA)``), so it
 retraces the training that produced the run's recorded accuracy; copies
-``c >= 1`` use ``fold_in(fold_in(seed, KEY_ANALYSIS), COPIES, c)``. Every mask of a
+``c >= 1`` use ``fold_in(fold_in(seed, rng.ANALYSIS), rng.ANALYSIS_COPIES, c)``. Every mask of a
 seed therefore sees the same SGD noise.
 
 Test error and loss are then evaluated on ``theta(alpha) = (1 - alpha) theta_1 +
@@ -30,30 +30,26 @@ import numpy as np
 import optax
 
 from dp_jax import masks as masks_lib
-from dp_jax import prune as prune_lib
+from dp_jax import rng
 from dp_jax import train as train_lib
 from dp_jax.analysis import family
 
 PyTree = Any
 
-# Purpose of the analysis stream on a seed's root key (prune.py uses 0..5); the
-# sub-purposes below are folded into it.
-KEY_ANALYSIS = 1000
-COPIES, BN_BATCHES, HESSIAN_DATA, HESSIAN_PROBES, LANDSCAPE_DIRS, LANDSCAPE_DATA = range(6)
 STABLE_BARRIER = 0.02
 
 
 def analysis_key(seed: int, purpose: int) -> jax.Array:
     """The seed's analysis key for ``purpose`` (one of the sub-purposes above)."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), KEY_ANALYSIS), purpose)
+    return rng.key_for(seed, rng.ANALYSIS, purpose)
 
 
 def copy_keys(seed: int, num_copies: int) -> jax.Array:
     """Data-order keys ``(P,)``: copy 0 = the seed's data key, others from the analysis stream."""
     if num_copies < 2:
         raise ValueError(f"instability needs at least 2 copies, got {num_copies}")
-    first = jax.random.fold_in(jax.random.key(seed), prune_lib.KEY_DATA)
-    rest = [jax.random.fold_in(analysis_key(seed, COPIES), c) for c in range(1, num_copies)]
+    first = rng.key_for(seed, rng.DATA)
+    rest = [jax.random.fold_in(analysis_key(seed, rng.ANALYSIS_COPIES), c) for c in range(1, num_copies)]
     return jnp.stack([first] + rest)
 
 

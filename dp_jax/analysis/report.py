@@ -15,6 +15,7 @@ import re
 import numpy as np
 
 from dp_jax import io
+from dp_jax import workdir as workdir_lib
 from dp_jax.analysis import plots
 from dp_jax.report import ANALYSIS_BEGIN as BEGIN
 from dp_jax.report import ANALYSIS_END as END
@@ -22,7 +23,7 @@ from dp_jax.report import pretty
 
 
 def _load(workdir: str, pattern: str) -> list[dict]:
-    return [io.read_json(p) for p in sorted(glob.glob(os.path.join(workdir, "analysis", pattern)))]
+    return [io.read_json(p) for p in sorted(glob.glob(workdir_lib.analysis_path(workdir, pattern)))]
 
 
 def _key(r):
@@ -128,7 +129,7 @@ def _landscape_section(rows) -> list[str]:
            "loss rise at t = ±span, random 1-D | figure |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=_key):
         s = r["sharpness"]
-        stem = f"{r['run']}-seed{r['seed']}-round{r['round']:03d}"
+        stem = workdir_lib.analysis_stem(r['run'], r['seed'], r['round'])
         out.append(f"| {pretty(r['run'])} | {r['seed']} | {r['round']} | "
                    f"{100 * r['sparsity']:.1f}% | {s['center_loss']:.4f} | "
                    f"{s['mean_loss_increase_2d']:.4f} | {s['loss_increase_1d_at_span']:.4f} | "
@@ -199,9 +200,9 @@ def write(workdir: str) -> str:
     curves = _load(workdir, "instability_dense_k_seed*.json")
     hess = _load(workdir, "hessian_*.json")
     land = _load(workdir, "landscape_*.json")
-    mpath = os.path.join(workdir, "analysis", "masks.json")
+    mpath = workdir_lib.analysis_path(workdir, "masks.json")
     masks = io.read_json(mpath) if os.path.exists(mpath) else None
-    pdir = os.path.join(workdir, "plots")
+    pdir = os.path.dirname(workdir_lib.plot_path(workdir, "x"))
     if inst:
         plots.barrier_vs_sparsity(inst, os.path.join(pdir, "instability_barrier.png"))
         plots.interpolation_curves(inst, os.path.join(pdir, "instability_curves.png"))
@@ -211,7 +212,7 @@ def write(workdir: str) -> str:
         plots.hessian_vs_sparsity(hess, os.path.join(pdir, "hessian.png"))
         plots.hessian_density(hess, os.path.join(pdir, "hessian_density.png"))
     for r in land:
-        stem = f"{r['run']}-seed{r['seed']}-round{r['round']:03d}"
+        stem = workdir_lib.analysis_stem(r['run'], r['seed'], r['round'])
         plots.landscape(r, os.path.join(pdir, f"landscape_{stem}.png"))
     lines = ["## Analyses", "",
              "Written by `python -m dp_jax.analysis`; numbers in `analysis/*.json` "
@@ -221,7 +222,7 @@ def write(workdir: str) -> str:
         lines += _instability_section(workdir, inst, curves, masks)
     lines += _hessian_section(hess) + _landscape_section(land)
     section = "\n".join(lines)
-    path = os.path.join(workdir, "report.md")
+    path = workdir_lib.report_path(workdir)
     old = open(path).read() if os.path.exists(path) else ""
     io.atomic_write_bytes(path, replace_section(old, section).encode())
     return section

@@ -38,8 +38,10 @@ import numpy as np
 from dp_jax import experiment
 from dp_jax import io
 from dp_jax import masks as masks_lib
-from dp_jax import prune as prune_lib
+from dp_jax import methods
+from dp_jax import rng
 from dp_jax import train as train_lib
+from dp_jax import workdir as workdir_lib
 from dp_jax.analysis import family, hessian, instability, landscape
 from dp_jax.analysis import report as report_lib
 from dp_jax.data import load_dataset
@@ -100,9 +102,7 @@ class Settings:
         return ("recompute", "interpolate") if self.bn_mode == "both" else (self.bn_mode,)
 
 
-def tag(label: str, seed: int, rnd: int) -> str:
-    """File stem of one mask's results, e.g. ``imp_k0-seed0-round002``."""
-    return f"{label}-seed{seed}-round{rnd:03d}"
+tag = workdir_lib.analysis_stem  # file stem of one mask's results
 
 
 def _digest(mask) -> str:
@@ -181,12 +181,12 @@ class _SeedState:
         s, settings = ctx.setup, ctx.settings
         self.seed = seed
         root = jax.random.key(seed)
-        self.init = s.init_fn(jax.random.fold_in(root, prune_lib.KEY_INIT))
+        self.init = s.init_fn(jax.random.fold_in(root, rng.INIT))
         self.reinit = None
         self.snapshots = {0: {"params": self.init["params"],
                               "batch_stats": self.init.get("batch_stats", {})}}
         ks = sorted({int(k) for k in ks_needed if k > 0})
-        ckpt_dir = os.path.join(ctx.workdir, "runs", f"dense-seed{seed}", "checkpoints")
+        ckpt_dir = workdir_lib.checkpoints_dir(ctx.workdir, workdir_lib.DENSE, seed)
         rewind = sorted({sp.rewind_step for sp in ctx.specs.values() if sp.rewind_step > 0})
         if any(k in rewind for k in ks) and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
             # The dense run's own snapshots: exactly what the pruning runs rewound to.
@@ -201,25 +201,25 @@ class _SeedState:
                     f"snapshots at {missing}")
             self.snapshots.update(instability.dense_snapshots(
                 s.trainer, s.tx, self.init, s.x_train, s.y_train,
-                jax.random.fold_in(root, prune_lib.KEY_DATA), missing))
+                jax.random.fold_in(root, rng.DATA), missing))
         self.bn_batches = None
         if ctx.has_bn:
             self.bn_batches = family.bn_batches(
-                s.x_train, instability.analysis_key(seed, instability.BN_BATCHES),
+                s.x_train, instability.analysis_key(seed, rng.ANALYSIS_BN_BATCHES),
                 num_batches=settings.bn_batches, batch_size=ctx.cfg.train.batch_size)
         self.hessian_x, self.hessian_y = hessian.data_subset(
-            s.x_train, s.y_train, instability.analysis_key(seed, instability.HESSIAN_DATA),
+            s.x_train, s.y_train, instability.analysis_key(seed, rng.ANALYSIS_HESSIAN_DATA),
             settings.hessian_examples)
         self.land_x, self.land_y = hessian.data_subset(
-            s.x_test, s.y_test, instability.analysis_key(seed, instability.LANDSCAPE_DATA),
+            s.x_test, s.y_test, instability.analysis_key(seed, rng.ANALYSIS_LANDSCAPE_DATA),
             settings.landscape_examples)
 
-    def start_point(self, ctx: _Context, spec: prune_lib.MethodSpec):
+    def start_point(self, ctx: _Context, spec: methods.Spec):
         """``(variables, start_step, start_tag)`` the method trains every round from."""
-        if spec.name == "reinit":
+        if methods.get(spec.name).start(spec) == ("reinit",):
             if self.reinit is None:
                 root = jax.random.key(self.seed)
-                self.reinit = ctx.setup.init_fn(jax.random.fold_in(root, prune_lib.KEY_REINIT))
+                self.reinit = ctx.setup.init_fn(jax.random.fold_in(root, rng.REINIT))
             return self.reinit, 0, ("reinit",)
         k = spec.rewind_step
         return self.snapshots[k], k, ("rewind", k)
@@ -233,7 +233,7 @@ def default_k_values(ctx: _Context) -> list[int]:
 
 
 def _record_accuracy(workdir: str, label: str, seed: int, rnd: int) -> Optional[float]:
-    rows = io.read_jsonl(os.path.join(workdir, "runs", f"{label}-seed{seed}", "rounds.jsonl"))
+    rows = io.read_jsonl(workdir_lib.run_rounds_path(workdir, label, seed))
     for r in rows:
         if r.get("round") == rnd:
             return r.get("test_accuracy")
@@ -241,8 +241,8 @@ def _record_accuracy(workdir: str, label: str, seed: int, rnd: int) -> Optional[
 
 
 def _specs(cfg) -> dict:
-    return {s.label: s for s in prune_lib.parse_methods(
-        cfg.prune.method, default_rewind_step=cfg.prune.rewind_step)}
+    methods.load_plugins(cfg.prune.get("plugins"))
+    return {s.label: s for s in methods.parse(cfg.prune.method, cfg, check=False)}
 
 
 def _parse_selection(workdir: str, cfg, runs, rounds, seed):
@@ -266,8 +266,7 @@ def _parse_selection(workdir: str, cfg, runs, rounds, seed):
     for s in seeds:
         for label in runs:
             for rnd in rounds:
-                path = os.path.join(workdir, "runs", f"{label}-seed{s}", "masks",
-                                    f"round_{rnd:03d}.npz")
+                path = workdir_lib.mask_path(workdir, label, s, rnd)
                 if os.path.exists(path):
                     todo.append((s, label, rnd, path))
                 elif explicit:
@@ -292,7 +291,7 @@ def analyze_mask(ctx: _Context, ss: _SeedState, label: str, rnd: int, path: str)
     variables, k, start_tag = ss.start_point(ctx, spec)
     digest = _digest(mask)
     meta = {"run": label, "seed": ss.seed, "round": rnd, "sparsity": masks_lib.sparsity(mask),
-            "start": "reinit" if spec.name == "reinit" else f"rewind k={k}", "start_step": k,
+            "start": "reinit" if start_tag == ("reinit",) else f"rewind k={k}", "start_step": k,
             "mask_sha1": digest,
             "record_test_accuracy": _record_accuracy(ctx.workdir, label, ss.seed, rnd)}
     key = (ss.seed, start_tag, digest)
@@ -302,7 +301,7 @@ def analyze_mask(ctx: _Context, ss: _SeedState, label: str, rnd: int, path: str)
         results, arrays = _compute(ctx, ss, mask, variables, k, start_tag)
         if meta["sparsity"] == 0.0:  # only dense masks recur across runs; keep memory flat
             ctx.results_cache[key] = (results, arrays)
-    out_dir = os.path.join(ctx.workdir, "analysis")
+    out_dir = workdir_lib.analysis_dir(ctx.workdir)
     stem = tag(label, ss.seed, rnd)
     out = {}
     for name, r in results.items():
@@ -344,7 +343,7 @@ def _compute(ctx: _Context, ss: _SeedState, mask, variables: dict, k: int, start
             summary, diag = hessian.analyze(
                 ctx.hessian_engine(p["params"]), p["params"], p["batch_stats"], mask,
                 ss.hessian_x, ss.hessian_y,
-                jax.random.fold_in(instability.analysis_key(ss.seed, instability.HESSIAN_PROBES),
+                jax.random.fold_in(instability.analysis_key(ss.seed, rng.ANALYSIS_HESSIAN_PROBES),
                                    HESSIAN_POINTS.index(where)),
                 top_k=settings.top_k, lanczos_steps=settings.lanczos_steps,
                 trace_probes=settings.trace_probes, slq_probes=settings.slq_probes,
@@ -360,13 +359,13 @@ def _compute(ctx: _Context, ss: _SeedState, mask, variables: dict, k: int, start
         results["hessian"] = r
     if "landscape" in ctx.analyses:
         t0 = time.time()
-        key = instability.analysis_key(ss.seed, instability.LANDSCAPE_DIRS)
+        key = instability.analysis_key(ss.seed, rng.ANALYSIS_LANDSCAPE_DIRS)
         r, dirs = landscape.analyze(
             ctx.evaluator, copies, mask, ss.land_x, ss.land_y, key,
             grid=settings.landscape_grid, line_points=settings.landscape_points,
             span=settings.landscape_span, **bn)
         arrays[("landscape_", "_directions.npz")] = landscape.directions_arrays(
-            dirs, seed=ss.seed, purpose=instability.LANDSCAPE_DIRS)
+            dirs, seed=ss.seed, purpose=rng.ANALYSIS_LANDSCAPE_DIRS)
         r.update(wall_s=time.time() - t0, bn_mode=bn["bn_mode"] if ctx.has_bn else "none")
         results["landscape"] = r
     return results, arrays
@@ -401,7 +400,7 @@ def rewind_curve(ctx: _Context, ss: _SeedState, ks: Sequence[int]) -> dict:
            "copy_test_error": [r["copy_test_error"] for r in rows],
            "l2_distance": [r["l2_distance"][0]["l2"] for r in rows],
            "bn_mode": rows[0]["bn_mode"], "wall_s": time.time() - t0}
-    io.write_json(os.path.join(ctx.workdir, "analysis", f"instability_dense_k_seed{ss.seed}.json"),
+    io.write_json(workdir_lib.analysis_path(ctx.workdir, f"instability_dense_k_seed{ss.seed}.json"),
                   out)
     return out
 
@@ -413,8 +412,7 @@ def mask_distances(ctx: _Context, seeds, runs, rounds_by: dict) -> dict:
     for s in seeds:
         for a, b in itertools.combinations(runs, 2):
             for rnd in sorted(set(rounds_by.get((s, a), ())) & set(rounds_by.get((s, b), ()))):
-                pa, pb = (os.path.join(ctx.workdir, "runs", f"{r}-seed{s}", "masks",
-                                       f"round_{rnd:03d}.npz") for r in (a, b))
+                pa, pb = (workdir_lib.mask_path(ctx.workdir, r, s, rnd) for r in (a, b))
                 h = masks_lib.hamming(masks_lib.load(pa, like), masks_lib.load(pb, like))
                 out.append({"seed": s, "round": rnd, "runs": [a, b], **h})
     return {"pairs": out}
@@ -443,7 +441,7 @@ def run(workdir: str, *, analyses: Sequence[str] = ANALYSES, runs: Optional[Sequ
     if bad or not analyses:
         raise ValueError(f"--analyses: unknown {bad}; allowed: {', '.join(ANALYSES)}")
     settings.validate()
-    cfg_path = os.path.join(workdir, "config.json")
+    cfg_path = workdir_lib.config_path(workdir)
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found; is {workdir} a dp_jax workdir?")
     cfg = ml_collections.ConfigDict(io.read_json(cfg_path))
@@ -453,7 +451,7 @@ def run(workdir: str, *, analyses: Sequence[str] = ANALYSES, runs: Optional[Sequ
     bad_k = [k for k in ks if not 0 <= k < ctx.setup.num_steps]
     if bad_k:
         raise ValueError(f"k_values {bad_k} outside 0..{ctx.setup.num_steps - 1} (training steps)")
-    os.makedirs(os.path.join(workdir, "analysis"), exist_ok=True)
+    os.makedirs(workdir_lib.analysis_dir(workdir), exist_ok=True)
     results, curves = {}, {}
     for s in seeds:
         mine = [t for t in todo if t[0] == s]
@@ -476,7 +474,7 @@ def run(workdir: str, *, analyses: Sequence[str] = ANALYSES, runs: Optional[Sequ
     for s, label, rnd, _ in todo:
         rounds_by.setdefault((s, label), []).append(rnd)
     if len(run_labels) > 1:
-        io.write_json(os.path.join(workdir, "analysis", "masks.json"),
+        io.write_json(workdir_lib.analysis_path(workdir, "masks.json"),
                       mask_distances(ctx, seeds, run_labels, rounds_by))
     report_lib.write(workdir)
     return {"results": results, "rewind_curves": curves, "wall_s": time.time() - t_start}

@@ -9,7 +9,11 @@ from dp_jax.data.dataset import Dataset, load_dataset, stratified_indices
 from dp_jax.data.preprocess import (apply_preprocessing, describe_preprocessing,
                                     fit_preprocessing, to_pixels)
 
+# The dataset names a config may give (data.name), as shown in error messages.
+DATA_SCHEMES = "fashion_mnist | tfds:<name> | npz:<path>"
+
 __all__ = [
+    "DATA_SCHEMES",
     "Dataset",
     "apply_preprocessing",
     "describe_preprocessing",

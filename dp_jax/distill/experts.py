@@ -38,11 +38,10 @@ from dp_jax.data import stratified_indices
 from dp_jax.data.augment import make_augment
 from dp_jax.distill import distilled as dist_lib
 from dp_jax.models import CONFIG_FIELDS, create_model, init_variables
-from dp_jax.prune import KEY_DISTILL
+from dp_jax import rng
 
 PyTree = Any
 BUFFER_FORMAT = 1
-KEY_EXPERTS = 0  # sub-purpose of the distillation key (see dp_jax.distill.run)
 
 
 def model_fields(model_cfg) -> dict:
@@ -286,7 +285,7 @@ def train_experts(config, dataset, directory: str, *,
                                 unroll=config.train.unroll, augment=make_augment(d.expert_augment),
                                 eval_batch_size=config.train.eval_batch_size)
     xd, yd = jnp.asarray(x), jnp.asarray(y)
-    key = jax.random.fold_in(distill_key(config), KEY_EXPERTS)
+    key = jax.random.fold_in(distill_key(config), rng.DISTILL_EXPERTS)
     for i in range(num):
         done = buf.epochs_done(i)
         if done >= epochs:
@@ -322,7 +321,7 @@ def train_experts(config, dataset, directory: str, *,
 
 def distill_key(config) -> jax.Array:
     """The root key of everything distillation does for ``config.seed``."""
-    return jax.random.fold_in(jax.random.key(int(config.seed)), KEY_DISTILL)
+    return rng.key_for(int(config.seed), rng.DISTILL)
 
 
 def load_trajectories(config, dataset, directory: str) -> Trajectories:

@@ -1,6 +1,6 @@
 """The distillation loop: MTT iterations with checkpoints, metrics and periodic evaluation.
 
-Iteration ``it`` (0-based) uses ``k = fold_in(fold_in(distill_key, KEY_MTT), it)``: the expert
+Iteration ``it`` (0-based) uses ``k = fold_in(fold_in(distill_key, rng.DISTILL_MTT), it)``: the expert
 is ``randint(fold_in(k, 0), num_experts)``, the start epoch ``randint(fold_in(k, 1),
 max_start_epoch)``, and the student's minibatches/augmentation come from ``fold_in(k, 2)``.
 Nothing else is random, so a run restored from the checkpoint after iteration ``it`` continues
@@ -26,6 +26,8 @@ import optax
 from tqdm import tqdm
 
 from dp_jax import io
+from dp_jax import rng
+from dp_jax import workdir as workdir_lib
 from dp_jax import masks as masks_lib
 from dp_jax.data.augment import make_augment
 from dp_jax.distill import mtt as mtt_lib
@@ -35,7 +37,6 @@ from dp_jax.models import create_model
 from dp_jax.train import TrainingDivergedError
 
 PyTree = Any
-KEY_MTT, KEY_EVAL, KEY_SYN_INIT = 1, 2, 3  # sub-purposes of the distillation key
 DISTILL_PHASES = ("distill", "distill_eval")
 
 
@@ -109,12 +110,12 @@ def distill_loop(config, dataset, traj: Trajectories, workdir: str, *,
     tx_lr = _sgd(float(d.lr_lr), float(d.momentum_lr))
 
     root = distill_key(config)
-    k_mtt = jax.random.fold_in(root, KEY_MTT)
-    k_eval = jax.random.fold_in(root, KEY_EVAL)
+    k_mtt = jax.random.fold_in(root, rng.DISTILL_MTT)
+    k_eval = jax.random.fold_in(root, rng.DISTILL_EVAL)
     images0, labels = synthetic.init_synthetic(
         dataset.x_train, dataset.y_train, ipc=int(d.ipc), num_classes=dataset.num_classes,
         factor=factor, init=d.init,
-        seed=int(jax.random.randint(jax.random.fold_in(root, KEY_SYN_INIT), (), 0, 2**31 - 1)))
+        seed=int(jax.random.randint(jax.random.fold_in(root, rng.DISTILL_SYN_INIT), (), 0, 2**31 - 1)))
     labels = jnp.asarray(labels)
     images = jnp.asarray(images0)
     log_lr = jnp.asarray(np.log(float(d.lr_init)), jnp.float32)
@@ -133,7 +134,7 @@ def distill_loop(config, dataset, traj: Trajectories, workdir: str, *,
         t = jax.random.randint(jax.random.fold_in(k, 1), (), 0, int(d.max_start_epoch))
         return e, t, jax.random.fold_in(k, 2)
 
-    ckpt = io.RoundCheckpointer(os.path.join(workdir, "checkpoints", "distill"), max_to_keep=2)
+    ckpt = io.RoundCheckpointer(workdir_lib.distill_checkpoints(workdir), max_to_keep=2)
     opt_leaves, opt_def = jax.tree.flatten((opt_img, opt_lr))
     start, wall_prev, examples = 0, 0.0, 0
     try:
@@ -146,7 +147,7 @@ def distill_loop(config, dataset, traj: Trajectories, workdir: str, *,
                 opt_def, [jnp.asarray(arrays["opt"][str(i)]) for i in range(len(opt_leaves))])
             start, wall_prev = int(payload["iteration"]), float(payload["wall_s"])
             examples = int(payload["examples"])
-            _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+            _truncate_metrics(workdir_lib.metrics_path(workdir), start)
 
         def save(it_done, wall):
             leaves = jax.tree.leaves((opt_img, opt_lr))

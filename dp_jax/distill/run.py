@@ -19,14 +19,16 @@ from typing import Optional
 from absl import logging
 
 from dp_jax import io
-from dp_jax.data import describe_preprocessing, load_dataset
+from dp_jax import rng
+from dp_jax import workdir as workdir_lib
+from dp_jax.data import DATA_SCHEMES, describe_preprocessing, load_dataset
+from dp_jax.data.preprocess import PREPROCESS_KINDS as PREPROCESS
 from dp_jax.distill import config as config_lib
 from dp_jax.distill import distilled as dist_lib
 from dp_jax.distill import evaluate as eval_lib
 from dp_jax.distill import experts as experts_lib
-from dp_jax.distill.loop import KEY_EVAL, distill_loop
+from dp_jax.distill.loop import distill_loop
 from dp_jax.models import MODELS, create_model
-from dp_jax.validate import DATA_SCHEMES, PREPROCESS
 
 import jax
 
@@ -51,7 +53,7 @@ def validate_static(config) -> None:
 
 
 def _buffer_dir(config, workdir: str) -> str:
-    return config.distill.buffer_dir or os.path.join(workdir, "experts")
+    return config.distill.buffer_dir or workdir_lib.experts_dir(workdir)
 
 
 def distill_into(config, workdir: str, dataset, *, mask=None,
@@ -73,8 +75,8 @@ def distill_into(config, workdir: str, dataset, *, mask=None,
               "masked": mask is not None},
         cost={"expert_examples": int(cost["examples"]), "expert_wall_s": float(cost["wall_s"]),
               "distill_examples": int(res.examples), "distill_wall_s": float(res.wall_s)})
-    dist_lib.save_distilled(os.path.join(workdir, "distilled.npz"), ds)
-    dist_lib.save_grid(os.path.join(workdir, "distilled.png"), ds,
+    dist_lib.save_distilled(workdir_lib.distilled_path(workdir), ds)
+    dist_lib.save_grid(workdir_lib.distilled_grid_path(workdir), ds,
                        num_classes=dataset.num_classes)
     return ds
 
@@ -89,13 +91,13 @@ def ensure_distilled(config, workdir: str, dataset, *,
     ``{expert_examples, expert_wall_s, distill_examples, distill_wall_s}``.
     """
     config_lib.validate(config)
-    path = config.distill.path or os.path.join(workdir, "distilled.npz")
+    path = config.distill.path or workdir_lib.distilled_path(workdir)
     if config.distill.path or os.path.exists(path):
         ds = dist_lib.load_distilled(path)
         dist_lib.check_compatible(ds, dataset)
         return ds
     config_lib.validate_with_data(config, dataset)
-    metrics = os.path.join(workdir, "metrics.jsonl")
+    metrics = workdir_lib.metrics_path(workdir)
     log = log or (lambda **kw: io.append_jsonl(metrics, kw))
     return distill_into(config, workdir, dataset, log=log)
 
@@ -105,11 +107,11 @@ def run(config, workdir: str) -> dict:
     t_start = time.time()
     validate_static(config)
     os.makedirs(workdir, exist_ok=True)
-    io.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    io.write_json(workdir_lib.config_path(workdir), config.to_dict())
     dataset = load_dataset(config.data, seed=config.seed)
     config_lib.validate_with_data(config, dataset)
     d = config.distill
-    metrics = os.path.join(workdir, "metrics.jsonl")
+    metrics = workdir_lib.metrics_path(workdir)
 
     def log(**kw):
         io.append_jsonl(metrics, kw)
@@ -124,14 +126,14 @@ def run(config, workdir: str) -> dict:
     if d.path:
         ds = dist_lib.load_distilled(d.path)
         dist_lib.check_compatible(ds, dataset)
-        dist_lib.save_distilled(os.path.join(workdir, "distilled.npz"), ds)
-        dist_lib.save_grid(os.path.join(workdir, "distilled.png"), ds,
+        dist_lib.save_distilled(workdir_lib.distilled_path(workdir), ds)
+        dist_lib.save_grid(workdir_lib.distilled_grid_path(workdir), ds,
                            num_classes=dataset.num_classes)
     else:
         ds = distill_into(config, workdir, dataset, log=log, evaluator=evaluator)
     phases["experts_and_distill_s"] = time.time() - t0
 
-    key = jax.random.fold_in(experts_lib.distill_key(config), KEY_EVAL)
+    key = jax.random.fold_in(experts_lib.distill_key(config), rng.DISTILL_EVAL)
     results = {}
     t0 = time.time()
     results["distilled"] = evaluator.run(ds.images, ds.labels, ds.lr, jax.random.fold_in(key, 0),
@@ -155,7 +157,7 @@ def run(config, workdir: str) -> dict:
         "preprocess": dataset.preprocessing["kind"], "results": results, "cost": ds.cost,
         "phases_s": phases, "wall_s": time.time() - t_start,
         "devices": [str(x) for x in jax.devices()], "backend": jax.default_backend()}
-    io.write_json(os.path.join(workdir, "summary.json"), summary)
+    io.write_json(workdir_lib.summary_path(workdir), summary)
     write_report(workdir, summary, config)
     return summary
 
@@ -202,4 +204,4 @@ def write_report(workdir: str, summary: dict, config) -> None:
         "",
         "![distilled images](distilled.png)",
         ""]
-    io.atomic_write_bytes(os.path.join(workdir, "report.md"), "\n".join(lines).encode())
+    io.atomic_write_bytes(workdir_lib.report_path(workdir), "\n".join(lines).encode())

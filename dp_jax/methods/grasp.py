@@ -1,0 +1,22 @@
+"""GraSP (Wang et al. 2020): keep the weights whose removal least reduces gradient flow.
+
+The score convention (sign, temperature) is documented in
+:func:`dp_jax.saliency.grasp_scores`.
+"""
+
+from __future__ import annotations
+
+from dp_jax.methods import scored
+
+
+class GraSP(scored.Scored):
+    """Iterative GraSP by default; ``grasp:oneshot`` scores the dense init once."""
+    name = "grasp"
+    title = "GraSP"
+
+    def score_fn(self, model, variables, mask, batches):
+        from dp_jax import saliency  # jax-heavy scoring code, imported when used
+        return saliency.grasp_scores(model, variables, mask, batches)
+
+
+METHOD = GraSP()

@@ -1,0 +1,61 @@
+"""Re-initialisation: another run's mask of each round, trained from fresh random weights.
+
+``reinit:of=LABEL`` (default ``imp_k0``) needs the run LABEL listed before it; it tells
+whether a mask's value lies in its structure alone or in its pairing with the init.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from dp_jax import io
+from dp_jax import masks as masks_lib
+from dp_jax import rng
+from dp_jax import workdir as workdir_lib
+from dp_jax.methods import base
+
+
+class Reinit(base.Method):
+    """The source run's masks, every round from a fresh init of the seed's reinit key."""
+    name = "reinit"
+    title = "Re-init"
+    options = (base.Option("of", str, default="imp_k0",
+                           help="label of the run whose masks are re-initialised"),)
+
+    def label(self, opts):
+        return f"reinit_{opts['of']}"
+
+    def describe(self, label):
+        if label.startswith("reinit_"):
+            from dp_jax.methods import pretty
+            return f"{self.title} of {pretty(label[len('reinit_'):])}"
+        return None
+
+    def validate(self, spec, config, earlier):
+        labels = [s.label for s in earlier]
+        if spec.source not in labels:
+            raise ValueError(f"prune.method: reinit:of={spec.source} needs the run "
+                             f"{spec.source!r} listed before it; runs: {labels + [spec.label]}")
+
+    def start(self, spec):
+        return ("reinit",)
+
+    def plan(self, spec, ctx):
+        like = ctx.dense["variables"]["params"]
+        fresh = ctx.setup.init_fn(jax.random.fold_in(ctx.seed_key, rng.REINIT))
+        # The mask search is the source's: charge its examples round by round.
+        src_examples = {r["round"]: r["train_examples"] for r in io.read_jsonl(
+            workdir_lib.run_rounds_path(ctx.workdir, spec.source, ctx.seed))}
+
+        def next_mask(rnd, mask, trained):
+            path = workdir_lib.mask_path(ctx.workdir, spec.source, ctx.seed, rnd)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"reinit needs {path}; run its source method first")
+            return masks_lib.load(path, like)
+        return base.Plan(next_mask=next_mask, start_point=lambda rnd: (fresh, 0),
+                         search_examples=lambda rnd: src_examples[rnd] - src_examples[rnd - 1])
+
+
+METHOD = Reinit()

@@ -1,0 +1,18 @@
+"""SNIP (Lee et al. 2019): connection sensitivity |dL/dw * w| at the (masked) init."""
+
+from __future__ import annotations
+
+from dp_jax.methods import scored
+
+
+class SNIP(scored.Scored):
+    """Iterative SNIP by default; ``snip:oneshot`` scores the dense init once."""
+    name = "snip"
+    title = "SNIP"
+
+    def score_fn(self, model, variables, mask, batches):
+        from dp_jax import saliency  # jax-heavy scoring code, imported when used
+        return saliency.snip_scores(model, variables, mask, batches)
+
+
+METHOD = SNIP()
