@@ -74,7 +74,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.prune.on_empty_layer = "warn"  # warn | error | ignore (only when min_per_layer = 0)
     # Every layer keeps at least this many weights (its best-scoring ones): no layer collapse.
     c.prune.min_per_layer = 1
-    # 'LAYER=RATE,...': those layers prune RATE x fraction per round (e.g. 'Dense_2=0.5').
+    # 'LAYER=RATE,...': those layers prune RATE x fraction per round (e.g. 'head=0.5').
     c.prune.layer_rates = ""
     c.prune.score_batches = 1  # snip/grasp: real minibatches (of train.batch_size) per score
     c.prune.plugins = ""  # comma-separated modules to import; they register more methods

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -23,7 +23,6 @@ conv steps ~10x slower, see docs/performance.md). ``auto`` picks by backend and 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Iterable, Optional
 
 import flax

@@ -124,7 +124,7 @@ def test_retrained_dense_snapshot_matches_the_checkpoint(workdir):
     """The k-curve retrains the dense net; it must reach the weights IMP rewound to."""
     import jax
     import ml_collections
-    from dp_jax import io, prune, rng
+    from dp_jax import io, rng
     from dp_jax.analysis import instability
     from dp_jax.data import load_dataset
 
