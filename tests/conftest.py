@@ -1,6 +1,9 @@
 """Shared fixtures: a small generated image-classification dataset and tiny experiment configs."""
 
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -77,3 +80,20 @@ def tiny_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "tiny.npz"
     np.savez(path, x_train=xt, y_train=yt, x_test=xs, y_test=ys)
     return str(path)
+
+
+def kill_then_resume(cmd, workdir, marker, env, timeout=180):
+    """Start ``cmd``, SIGKILL it once ``marker`` (a path under ``workdir``) exists, run it again.
+
+    Asserts the kill came mid-run (the process was still alive and wrote no summary).
+    """
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)

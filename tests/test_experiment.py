@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from dp_jax import experiment
 from dp_jax import io
 
-from conftest import ROOT, load_config_module, make_distilled
+from conftest import ROOT, kill_then_resume, load_config_module, make_distilled
 
 
 TIMINGS = ("wall_s", "mask_s", "train_s", "search_s")
@@ -113,18 +111,9 @@ def test_resume_after_kill_matches_uninterrupted(toy_npz, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(_cli(ref, *overrides), cwd=ROOT, env=env, check=True, capture_output=True)
     wd = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(wd, *overrides), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill once the first IMP round after the dense one is committed, i.e. mid-run.
-    marker = wd / "runs" / "imp_k0-seed0" / "checkpoints" / "1"
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (wd / "summary.json").exists()
-    subprocess.run(_cli(wd, *overrides), cwd=ROOT, env=env, check=True, capture_output=True)
+    kill_then_resume(_cli(wd, *overrides), str(wd),
+                     str(wd / "runs" / "imp_k0-seed0" / "checkpoints" / "1"), env, timeout=120)
     assert _strip(io.read_jsonl(str(wd / "rounds.jsonl"))) == \
         _strip(io.read_jsonl(str(ref / "rounds.jsonl")))
     for run in ("imp_k0-seed0", "random-seed0", "dp-seed0"):

@@ -5,10 +5,8 @@ CLI test imports it through ``prune.plugins``, as a researcher's plugin would be
 """
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 from dp_jax import experiment, io, masks, methods, prune
 from dp_jax.methods import base
 
-from conftest import ROOT, load_config_module, make_distilled
+from conftest import ROOT, kill_then_resume, load_config_module, make_distilled
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMINGS = ("wall_s", "search_s", "mask_s", "train_s")
@@ -256,16 +254,7 @@ def test_new_method_resumes_after_sigkill_identically(toy_npz, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(cli(ref), cwd=ROOT, env=env, check=True, capture_output=True)
     wd = tmp_path / "killed"
-    proc = subprocess.Popen(cli(wd), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    marker = wd / "runs" / "snip-seed0" / "checkpoints" / "1"
-    deadline = time.time() + 180
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    subprocess.run(cli(wd), cwd=ROOT, env=env, check=True, capture_output=True)
+    kill_then_resume(cli(wd), str(wd), str(wd / "runs" / "snip-seed0" / "checkpoints" / "1"), env)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]  # noqa
     assert strip(io.read_jsonl(str(wd / "rounds.jsonl"))) == strip(
         io.read_jsonl(str(ref / "rounds.jsonl")))

@@ -3,7 +3,7 @@
 ``run(workdir, ...)`` is what ``python -m dp_jax.analysis`` calls. It rebuilds the
 experiment from ``workdir/config.json`` exactly as :mod:`dp_jax.experiment` does
 (dataset, model, optimiser, the seed's init ``init_fn(fold_in(key(seed),
-KEY_INIT))``), and for every selected mask ``runs/<label>-seed<s>/masks/round_XXX.npz``:
+rng.INIT))``), and for every selected mask ``runs/<label>-seed<s>/masks/round_XXX.npz``:
 
   1. trains ``P`` copies from the mask's *starting point* -- the method's rewind
      point (init for k=0, the dense run's weights at step k otherwise, a fresh

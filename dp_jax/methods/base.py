@@ -137,3 +137,4 @@ def bounded_int(what: str, lo: int) -> Callable[[str], int]:
 REWIND = Option("k", non_negative_int("k (the rewind step)"),
                 default=lambda cfg: int(cfg.prune.rewind_step),
                 help="rewind step: every round trains from the dense run's weights at step k")
+REWIND0 = dataclasses.replace(REWIND, default=0)  # the same option, rewinding to init by default

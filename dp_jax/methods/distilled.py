@@ -47,8 +47,7 @@ class DistilledPruning(base.Method):
     """DP: masks from training on the distilled set, rewound to init."""
     name = "dp"
     title = "Distilled Pruning"
-    options = (base.Option("k", base.non_negative_int("k (the rewind step)"), default=0,
-                           help="rewind step of the evaluation training"),)
+    options = (base.REWIND0,)
     needs_distilled = True
     needs_dp = True
 

@@ -10,8 +10,7 @@ class Hybrid(base.Method):
     """A stable mask from DP first, then IMP rounds on real data from it."""
     name = "dp_imp"
     title = "DP then IMP"
-    options = (base.Option("k", base.non_negative_int("k (the rewind step)"), default=0,
-                           help="rewind step of every round's training"),)
+    options = (base.REWIND0,)
     needs_distilled = True
     needs_dp = True
 

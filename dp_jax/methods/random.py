@@ -14,8 +14,7 @@ class Random(base.Method):
     """Scores drawn fresh each round from the seed's random-pruning key."""
     name = "random"
     title = "Random pruning"
-    options = (base.Option("k", base.non_negative_int("k (the rewind step)"), default=0,
-                           help="rewind step of the training of each round"),)
+    options = (base.REWIND0,)
     data_free = True
 
     def plan(self, spec, ctx):
