@@ -14,6 +14,7 @@ rewrites the report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -87,48 +88,86 @@ def build_setup(config, dataset, *, metrics_path: str | None = None) -> prune_li
 
 
 def dense_run(setup: prune_lib.Setup, workdir: str, seed: int, rewind_steps) -> dict:
-    """Train (or restore) the seed's dense network; keeps the weights at each rewind step."""
+    """Train (or restore) the seed's dense network; keeps the weights at each rewind step.
+
+    A rewind step the checkpoint does not hold yet (a method added to a finished workdir)
+    is recomputed by retraining the dense run up to it -- the same steps, so the same
+    weights -- and added to the checkpoint.
+    """
     seed_key = jax.random.key(seed)
     variables = setup.init_fn(jax.random.fold_in(seed_key, rng.INIT))
     mask = masks_lib.ones_like(variables["params"])
     steps = sorted({int(k) for k in rewind_steps if k > 0})
     ckpt = io.RoundCheckpointer(workdir_lib.checkpoints_dir(workdir, workdir_lib.DENSE, seed))
     trained_like = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    like = {"trained": trained_like, "snapshots": {str(k): trained_like for k in steps}}
+    data_key = jax.random.fold_in(seed_key, rng.DATA)
     try:
-        if ckpt.latest() is not None:
-            arrays, payload = ckpt.restore(ckpt.latest(), like)
+        last = ckpt.latest()
+        if last is not None:
+            payload = ckpt.restore_payload(last)
+            have = sorted(int(k) for k in payload.get("snapshot_steps", steps))
+            like = {"trained": trained_like, "snapshots": {str(k): trained_like for k in have}}
+            arrays, payload = ckpt.restore(last, like)
             snaps = {int(k): v for k, v in arrays["snapshots"].items()}
+            missing = [k for k in steps if k not in snaps]
+            if missing:
+                snaps.update(_retrain_snapshots(setup, variables, mask, data_key, missing))
+                keep = sorted(snaps)
+                ckpt.save(last + 1, {"trained": arrays["trained"],
+                                     "snapshots": {str(k): snaps[k] for k in keep}},
+                          dict(payload, snapshot_steps=keep))
             return {"variables": variables, "trained": arrays["trained"], "snapshots": snaps,
                     "record": payload["record"]}
         t0 = time.time()
-        spec = methods.DENSE
         state, ev, snaps, tm = prune_lib.train_and_eval(
-            setup, variables, mask, jax.random.fold_in(seed_key, rng.DATA),
-            snapshot_steps=steps, log={"run": "dense", "seed": seed, "round": 0})
+            setup, variables, mask, data_key, snapshot_steps=steps,
+            log={"run": "dense", "seed": seed, "round": 0})
         trained = {"params": state.params, "batch_stats": state.batch_stats}
         record = prune_lib.make_record(
-            spec, seed, 0, mask, ev, setup.num_steps * setup.trainer.batch_size,
+            methods.DENSE, seed, 0, mask, ev, setup.num_steps * setup.trainer.batch_size,
             time.time() - t0, train_accuracy=tm.get("accuracy"))
         ckpt.save(0, {"trained": trained, "snapshots": {str(k): snaps[k] for k in steps}},
-                  {"record": record})
+                  {"record": record, "snapshot_steps": steps})
         return {"variables": variables, "trained": trained, "snapshots": snaps, "record": record}
     finally:
         ckpt.close()
 
 
+def _retrain_snapshots(setup, variables, mask, data_key, steps) -> dict:
+    """The dense run's weights at ``steps``, by training it again from init up to them."""
+    if setup.stream is not None:
+        raise ValueError(f"rewind steps {steps} were added to a streamed run; the dense "
+                         "training cannot be replayed from the stream: use a new workdir")
+    state = train_lib.create_state(variables, mask, setup.tx)
+    _, snaps = setup.trainer.train(state, setup.x_train, setup.y_train, data_key, max(steps),
+                                   snapshot_steps=steps)
+    return {k: snaps[k] for k in steps}
+
+
 def run(config, workdir: str) -> dict:
-    """Run the experiment described by ``config`` into ``workdir``; returns summary.json's content."""
+    """Run the experiment described by ``config`` into ``workdir``; returns summary.json's content.
+
+    Nothing is written until the config, the data and the workdir's identity have been
+    checked; one process at a time may use a workdir (:class:`dp_jax.workdir.Lock`).
+    """
     t_start = time.time()
     distributed.initialize(config)  # before anything touches a JAX backend
     specs = validate_lib.validate_static(config)
-    os.makedirs(workdir, exist_ok=True)
-    io.write_json(workdir_lib.config_path(workdir), config.to_dict())
+    workdir_lib.check_writable(workdir)
     if config.data.get("pipeline", "memory") == "stream":
         dataset = pipeline.from_config(config.data, seed=config.seed)
     else:
         dataset = load_dataset(config.data, seed=config.seed)
     validate_lib.validate_with_data(config, dataset, specs)
+    workdir_lib.check_identity(workdir, config.to_dict())
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lib.Lock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
+    with lock:
+        io.write_json(workdir_lib.config_path(workdir), config.to_dict())
+        return _run_locked(config, workdir, dataset, specs, t_start)
+
+
+def _run_locked(config, workdir, dataset, specs, t_start) -> dict:
     setup = build_setup(config, dataset, metrics_path=workdir_lib.metrics_path(workdir))
     seeds = [config.seed + i for i in range(config.seeds)]
     total_rounds = len(seeds) * len(specs) * (config.prune.rounds + 1)

@@ -160,6 +160,15 @@ class RoundCheckpointer:
         arrays = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), out["arrays"])
         return arrays, out["payload"]
 
+    def restore_payload(self, step: int) -> dict:
+        """The JSON payload of ``step`` alone (to learn the array structure before restoring)."""
+        try:
+            out = self._mgr.restore(step, args=ocp.args.Composite(payload=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for corrupt files
+            raise ValueError(f"checkpoint {self.directory}/{step} is corrupt: "
+                             f"{type(e).__name__}: {e}") from e
+        return out["payload"]
+
     def close(self) -> None:
         """Wait for pending writes and release the manager."""
         self._mgr.wait_until_finished()

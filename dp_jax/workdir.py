@@ -138,3 +138,122 @@ def list_masks(workdir: str, label: str, seed: int) -> dict[int, str]:
         if m:
             out[int(m["round"])] = os.path.join(d, f)
     return out
+
+
+# ---- identity: a resumed workdir must have been made by the same settings -------------------
+
+# Fields that only add work (more seeds, rounds, methods, rewind steps) or cannot change any
+# result (loop forms proven step-identical, evaluation batch size, sharding, checkpoint cadence).
+ADDITIVE = ("seeds", "prune.method", "prune.rounds", "prune.rewind_step", "prune.plugins")
+NO_EFFECT = ("task", "parallel.", "train.eval_batch_size", "train.loop", "train.unroll",
+             "dp.loop", "dp.unroll", "dp.chunk", "distill.checkpoint_every", "data.label_cache")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def identity_fields(config: dict) -> dict:
+    """The flattened fields of a config dict that decide its results."""
+    def kept(key):
+        return not any(key == f or (f.endswith(".") and key.startswith(f))
+                       for f in ADDITIVE + NO_EFFECT)
+    return {k: v for k, v in _flatten(config).items() if kept(k)}
+
+
+def check_identity(workdir: str, config: dict) -> None:
+    """Refuse to resume ``workdir`` with settings that would change its finished results.
+
+    Raises ValueError listing every differing field (old and new values) and the ways forward.
+    """
+    path = config_path(workdir)
+    if not os.path.exists(path):
+        return
+    from dp_jax import io
+    old, new = identity_fields(io.read_json(path)), identity_fields(config)
+    diff = [f"  {k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    if diff:
+        raise ValueError(
+            f"{workdir} holds results of other settings; resuming would mix them. Differing "
+            "fields (workdir -> this run):\n" + "\n".join(diff) + "\nUse a new --workdir, or "
+            "move this one away to start afresh. (More seeds, rounds, methods or rewind steps "
+            "extend a workdir and need neither.)")
+
+
+def check_writable(workdir: str) -> None:
+    """A clear error when ``workdir`` is a file or cannot be written."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file, not a directory")
+    probe = workdir
+    while not os.path.exists(probe):
+        probe = os.path.dirname(os.path.abspath(probe))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir={workdir}: {probe} is not writable")
+
+
+# ---- locking: one process per workdir -------------------------------------------------------
+
+def lock_path(workdir: str) -> str:
+    """The lock file of a workdir."""
+    return os.path.join(workdir, ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lock:
+    """Exclusive use of a workdir (``with Lock(workdir): ...``); stale locks are taken over.
+
+    The lock file holds ``{"pid", "host"}``. A lock of this host whose process is gone is
+    stale and replaced; a live one (or another host's) makes a second process fail fast.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = lock_path(workdir)
+        self.held = False
+
+    def __enter__(self):
+        import json
+        import socket
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(self.path) as f:
+                        other = json.load(f)
+                except (OSError, ValueError):
+                    other = {}
+                if other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1))):
+                    os.unlink(self.path)  # stale: its process is gone
+                    continue
+                raise RuntimeError(
+                    f"workdir {os.path.dirname(self.path)} is in use by process "
+                    f"{other.get('pid', '?')} on {other.get('host', '?')} ({self.path}); wait "
+                    "for it to finish, or delete the lock file if that process is gone")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RuntimeError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        if self.held and os.path.exists(self.path):
+            os.unlink(self.path)
+        self.held = False
+        return False

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dp_jax import prune as prune_lib
 from dp_jax import rng
 from dp_jax.methods import base
+from dp_jax.train import TrainingDivergedError
 
 
 def small_set_next_mask(setup, inner, variables: dict, x, y, key, num_inner_seeds: int):
@@ -26,6 +28,11 @@ def small_set_next_mask(setup, inner, variables: dict, x, y, key, num_inner_seed
     def fn(rnd, mask, trained):
         keys = jax.random.split(jax.random.fold_in(key, rnd), num_inner_seeds)
         params, final_loss = inner(variables, mask, x, y, keys)
+        loss = np.asarray(final_loss)
+        if not np.all(np.isfinite(loss)):  # a diverged inner run would give a garbage mask
+            raise TrainingDivergedError(
+                f"the small-set inner loop diverged in round {rnd} (final loss {loss.tolist()}); "
+                "lower dp.lr (or dp.subset_lr for the subset control)")
         scores = jax.tree.map(lambda p: jnp.mean(jnp.abs(p), axis=0), params)
         return prune_lib.prune_step(setup, scores, mask)
     return fn

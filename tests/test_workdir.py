@@ -1,0 +1,140 @@
+"""Run-directory trust: identity checks, additive extension, locking, workdir errors, paths."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dp_jax import experiment, io, workdir
+from dp_jax.train import TrainingDivergedError
+
+from conftest import make_distilled
+
+TIMINGS = ("wall_s", "search_s", "mask_s", "train_s")
+
+
+def _strip(rows):
+    return sorted(({k: v for k, v in r.items() if k not in TIMINGS} for r in rows),
+                  key=lambda r: (r["method"], r["seed"], r["round"]))
+
+
+def _bytes(wd, rel):
+    with open(os.path.join(wd, rel), "rb") as f:
+        return f.read()
+
+
+def test_changed_settings_are_refused_before_any_work(tiny_config, tmp_path):
+    wd = str(tmp_path / "wd")
+    tiny_config.prune.method = "imp"
+    tiny_config.prune.rounds = 1
+    experiment.run(tiny_config, wd)
+    before = {f: _bytes(wd, f) for f in ("config.json", "rounds.jsonl")}
+    tiny_config.train.lr = 0.01
+    tiny_config.train.momentum = 0.5
+    tiny_config.prune.rounds = 2  # additive alone would be fine; the lr is not
+    with pytest.raises(ValueError) as e:
+        experiment.run(tiny_config, wd)
+    msg = str(e.value)
+    assert "train.lr: 0.05 -> 0.01" in msg and "train.momentum: 0.9 -> 0.5" in msg
+    assert "prune.rounds" not in msg and "new --workdir" in msg
+    assert {f: _bytes(wd, f) for f in before} == before  # config.json not rewritten
+
+
+def test_rejected_config_does_not_touch_the_workdir(tiny_config, tmp_path):
+    wd = str(tmp_path / "wd")
+    tiny_config.prune.method = "imp"
+    tiny_config.prune.rounds = 1
+    experiment.run(tiny_config, wd)
+    before = _bytes(wd, "config.json")
+    tiny_config.train.batch_size = 10_000  # caught once the data size is known
+    with pytest.raises(ValueError, match="train.batch_size"):
+        experiment.run(tiny_config, wd)
+    assert _bytes(wd, "config.json") == before
+
+
+def test_more_rounds_seeds_methods_and_rewind_steps_extend_a_workdir(tiny_config, tmp_path):
+    c = tiny_config
+    c.prune.method = "imp"
+    c.prune.rounds = 1
+    wd = str(tmp_path / "wd")
+    experiment.run(c, wd)
+    first = _bytes(wd, "runs/imp_k0-seed0/masks/round_001.npz")
+    c.prune.rounds = 2
+    c.seeds = 2
+    c.prune.method = "imp,imp:k=3,random"  # a new rewind step needs a dense snapshot at 3
+    experiment.run(c, wd)
+    assert _bytes(wd, "runs/imp_k0-seed0/masks/round_001.npz") == first
+    fresh = str(tmp_path / "fresh")
+    experiment.run(c, fresh)
+    assert _strip(io.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == \
+        _strip(io.read_jsonl(os.path.join(fresh, "rounds.jsonl")))
+    for label in ("imp_k0", "imp_k3", "random"):
+        for seed in (0, 1):
+            for rnd in range(3):
+                rel = f"runs/{label}-seed{seed}/masks/round_{rnd:03d}.npz"
+                a, b = np.load(os.path.join(wd, rel)), np.load(os.path.join(fresh, rel))
+                assert all(np.array_equal(a[k], b[k]) for k in a.files), rel
+
+
+def test_a_second_process_on_a_workdir_fails_fast(tiny_config, tmp_path):
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    with pytest.raises(RuntimeError, match=f"in use by process {os.getpid()}"):
+        experiment.run(tiny_config, str(wd))
+    assert not (wd / "config.json").exists()
+
+
+def test_a_stale_lock_is_taken_over_and_released(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 2**22 + 12345,
+                                                 "host": os.uname().nodename}))
+    with workdir.Lock(str(tmp_path)) as lock:
+        held = json.loads((tmp_path / ".lock").read_text())
+        assert held["pid"] == os.getpid() and lock.held
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_workdir_that_is_a_file_is_a_clear_error(tiny_config, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        experiment.run(tiny_config, str(f))
+
+
+def test_diverged_dp_inner_loop_is_an_error(tiny_config, tmp_path):
+    c = tiny_config
+    c.distill.path = make_distilled(c, str(tmp_path / "syn.npz"))
+    c.prune.method = "dp"
+    c.prune.rounds = 1
+    c.dp.steps = 20
+    c.dp.lr = 1e8
+    with pytest.raises(TrainingDivergedError, match="inner loop diverged in round 1"):
+        experiment.run(c, str(tmp_path / "wd"))
+
+
+def test_paths_round_trip():
+    assert workdir.parse_run_name(workdir.run_name("reinit_imp_k0", 12)) == ("reinit_imp_k0", 12)
+    assert workdir.parse_run_name("notarun") is None
+    assert workdir.mask_path("W", "dp", 3, 7) == os.path.join("W", "runs", "dp-seed3", "masks",
+                                                              "round_007.npz")
+    fields = workdir.identity_fields({"seeds": 3, "train": {"lr": 0.1, "loop": "scan"},
+                                      "parallel": {"data_parallel": True}})
+    assert fields == {"train.lr": 0.1}
+
+
+def test_cli_user_error_is_one_line_and_exit_2(toy_npz, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    cmd = [sys.executable, "-m", "dp_jax.main", "--config=configs/fashion_mnist.py:smoke",
+           f"--workdir={tmp_path / 'wd'}", f"--config.data.name=npz:{toy_npz}",
+           "--config.train.lr=-1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: config.train.lr=-1.0 is invalid")
+    assert "Traceback" not in out.stderr
+    out = subprocess.run(cmd + ["--verbose"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" in out.stderr
+    assert not (tmp_path / "wd").exists()
