@@ -3,7 +3,8 @@
 ``run(config, workdir)`` is what ``main.py`` (and the notebook) call. It validates
 the config, trains each seed's dense network once (shared by every method of
 that seed: round 0, IMP's first training and its rewind points), runs each
-method's rounds, and writes the run-directory contract (README "Run directory"; paths owned by dp_jax.workdir):
+method's rounds, and writes the run-directory contract (README "Run directory"; every
+path is owned by dp_jax.workdir):
 config.json, metrics.jsonl, rounds.jsonl, runs/<label>-seed<s>/{masks,checkpoints},
 summary.json, report.md and plots/.
 

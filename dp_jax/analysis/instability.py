@@ -49,7 +49,8 @@ def copy_keys(seed: int, num_copies: int) -> jax.Array:
     if num_copies < 2:
         raise ValueError(f"instability needs at least 2 copies, got {num_copies}")
     first = rng.key_for(seed, rng.DATA)
-    rest = [jax.random.fold_in(analysis_key(seed, rng.ANALYSIS_COPIES), c) for c in range(1, num_copies)]
+    copies = analysis_key(seed, rng.ANALYSIS_COPIES)
+    rest = [jax.random.fold_in(copies, c) for c in range(1, num_copies)]
     return jnp.stack([first] + rest)
 
 

@@ -1,7 +1,7 @@
 """The distillation loop: MTT iterations with checkpoints, metrics and periodic evaluation.
 
-Iteration ``it`` (0-based) uses ``k = fold_in(fold_in(distill_key, rng.DISTILL_MTT), it)``: the expert
-is ``randint(fold_in(k, 0), num_experts)``, the start epoch ``randint(fold_in(k, 1),
+Iteration ``it`` (0-based) uses ``k = fold_in(fold_in(distill_key, rng.DISTILL_MTT), it)``:
+the expert is ``randint(fold_in(k, 0), num_experts)``, the start epoch ``randint(fold_in(k, 1),
 max_start_epoch)``, and the student's minibatches/augmentation come from ``fold_in(k, 2)``.
 Nothing else is random, so a run restored from the checkpoint after iteration ``it`` continues
 exactly as an uninterrupted one (images, step size, optimiser states and metrics).

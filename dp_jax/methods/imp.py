@@ -20,7 +20,7 @@ def magnitude_next_mask(setup):
 
 
 def real_training_examples(setup, rewind_step: int):
-    """``round -> examples``: round 1's mask needs the dense training, later ones a training from k."""
+    """``round -> examples``: round 1's mask costs the dense training, later ones one from k."""
     B = setup.trainer.batch_size
 
     def fn(rnd):
