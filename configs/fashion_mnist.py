@@ -115,6 +115,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.dp.switch_sparsity = 0.8  # dp_imp: DP rounds up to this sparsity, IMP after
     c.dp.subset_lr = 0.0  # subset control's step size; 0 = DP's (dp.lr or the learned one)
 
+    # Round checkpoints (mask + trained weights) kept per run: all (any round can be analysed or
+    # exported without retraining; ~0.2 MB per LeNet round) or last (the last two; huge models).
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = "all"
+
     c.parallel = ml_collections.ConfigDict()
     c.parallel.data_parallel = False  # shard batches over all devices ('data' mesh axis)
     # One process per host, joined by jax.distributed (dp_jax/distributed.py documents the

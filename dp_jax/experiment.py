@@ -245,7 +245,7 @@ def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, co
     ctx = methods.Context(setup=setup, workdir=workdir, seed=seed, seed_key=seed_key,
                           dense=dense, config=config, distilled=distilled)
     plan = method.plan(spec, ctx)
-    run = prune_lib.Run(workdir, spec, seed)
+    run = prune_lib.Run(workdir, spec, seed, keep=config.checkpoint.keep)
     try:
         return prune_lib.run_rounds(setup, run, dense, seed_key=seed_key,
                                     next_mask=plan.next_mask, start_point=plan.start_point,

@@ -139,6 +139,14 @@ class RoundCheckpointer:
         """The last completely written round, or None."""
         return self._mgr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Every completely written round, ascending."""
+        return sorted(self._mgr.all_steps())
+
+    def delete(self, step: int) -> None:
+        """Remove round ``step`` (a damaged checkpoint, so that it is recomputed)."""
+        self._mgr.delete(step)
+
     def save(self, step: int, arrays: Any, payload: dict) -> None:
         """Save a pytree of arrays and a JSON payload as ``step`` (blocks until committed)."""
         arrays = _checkpointable(arrays)

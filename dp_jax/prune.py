@@ -13,12 +13,15 @@ records and masks as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from dp_jax import integrity
 from dp_jax import io
 from dp_jax import masks as masks_lib
 from dp_jax import rng
@@ -125,29 +128,72 @@ def make_record(spec, seed: int, rnd: int, mask: PyTree, ev: dict,
 
 
 class Run:
-    """Checkpoint bookkeeping of one (method, seed) run (paths from dp_jax.workdir)."""
+    """Checkpoint bookkeeping of one (method, seed) run (paths from dp_jax.workdir).
 
-    def __init__(self, workdir: str, spec, seed: int):
+    Every mask and round checkpoint is recorded in the run's checksum manifest when written
+    (:mod:`dp_jax.integrity`). On resume a damaged or unrecorded latest round falls back to
+    the previous good one (and is recomputed); a missing or damaged mask of a finished round
+    is rewritten from that round's checkpoint.
+    """
+
+    def __init__(self, workdir: str, spec, seed: int, *, keep: str = "all"):
         self.workdir, self.spec, self.seed = workdir, spec, seed
-        self.ckpt = io.RoundCheckpointer(workdir_lib.checkpoints_dir(workdir, spec.label, seed))
+        self.dir = workdir_lib.run_dir(workdir, spec.label, seed)
+        self.ckpt = io.RoundCheckpointer(workdir_lib.checkpoints_dir(workdir, spec.label, seed),
+                                         max_to_keep=None if keep == "all" else 2)
         self.rounds_path = workdir_lib.run_rounds_path(workdir, spec.label, seed)
 
     def mask_path(self, rnd: int) -> str:
         """Path of the mask saved after round ``rnd``."""
         return workdir_lib.mask_path(self.workdir, self.spec.label, self.seed, rnd)
 
+    def _rel(self, path: str) -> str:
+        return os.path.relpath(path, self.dir)
+
     def resume(self, like: dict) -> tuple[int, Optional[dict], list]:
-        """``(next_round, arrays, records)`` from the last complete round, or a fresh start."""
-        last = self.ckpt.latest()
-        if last is None:
-            return 0, None, []
-        arrays, payload = self.ckpt.restore(last, like)
-        return last + 1, arrays, list(payload["records"])
+        """``(next_round, arrays, records)`` from the last good round, or a fresh start."""
+        legacy = not integrity.has_records(self.dir)  # made before checksums: trust as before
+        for step in reversed(self.ckpt.all_steps()):
+            rel = f"checkpoints/{step}"
+            why = None if legacy else integrity.problem(self.dir, rel)
+            if why is None:
+                try:
+                    arrays, payload = self.ckpt.restore(step, like)
+                except ValueError as e:
+                    why = str(e)
+                else:
+                    self._repair_masks(step, like, legacy)
+                    return step + 1, arrays, list(payload["records"])
+            warnings.warn(f"round checkpoint {os.path.join(self.dir, rel)} is {why}; "
+                          f"recomputing from round {step - 1}", RuntimeWarning, stacklevel=2)
+            integrity.forget(self.dir, rel)
+            self.ckpt.delete(step)
+        return 0, None, []
+
+    def _repair_masks(self, last: int, like: dict, legacy: bool) -> None:
+        """Rewrite the mask of any finished round whose file is missing or damaged."""
+        for rnd in range(last + 1):
+            path = self.mask_path(rnd)
+            why = ("missing" if not os.path.exists(path) else None) if legacy else \
+                integrity.problem(self.dir, self._rel(path))
+            if why is None:
+                continue
+            if rnd not in self.ckpt.all_steps():
+                raise ValueError(f"mask {path} is {why} and round {rnd}'s checkpoint is no "
+                                 "longer kept (checkpoint.keep='last'); use a new workdir")
+            warnings.warn(f"mask {path} is {why}; rewriting it from round {rnd}'s checkpoint",
+                          RuntimeWarning, stacklevel=3)
+            arrays, _ = self.ckpt.restore(rnd, like)
+            masks_lib.save(path, arrays["mask"])
+            integrity.record(self.dir, self._rel(path))
 
     def commit(self, rnd: int, mask: PyTree, arrays: dict, records: list) -> None:
-        """Persist round ``rnd``: mask file, checkpoint, then the run's rounds.jsonl."""
-        masks_lib.save(self.mask_path(rnd), mask)
+        """Persist round ``rnd``: mask file, checkpoint (each checksummed), then rounds.jsonl."""
+        path = self.mask_path(rnd)
+        masks_lib.save(path, mask)
+        integrity.record(self.dir, self._rel(path))
         self.ckpt.save(rnd, arrays, {"records": records})
+        integrity.record(self.dir, f"checkpoints/{rnd}")
         io.write_jsonl(self.rounds_path, records)
 
     def close(self):

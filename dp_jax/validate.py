@@ -60,6 +60,8 @@ def validate_static(config) -> list:
     _need(p.rewind_step >= 0, "prune.rewind_step", "an integer step >= 0", p.rewind_step)
     _need(p.on_empty_layer in ("warn", "error", "ignore"), "prune.on_empty_layer",
           "warn | error | ignore", p.on_empty_layer)
+    _need(config.checkpoint.keep in ("all", "last"), "checkpoint.keep", "all | last",
+          config.checkpoint.keep)
     if config.parallel.data_parallel:
         n = jax.device_count()
         _need(t.batch_size % n == 0, "train.batch_size",

@@ -18,6 +18,7 @@ from typing import Optional
 
 from absl import logging
 
+from dp_jax import integrity
 from dp_jax import io
 from dp_jax import rng
 from dp_jax import workdir as workdir_lib
@@ -75,10 +76,17 @@ def distill_into(config, workdir: str, dataset, *, mask=None,
               "masked": mask is not None},
         cost={"expert_examples": int(cost["examples"]), "expert_wall_s": float(cost["wall_s"]),
               "distill_examples": int(res.examples), "distill_wall_s": float(res.wall_s)})
-    dist_lib.save_distilled(workdir_lib.distilled_path(workdir), ds)
+    _save_recorded(workdir, ds)
     dist_lib.save_grid(workdir_lib.distilled_grid_path(workdir), ds,
                        num_classes=dataset.num_classes)
     return ds
+
+
+def _save_recorded(workdir: str, ds) -> None:
+    """Write the workdir's distilled.npz and record its checksum (a later reuse verifies it)."""
+    path = workdir_lib.distilled_path(workdir)
+    dist_lib.save_distilled(path, ds)
+    integrity.record(workdir, os.path.basename(path))
 
 
 def ensure_distilled(config, workdir: str, dataset, *,
@@ -93,6 +101,11 @@ def ensure_distilled(config, workdir: str, dataset, *,
     config_lib.validate(config)
     path = config.distill.path or workdir_lib.distilled_path(workdir)
     if config.distill.path or os.path.exists(path):
+        why = None if config.distill.path or not integrity.has_records(workdir) else \
+            integrity.problem(workdir, os.path.basename(path))
+        if why is not None:  # the workdir made it: a changed file is not the set DP ran on
+            raise ValueError(f"distilled set {path} is {why}; delete it to distil again, or "
+                             "set distill.path to use a set from elsewhere")
         ds = dist_lib.load_distilled(path)
         dist_lib.check_compatible(ds, dataset)
         return ds
@@ -126,7 +139,7 @@ def run(config, workdir: str) -> dict:
     if d.path:
         ds = dist_lib.load_distilled(d.path)
         dist_lib.check_compatible(ds, dataset)
-        dist_lib.save_distilled(workdir_lib.distilled_path(workdir), ds)
+        _save_recorded(workdir, ds)
         dist_lib.save_grid(workdir_lib.distilled_grid_path(workdir), ds,
                            num_classes=dataset.num_classes)
     else:
