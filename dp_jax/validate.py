@@ -24,8 +24,22 @@ def _need(cond: bool, field: str, allowed: str, value) -> None:
         raise ValueError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
 
 
+def _finite(section, prefix: str = "config") -> None:
+    """Every float field of the config is finite (``inf`` would pass any ``> 0`` check)."""
+    for key, value in section.items():
+        name = f"{prefix}.{key}"
+        if hasattr(value, "items"):
+            _finite(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} is invalid; allowed: a finite number")
+        elif isinstance(value, (tuple, list)) and any(
+                isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ValueError(f"{name}={value!r} is invalid; allowed: finite numbers")
+
+
 def validate_static(config) -> list:
     """Check every field that does not depend on the data; returns the parsed method specs."""
+    _finite(config)
     _need(isinstance(config.seed, int) and config.seed >= 0, "seed", "an integer >= 0", config.seed)
     _need(isinstance(config.seeds, int) and config.seeds >= 1, "seeds", "an integer >= 1",
           config.seeds)
@@ -51,6 +65,7 @@ def validate_static(config) -> list:
           " | ".join(train_lib.SCHEDULES), t.schedule)
     _need(all(0 < f < 1 for f in t.decay_at), "train.decay_at",
           "fractions of training in (0, 1)", t.decay_at)
+    _need(0 < t.decay_factor <= 1, "train.decay_factor", "a number in (0, 1]", t.decay_factor)
     _need(t.loop in train_lib.LOOPS, "train.loop", " | ".join(train_lib.LOOPS), t.loop)
     _need(t.unroll >= 1, "train.unroll", "an integer >= 1", t.unroll)
     p = config.prune
@@ -121,6 +136,7 @@ def _validate_dp(config, *, distilled: bool) -> None:
     _need(0 <= d.momentum < 1, "dp.momentum", "a number in [0, 1)", d.momentum)
     _need(d.weight_decay >= 0, "dp.weight_decay", "a number >= 0", d.weight_decay)
     _need(all(0 < f < 1 for f in d.decay_at), "dp.decay_at", "fractions in (0, 1)", d.decay_at)
+    _need(0 < d.decay_factor <= 1, "dp.decay_factor", "a number in (0, 1]", d.decay_factor)
     _need(d.augment in ("dsa", "none"), "dp.augment", "dsa | none", d.augment)
     _need(d.inner_seeds >= 1, "dp.inner_seeds", "an integer >= 1", d.inner_seeds)
     _need(d.get("loop", "scan") in train_lib.LOOPS, "dp.loop", " | ".join(train_lib.LOOPS),
@@ -147,6 +163,9 @@ def validate_with_data(config, dataset, specs) -> None:
                 f"training length; allowed: 0 <= k < {steps} steps "
                 f"(train.epochs x steps per epoch)")
         methods.get(s.name).validate_with_data(s, config, n, dataset.num_classes)
+    if any(methods.get(s.name).needs_distilled for s in specs) and not config.distill.path:
+        from dp_jax import distill  # the set may be distilled here: check it can be, first
+        distill.validate_with_data(config, dataset)
     rates = layer_rates(config.prune)
     if rates:
         model = create_model(config.model, num_classes=dataset.num_classes)

@@ -138,3 +138,42 @@ def test_cli_user_error_is_one_line_and_exit_2(toy_npz, tmp_path):
     out = subprocess.run(cmd + ["--verbose"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "Traceback" in out.stderr
     assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train.lr", float("inf"), "train.lr=inf is invalid; allowed: a finite number"),
+    ("train.weight_decay", float("nan"), "train.weight_decay=nan is invalid"),
+    ("train.decay_factor", 0.0, "train.decay_factor"),
+    ("train.decay_factor", 5.0, "train.decay_factor"),
+    ("dp.decay_factor", -1.0, "dp.decay_factor"),
+    ("distill.ipc", 1000, "distill.ipc=1000 is invalid; allowed: at most the"),
+])
+def test_more_bad_values_fail_before_any_work(tiny_config, tmp_path, field, value, match):
+    tiny_config.prune.method = "imp,dp"
+    section, name = field.split(".")
+    tiny_config[section][name] = value
+    wd = tmp_path / "wd"
+    with pytest.raises(ValueError, match=match):
+        experiment.run(tiny_config, str(wd))
+    assert not wd.exists()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(y_train=np.zeros_like(d["y_train"]), y_test=np.zeros_like(d["y_test"])),
+     "at least 2 classes"),
+    (lambda d: d.update(y_train=np.where(d["y_train"] == 9, 8, d["y_train"])),
+     r"test labels \[9\] never occur in the training split"),
+    (lambda d: d.update(x_train=d["x_train"].astype(np.float32), x_test=d["x_test"].astype(np.float32)),
+     "float with values in"),
+])
+def test_dataset_semantics_are_checked(tiny_config, tmp_path, toy_npz, edit, match):
+    with np.load(toy_npz) as z:
+        d = {k: z[k] for k in z.files}
+    edit(d)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **d)
+    tiny_config.data.name = f"npz:{bad}"
+    tiny_config.prune.method = "imp"
+    with pytest.raises(ValueError, match=match):
+        experiment.run(tiny_config, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()

@@ -83,8 +83,9 @@ def _to_unit_float(x: np.ndarray) -> np.ndarray:
 def _validate(raw: sources.RawData) -> None:
     """Checks shared by all sources: non-empty splits, finite images, labels in range."""
     where = raw.source
-    if raw.num_classes < 1:
-        raise ValueError(f"{where}: no classes (num_classes={raw.num_classes})")
+    if raw.num_classes < 2:
+        raise ValueError(f"{where}: a classification dataset needs at least 2 classes, found "
+                         f"num_classes={raw.num_classes}")
     for split in ("train", "test"):
         x, y = getattr(raw, f"x_{split}"), getattr(raw, f"y_{split}")
         if x.shape[0] == 0 or y.shape[0] == 0:
@@ -93,12 +94,23 @@ def _validate(raw: sources.RawData) -> None:
             raise ValueError(f"{where}: x_{split} must be NHWC, got shape {x.shape}")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{where}: {x.shape[0]} {split} images but {y.shape[0]} labels")
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise ValueError(f"{where}: x_{split} contains NaN or inf")
+        if np.issubdtype(x.dtype, np.floating):
+            if not np.isfinite(x).all():
+                raise ValueError(f"{where}: x_{split} contains NaN or inf")
+            # Float pixels are taken as [0, 1]; 0-255 floats would silently train on a
+            # 255x brighter image, so anything outside [0, 1] is refused.
+            if x.min() < 0.0 or x.max() > 1.0:
+                raise ValueError(f"{where}: x_{split} is float with values in [{x.min():.4g}, "
+                                 f"{x.max():.4g}]; allowed: uint8 pixels 0-255 or float pixels "
+                                 "in [0, 1]")
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= raw.num_classes:
             raise ValueError(f"{where}: {split} labels must lie in [0, {raw.num_classes}), found "
                              f"range [{lo}, {hi}]")
+    unseen = sorted(set(np.unique(raw.y_test).tolist()) - set(np.unique(raw.y_train).tolist()))
+    if unseen:
+        raise ValueError(f"{where}: test labels {unseen[:10]} never occur in the training split; "
+                         "allowed: test classes that are training classes")
     if raw.x_train.shape[1:] != raw.x_test.shape[1:]:
         raise ValueError(f"{where}: train images {raw.x_train.shape[1:]} and test images "
                          f"{raw.x_test.shape[1:]} differ in shape")

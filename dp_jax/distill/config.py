@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 
 import ml_collections
+import numpy as np
 from ml_collections.config_dict import placeholder
 
 from dp_jax.data.augment import AUGMENTATIONS, parse_strategy
@@ -141,6 +142,10 @@ def validate_with_data(config, dataset) -> None:
     """Checks that need the dataset: image divisibility, batch sizes, class counts."""
     d = config.distill
     check_factor(int(d.factor), dataset.image_shape)
+    smallest = int(np.bincount(np.asarray(dataset.y_train), minlength=dataset.num_classes).min())
+    # Real images initialise the synthetic ones: more per class than a class has would repeat.
+    _need(d.ipc <= smallest, "ipc", f"at most the {smallest} images of the smallest class",
+          d.ipc)
     n_syn = d.ipc * dataset.num_classes * d.factor ** 2
     _need(d.batch_syn <= n_syn, "batch_syn",
           f"0 (whole set) or at most the {n_syn} synthetic training images", d.batch_syn)
