@@ -19,11 +19,11 @@ from dp_jax.config_files import load_module
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Real-data recipe of PAPER.md (SGD, momentum 0.9, step decay x0.2 at 2/3 and 5/6 of training).
+# Real-data recipe of docs/paper.md (SGD, momentum 0.9, step decay x0.2 at 2/3 and 5/6 of training).
 REAL_DATA = dict(optimizer="sgd", momentum=0.9, nesterov=False, schedule="multistep",
                  decay_at=(2 / 3, 5 / 6), decay_factor=0.2)
 
-# Training on a distilled set (PAPER.md "Architectures and recipes"); field names of
+# Training on a distilled set (docs/paper.md "Architectures and recipes"); field names of
 # dp_jax.prune.make_inner_train. lr=0 means "the step size learned by distillation".
 DP_INNER = dict(lr=0.0, momentum=0.9, weight_decay=5e-4, decay_at=(2 / 3, 5 / 6),
                 decay_factor=0.2, steps=1000)

@@ -11,7 +11,7 @@ later paper; ``width=64`` is the standard network (11.2M). Methods: ``dp`` (once
 lottery-ticket rewinding) and random pruning; 20 rounds of 20% reach 98.8% sparsity.
 Real data: SGD lr 0.01, momentum 0.9, wd 5e-4, x0.2 at 2/3 and 5/6 of 160 epochs, batch 128,
 random crop + flip (``data.augment``).
-The 160 epochs are this config's choice (PAPER.md gives no epoch count for real data).
+The 160 epochs are this config's choice (docs/paper.md gives no epoch count for real data).
 
 Expected compute per seed (``python launch/estimate.py configs/cifar10_resnet18.py[:width=64]``;
 model FLOPs from XLA's cost analysis of the training step, 61 full trainings per seed =

@@ -16,10 +16,10 @@ momentum 0.9, wd 5e-4, 1000 steps, same decay.
 
 MTT (set only where the ``distill`` section has the field): 10 experts x 50 epochs (plain SGD
 lr 0.01, batch 256); CIFAR-10 10/class N=30 student steps, M=2 expert epochs, max start
-epoch 20, lr_img 1000, initial step size 0.01, 5000 iterations (PAPER.md; the step size's
+epoch 20, lr_img 1000, initial step size 0.01, 5000 iterations (docs/paper.md; the step size's
 own learning rate stays at the distill section's default, which acts on log(lr)); CIFAR-100 10/class N=20, M=2, max start 20, lr_img 1000
-(PAPER.md). 50/class: N=30 (CIFAR-10) / 80 (CIFAR-100), M=2, max start 40, lr_img 100 /
-1000, as in MTT's hyperparameter table -- not in PAPER.md, check before a paper run.
+(docs/paper.md). 50/class: N=30 (CIFAR-10) / 80 (CIFAR-100), M=2, max start 40, lr_img 100 /
+1000, as in MTT's hyperparameter table -- not in docs/paper.md, check before a paper run.
 
 Expected compute (``python launch/estimate.py configs/cifar_convnet.py[:...]``; XLA cost
 analysis: 0.275 GFLOP per training image):
@@ -60,7 +60,7 @@ MTT = {
     ("cifar100", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=20, lr_img=1000.0),
     ("cifar100", 50): dict(syn_steps=80, expert_epochs=2, max_start_epoch=40, lr_img=1000.0),
 }
-# Experts: plain SGD lr 0.01, batch 256, 50 epochs (PAPER.md). lr_lr stays at the distill
+# Experts: plain SGD lr 0.01, batch 256, 50 epochs (docs/paper.md). lr_lr stays at the distill
 # section's default: it steps the *log* step size, not MTT's step size itself.
 MTT_COMMON = dict(lr_init=0.01, iterations=5000, num_experts=10, expert_train_epochs=50,
                   expert_lr=0.01, expert_momentum=0.0, expert_batch_size=256)

@@ -14,12 +14,12 @@ streams them (``data.pipeline='stream'``, random-resized-crop) and needs the Tra
 streaming patch of docs/paper_scale.md. ImageNet must be placed in TFDS's manual_dir
 first (ILSVRC2012 tar files; TFDS cannot download it).
 
-Recipes (PAPER.md): SGD momentum 0.9, wd 1e-4, x0.2 at 2/3 and 5/6; lr 0.01 (10 classes),
+Recipes (docs/paper.md): SGD momentum 0.9, wd 1e-4, x0.2 at 2/3 and 5/6; lr 0.01 (10 classes),
 0.1 (100 classes); 100 epochs (10 classes) / 90 epochs (100 classes) and batch 128 / 256
 are this config's choices. Methods: ``dp`` (once the ``dp`` and ``distill`` sections
 exist; not for imagenet100, whose streamed data cannot be distilled in memory), IMP
 rewound to one epoch, random; 20 rounds (98.8%). ConvNet-5 (MTT's
-ImageNet-subset network): width 128, instance norm, 128 px; MTT N=20, M=2 (PAPER.md), max
+ImageNet-subset network): width 128, instance norm, 128 px; MTT N=20, M=2 (docs/paper.md), max
 start epoch 10, lr_img 1e4 (MTT's table; check).
 
 Expected compute per seed (``python launch/estimate.py configs/imagenet_subset.py[:...]``;

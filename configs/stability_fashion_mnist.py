@@ -2,7 +2,7 @@ r"""Stability at init on a CPU budget: ConvNet-16 (BatchNorm) on 5k Fashion-MNIS
 
 A setting where the *dense* network is unstable at initialisation (error barrier between two SGD
 copies > 2 percentage points), to test whether IMP's (k=0) and Distilled Pruning's masks at init are
-stable there (PAPER.md claim 2) and how sharp the trained subnetworks are (claim 3). Results and
+stable there (docs/paper.md claim 2) and how sharp the trained subnetworks are (claim 3). Results and
 the probes that led to this setting: docs/stability.md.
 
   # pruning: dense, IMP (k=0), random and DP masks, 6 rounds of 30% (88.2% sparsity); the first

@@ -1,4 +1,4 @@
-"""Paper-scale configs: every variant validates, recipes match PAPER.md, smoke variants run end to end.
+"""Paper-scale configs: every variant validates, recipes match docs/paper.md, smoke variants run end to end.
 
 Smoke runs use ``tfds.testing.mock_data`` (random images with the real datasets' shapes and
 label counts), so they exercise the real TFDS loading path offline.
