@@ -105,18 +105,19 @@ def test_resume_after_kill_matches_uninterrupted(toy_npz, tmp_path):
     syn = make_distilled(base, str(tmp_path / "syn.npz"))
     overrides = [f"--config.data.name=npz:{toy_npz}", "--config.data.train_size=0",
                  "--config.train.batch_size=40", "--config.prune.rounds=3",
-                 "--config.prune.method=imp,random,dp", f"--config.distill.path={syn}",
+                 "--config.prune.method=imp,synflow:iters=3,random,dp",
+                 f"--config.distill.path={syn}",
                  "--config.dp.steps=20"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     ref = tmp_path / "ref"
     subprocess.run(_cli(ref, *overrides), cwd=ROOT, env=env, check=True, capture_output=True)
     wd = tmp_path / "killed"
-    # Kill once the first IMP round after the dense one is committed, i.e. mid-run.
+    # Kill mid-run: IMP finished, SynFlow (a registry method) after its first pruned round.
     kill_then_resume(_cli(wd, *overrides), str(wd),
-                     str(wd / "runs" / "imp_k0-seed0" / "checkpoints" / "1"), env, timeout=120)
+                     str(wd / "runs" / "synflow-seed0" / "checkpoints" / "1"), env, timeout=120)
     assert _strip(io.read_jsonl(str(wd / "rounds.jsonl"))) == \
         _strip(io.read_jsonl(str(ref / "rounds.jsonl")))
-    for run in ("imp_k0-seed0", "random-seed0", "dp-seed0"):
+    for run in ("imp_k0-seed0", "random-seed0", "dp-seed0", "synflow-seed0"):
         for rnd in range(4):
             a = np.load(ref / "runs" / run / "masks" / f"round_{rnd:03d}.npz")
             b = np.load(wd / "runs" / run / "masks" / f"round_{rnd:03d}.npz")
