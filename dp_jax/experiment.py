@@ -279,7 +279,9 @@ def summarize(workdir: str, phases: dict, wall_s: float) -> dict:
             "rounds": last_round, "seeds": sorted({r["seed"] for r in rs}),
             "final_sparsity": float(np.mean([r["sparsity"] for r in final])),
             "final_test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in final])),
-            "final_test_accuracy_std": float(np.std([r["test_accuracy"] for r in final])),
+            # Sample std (ddof=1) over seeds, the convention of every table; None for one seed.
+            "final_test_accuracy_std": (float(np.std([r["test_accuracy"] for r in final], ddof=1))
+                                        if len(final) > 1 else None),
             "dense_test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in dense])),
             "mask_search_examples": int(max(r["train_examples"] for r in final)),
             "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),

@@ -1,8 +1,9 @@
-r"""Command-line entry point.
+r"""Command-line entry point of an experiment (``dp-jax run``; dp_jax/cli.py has the others).
 
   python -m dp_jax.main --config=configs/fashion_mnist.py --workdir=runs/fmnist \
       [--config.prune.rounds=10 --config.seed=1 ...]
 
+``--config`` also takes the bare name of a packaged config (``--config=fashion_mnist:smoke``).
 Flags are read here only; everything else takes the config.
 """
 
@@ -10,7 +11,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import importlib
+import os
 import sys
+
+from dp_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -20,7 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # What a user's input causes (bad values, missing files, a busy workdir, diverged training):
 # one line and exit status 2; --verbose shows the traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+USER_ERRORS = cli.USER_ERRORS
 
 
 # config.task -> "module:function" taking (config, workdir); imported on demand.
@@ -44,14 +48,32 @@ def main(argv):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    for label, m in summary.get("methods", {}).items():
-        print(f"{label:>16}: sparsity {m['final_sparsity']:.3f}  "
-              f"test accuracy {m['final_test_accuracy_mean']:.4f} ± {m['final_test_accuracy_std']:.4f}")
+    if summary.get("methods"):
+        # Sample std over seeds from the records (the report's convention), not summary.json's.
+        from dp_jax import io, report
+        from dp_jax import workdir as workdir_lib
+        rows = io.read_jsonl(workdir_lib.rounds_path(_WORKDIR.value))
+        for label, f in report.final_figures(rows).items():
+            print(f"{label:>16}: sparsity {f['sparsity']:.3f}  test accuracy "
+                  f"{report.mean_std(f['acc_mean'], f['acc_std'], f['n'], digits=4)}")
     print(f"report: {_WORKDIR.value}/report.md")
 
 
 def run():
-    """Console-script entry (``dp-jax``)."""
+    """``dp-jax run`` and ``python -m dp_jax.main``.
+
+    A leading subcommand is honoured too, so that the ``dp-jax`` script of an install made
+    before dp_jax.cli existed (it calls this function) still dispatches.
+    """
+    if len(sys.argv) > 1 and sys.argv[1] == "run":
+        sys.argv = sys.argv[:1] + sys.argv[2:]
+    elif len(sys.argv) > 1 and sys.argv[1] in cli.COMMANDS:
+        # This module's flags are defined already and would clash: hand over to a fresh process.
+        os.execv(sys.executable, [sys.executable, "-m", "dp_jax.cli", *sys.argv[1:]])
+    try:
+        sys.argv = cli.resolve_config_argv(sys.argv)
+    except FileNotFoundError as e:
+        cli.fail(e)
     app.run(main)
 
 

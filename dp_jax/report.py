@@ -1,13 +1,17 @@
-"""Tables and plots from a run directory (reads rounds.jsonl and summary.json only).
+"""Tables and plots from run directories (reads rounds.jsonl, config.json, summary.json, masks).
 
-  python -m dp_jax.report WORKDIR     # rewrite report.md and plots/ of a finished run
+  python -m dp_jax.report WORKDIR                       # rewrite report.md and plots/ of a run
+  python -m dp_jax.report DIR1 DIR2 ... --out=MERGED    # one report over the seeds of several
+
+Spread over seeds is the *sample* standard deviation (ddof=1) everywhere, with the number of
+seeds stated (``mean ± std (n=3)``); a table of single-seed results shows no ± at all.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections import defaultdict
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -19,31 +23,59 @@ ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis -->", "<!-- /analysis -->"
 pretty = methods.pretty  # a run label's name in tables and plots, from the method registry
 
 
+TIMINGS = ("wall_s", "mask_s", "train_s", "search_s")  # differ between any two runs
+
+
+def sample_std(values) -> Optional[float]:
+    """Sample standard deviation (ddof=1); None for fewer than two values (undefined)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.std(ddof=1)) if v.size > 1 else None
+
+
+def mean_std(mean: float, std: Optional[float], n: int, *, scale: float = 1.0,
+             digits: int = 2, show_n: bool = True) -> str:
+    """``'97.12 ± 0.31 (n=3)'``; a single value shows no ± (``'97.12 (n=1)'``)."""
+    text = f"{scale * mean:.{digits}f}"
+    if std is not None:
+        text += f" ± {scale * std:.{digits}f}"
+    return text + (f" (n={n})" if show_n else "")
+
+
 def aggregate(rows: list[dict]) -> dict[str, list[dict]]:
-    """Per method, per round: mean/std over seeds of sparsity, accuracy and examples."""
+    """Per method, per round: seed-mean sparsity, accuracy (and sample std), examples, time."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["method"], r["round"])].append(r)
     out = defaultdict(list)
     for (method, rnd), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        acc = np.array([r["test_accuracy"] for r in rs], dtype=float)
+        acc = [r["test_accuracy"] for r in rs]
         out[method].append({
-            "round": rnd, "n": len(rs),
+            "round": rnd, "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
             "sparsity": float(np.mean([r["sparsity"] for r in rs])),
-            "acc_mean": float(acc.mean()), "acc_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0,
+            "acc_mean": float(np.mean(acc)), "acc_std": sample_std(acc),
             "train_examples": float(np.mean([r["train_examples"] for r in rs])),
             "wall_s": float(np.mean([r["wall_s"] for r in rs])),
         })
     return dict(out)
 
 
+def final_figures(rows: list[dict]) -> dict[str, dict]:
+    """Per method, its last round's aggregate (``sparsity``, ``acc_mean``, ``acc_std``, ``n``)."""
+    return {m: max(rs, key=lambda a: a["round"]) for m, rs in sorted(aggregate(rows).items())}
+
+
 def accuracy_table(agg: dict[str, list[dict]]) -> str:
-    """Markdown table: one row per round, one column per method (mean ± std, %)."""
+    """Markdown table: one row per round, one column per method (mean ± sample std, %).
+
+    Every cell states its number of seeds; when every cell has one seed the header says so
+    instead and no cell shows a ±.
+    """
     methods = sorted(agg)
     rounds = sorted({a["round"] for rows in agg.values() for a in rows})
-    head = "| round | sparsity | " + " | ".join(pretty(m) for m in methods) + " |"
-    sep = "|---|---|" + "---|" * len(methods)
-    lines = [head, sep]
+    single = all(a["n"] == 1 for rows in agg.values() for a in rows)
+    head = "| round | sparsity | " + " | ".join(
+        pretty(m) + (" (n=1)" if single else "") for m in methods) + " |"
+    lines = [head, "|---|---|" + "---|" * len(methods)]
     for rnd in rounds:
         cells, sp = [], None
         for m in methods:
@@ -52,33 +84,60 @@ def accuracy_table(agg: dict[str, list[dict]]) -> str:
                 cells.append("")
                 continue
             sp = a["sparsity"]
-            cells.append(f"{100 * a['acc_mean']:.2f} ± {100 * a['acc_std']:.2f} (n={a['n']})")
+            cells.append(mean_std(a["acc_mean"], a["acc_std"], a["n"], scale=100,
+                                  show_n=not single))
         lines.append(f"| {rnd} | {100 * (sp or 0):.1f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_sparsity(agg: dict[str, list[dict]], path: str, title: str = "") -> None:
-    """Test accuracy vs fraction of weights remaining (log axis), mean ± std bands."""
+def _figure():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def _finish(fig, ax, path: str, xlabel: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_accuracy_vs_sparsity(agg: dict[str, list[dict]], path: str, title: str = "") -> None:
+    """Test accuracy vs fraction of weights remaining (log axis), ± sample-std bands (n > 1)."""
+    fig, ax = _figure()
     for m in sorted(agg):
         rows = agg[m]
         remaining = np.array([100 * (1 - a["sparsity"]) for a in rows])
         mean = np.array([100 * a["acc_mean"] for a in rows])
-        std = np.array([100 * a["acc_std"] for a in rows])
+        std = np.array([np.nan if a["acc_std"] is None else 100 * a["acc_std"] for a in rows])
         ax.plot(remaining, mean, marker="o", ms=3, label=pretty(m))
-        ax.fill_between(remaining, mean - std, mean + std, alpha=0.2)
-    ax.set_xscale("log")
+        if np.isfinite(std).any():  # single-seed points have no spread to draw
+            ax.fill_between(remaining, mean - std, mean + std, alpha=0.2)
     ax.invert_xaxis()
-    ax.set_xlabel("weights remaining (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "Accuracy vs sparsity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, ax, path, "weights remaining (%)", title or "Accuracy vs sparsity")
+
+
+def plot_accuracy_vs_examples(agg: dict[str, list[dict]], path: str) -> None:
+    """Test accuracy vs examples processed by the mask search (log axis)."""
+    fig, ax = _figure()
+    for m in sorted(agg):
+        rows = [a for a in agg[m] if a["train_examples"] > 0]
+        if rows:
+            ax.plot([a["train_examples"] for a in rows], [100 * a["acc_mean"] for a in rows],
+                    marker="o", ms=3, label=pretty(m))
+    _finish(fig, ax, path, "examples processed by the mask search (cumulative)",
+            "Cost of finding each mask")
 
 
 def ticket_sparsity(agg: dict[str, list[dict]], tolerance: float = 0.01) -> dict[str, float]:
@@ -93,16 +152,20 @@ def ticket_sparsity(agg: dict[str, list[dict]], tolerance: float = 0.01) -> dict
     return out
 
 
-def _load_masks(workdir: str) -> dict[tuple[str, int], dict[int, dict]]:
-    """{(label, seed): {round: {path: bool array}}} for every run with saved masks."""
+def _load_masks(workdirs) -> dict[tuple[str, int], dict[int, dict]]:
+    """{(label, seed): {round: {path: bool array}}} of every run with saved masks.
+
+    ``workdirs`` is one directory or a sequence; a run held by several comes from the first.
+    """
     out = {}
-    for label, seed in workdir_lib.list_runs(workdir):
-        rounds = {}
-        for rnd, path in workdir_lib.list_masks(workdir, label, seed).items():
-            with np.load(path, allow_pickle=False) as z:
-                rounds[rnd] = {k: z[k] for k in z.files}
-        if rounds:
-            out[(label, seed)] = rounds
+    for workdir in [workdirs] if isinstance(workdirs, str) else workdirs:
+        for label, seed in workdir_lib.list_runs(workdir):
+            rounds = {}
+            for rnd, path in workdir_lib.list_masks(workdir, label, seed).items():
+                with np.load(path, allow_pickle=False) as z:
+                    rounds[rnd] = {k: z[k] for k in z.files}
+            if rounds and (label, seed) not in out:
+                out[(label, seed)] = rounds
     return out
 
 
@@ -111,9 +174,9 @@ def _prunable(mask: dict) -> dict:
     return {k: v for k, v in mask.items() if k.endswith("kernel") and v.ndim >= 2}
 
 
-def mask_agreement(workdir: str, a: str, b: str) -> list[dict]:
+def mask_agreement(workdirs, a: str, b: str) -> list[dict]:
     """Per round, mean over seeds of the Hamming distance and IoU between runs ``a`` and ``b``."""
-    masks = _load_masks(workdir)
+    masks = _load_masks(workdirs)
     seeds = sorted({s for (lab, s) in masks if lab == a} & {s for (lab, s) in masks if lab == b})
     per_round = defaultdict(list)
     for s in seeds:
@@ -130,9 +193,9 @@ def mask_agreement(workdir: str, a: str, b: str) -> list[dict]:
             for r, v in sorted(per_round.items())]
 
 
-def layer_sparsity_table(workdir: str) -> str:
+def layer_sparsity_table(workdirs) -> str:
     """Markdown: per method, per prunable layer, sparsity of the last round (seed-mean)."""
-    masks = _load_masks(workdir)
+    masks = _load_masks(workdirs)
     final = defaultdict(list)
     for (label, _), rounds in masks.items():
         if rounds:
@@ -148,34 +211,17 @@ def layer_sparsity_table(workdir: str) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_examples(agg: dict[str, list[dict]], path: str) -> None:
-    """Test accuracy vs examples processed by the mask search (log axis)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in sorted(agg):
-        rows = [a for a in agg[m] if a["train_examples"] > 0]
-        if rows:
-            ax.plot([a["train_examples"] for a in rows], [100 * a["acc_mean"] for a in rows],
-                    marker="o", ms=3, label=pretty(m))
-    ax.set_xscale("log")
-    ax.set_xlabel("examples processed by the mask search (cumulative)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Cost of finding each mask")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+def method_costs(rows: list[dict]) -> dict[str, dict]:
+    """Per method, the final figures of the cost table (as summary.json's ``methods``)."""
+    out = {}
+    for label in sorted({r["method"] for r in rows}):
+        rs = [r for r in rows if r["method"] == label]
+        final = [r for r in rs if r["round"] == max(x["round"] for x in rs)]
+        out[label] = {"final_sparsity": float(np.mean([r["sparsity"] for r in final])),
+                      "mask_search_examples": int(max(r["train_examples"] for r in final)),
+                      "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),
+                      "wall_s": float(sum(r["wall_s"] for r in rs))}
+    return out
 
 
 def cost_section(summary: dict, agg: dict[str, list[dict]]) -> list[str]:
@@ -199,15 +245,16 @@ def cost_section(summary: dict, agg: dict[str, list[dict]]) -> list[str]:
         d = methods[dp]
         distill_examples = phases.get("distill_examples", 0) + phases.get("expert_examples", 0)
         distill_wall = phases.get("distill_wall_s", 0.0) + phases.get("expert_wall_s", 0.0)
+        d_wall = max(d.get("search_wall_s", 0), 1e-9)
         parts += ["", "| ratio | examples | wall time of the search |", "|---|---|---|"]
         for m in imp:
             i = methods[m]
             ex = i["mask_search_examples"] / max(d["mask_search_examples"], 1)
             ex_all = i["mask_search_examples"] / max(d["mask_search_examples"] + distill_examples, 1)
-            parts.append(f"| {pretty(m)} / DP | {ex:,.1f}x | "
-                         f"{i.get('search_wall_s', 0) / max(d.get('search_wall_s', 0), 1e-9):,.1f}x |")
+            i_wall = i.get("search_wall_s", 0)
+            parts.append(f"| {pretty(m)} / DP | {ex:,.1f}x | {i_wall / d_wall:,.1f}x |")
             parts.append(f"| {pretty(m)} / (DP + distillation + experts) | {ex_all:,.2f}x | "
-                         f"{i.get('search_wall_s', 0) / max(d.get('search_wall_s', 0) + distill_wall, 1e-9):,.2f}x |")
+                         f"{i_wall / max(d_wall + distill_wall, 1e-9):,.2f}x |")
         parts += ["", f"Distillation: {phases.get('distill_examples', 0):,} examples, "
                   f"{phases.get('distill_wall_s', 0):.0f} s; experts: "
                   f"{phases.get('expert_examples', 0):,} examples, {phases.get('expert_wall_s', 0):.0f} s."]
@@ -216,21 +263,92 @@ def cost_section(summary: dict, agg: dict[str, list[dict]]) -> list[str]:
     return parts
 
 
-def write_report(workdir: str) -> str:
-    """Write report.md and plots/*.png for ``workdir``; returns the report text."""
-    rows = io.read_jsonl(workdir_lib.rounds_path(workdir))
-    if not rows:
-        raise ValueError(f"{workdir}/rounds.jsonl has no rounds; nothing to report")
-    summary_path = workdir_lib.summary_path(workdir)
-    summary = io.read_json(summary_path) if os.path.exists(summary_path) else {}
-    cfg_path = workdir_lib.config_path(workdir)
-    cfg = io.read_json(cfg_path) if os.path.exists(cfg_path) else {}
-    agg = aggregate(rows)
+def _check_settings(configs: dict[str, dict]) -> None:
+    """Refuse workdirs whose result-deciding settings differ (seeds aside), naming the fields."""
+    if len(configs) < 2:
+        return
+    if not all(configs.values()):
+        raise ValueError("cannot merge: " + ", ".join(d for d, c in configs.items() if not c)
+                         + " has no config.json to compare")
+    ident = {d: {k: v for k, v in workdir_lib.identity_fields(c).items() if k != "seed"}
+             for d, c in configs.items()}
+    (d0, a), *rest = ident.items()
+    for d, b in rest:
+        diff = [f"{k} ({a.get(k, '<unset>')!r} vs {b.get(k, '<unset>')!r})"
+                for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+        if diff:
+            raise ValueError(f"cannot merge {d0} and {d}: their settings differ in "
+                             f"{', '.join(diff)}; only seeds may differ")
+
+
+def gather(workdirs: Sequence[str]) -> dict:
+    """Rows, config, summary and seeds of one workdir, or of several merged (seeds pooled).
+
+    Merged workdirs must share every result-deciding setting but ``seed``/``seeds``; a
+    (method, seed) run held by several must have the same records (timings aside) and is
+    taken once. Raises ValueError naming the workdirs (and fields) otherwise.
+    """
+    runs, origin, configs, summaries = {}, {}, {}, []
+    for d in workdirs:
+        rows = io.read_jsonl(workdir_lib.rounds_path(d))
+        if not rows:
+            raise ValueError(f"{d}/rounds.jsonl has no rounds; nothing to report")
+        cfg, summ = workdir_lib.config_path(d), workdir_lib.summary_path(d)
+        configs[d] = io.read_json(cfg) if os.path.exists(cfg) else {}
+        summaries.append(io.read_json(summ) if os.path.exists(summ) else {})
+        for key in sorted({(r["method"], r["seed"]) for r in rows}):
+            rs = sorted(({k: v for k, v in r.items() if k not in TIMINGS} for r in rows
+                         if (r["method"], r["seed"]) == key), key=lambda r: r["round"])
+            if runs.setdefault(key, rs) != rs:
+                raise ValueError(f"cannot merge: {origin[key]} and {d} both hold {key[0]} "
+                                 f"seed {key[1]} with different records")
+            origin.setdefault(key, d)
+    _check_settings(configs)
+    rows = [r for d in workdirs for r in io.read_jsonl(workdir_lib.rounds_path(d))
+            if origin[(r["method"], r["seed"])] == d]
+    summary = {}
+    if all(s.get("methods") for s in summaries):
+        # Phases are per workdir (one distillation each): their mean is the cost of one.
+        phases = [s.get("phases_s", {}) for s in summaries]
+        summary = {"methods": method_costs(rows), "backend": summaries[0].get("backend", "?"),
+                   "phases_s": {k: float(np.mean([p.get(k, 0) for p in phases]))
+                                for k in sorted({k for p in phases for k in p})},
+                   "wall_s": float(sum(s.get("wall_s", 0) for s in summaries))}
+    seeds = {d: sorted({s for (_, s), o in origin.items() if o == d}) for d in workdirs}
+    return {"rows": rows, "config": next(iter(configs.values())), "summary": summary,
+            "seeds": seeds}
+
+
+def _merge_note(g: dict) -> list[str]:
+    if len(g["seeds"]) < 2:
+        return []
+    note = "Merged from " + ", ".join(f"`{d}` (seeds {', '.join(map(str, s)) or '-'})"
+                                      for d, s in g["seeds"].items()) + "."
+    if g["config"].get("data", {}).get("train_size"):
+        note += " Each workdir drew its data.train_size subset with its own config.seed."
+    return [note, ""]
+
+
+def write_report(workdir: str, sources: Optional[Sequence[str]] = None) -> str:
+    """Write report.md and plots/*.png into ``workdir``; returns the report text.
+
+    ``sources`` (default ``[workdir]``): the workdirs whose results are reported, merged
+    when several (:func:`gather`); ``workdir`` is then only where the report goes.
+    """
+    sources = list(sources or [workdir])
+    if len(sources) > 1 and os.path.abspath(workdir) in map(os.path.abspath, sources):
+        raise ValueError(f"--out={workdir} is one of the merged workdirs; its own report "
+                         "would be replaced: choose another directory")
+    g = gather(sources)
+    cfg, summary, agg = g["config"], g["summary"], aggregate(g["rows"])
     title = f"{cfg.get('model', {}).get('name', '')} on {cfg.get('data', {}).get('name', '')}"
     plot_accuracy_vs_sparsity(agg, workdir_lib.plot_path(workdir, "accuracy_vs_sparsity.png"), title)
-    parts = [f"# Pruning report: {title}", "",
+    single = all(a["n"] == 1 for rows in agg.values() for a in rows)
+    spread = ("one seed (n=1), so no spread is shown" if single else
+              "mean ± sample std (ddof=1) over the n seeds of each cell")
+    parts = [f"# Pruning report: {title}", ""] + _merge_note(g) + [
              "Test accuracy (%) of each round's mask, trained on the real training set; "
-             "mean ± std over seeds.", "", accuracy_table(agg), "",
+             f"{spread}.", "", accuracy_table(agg), "",
              "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)", ""]
     tickets = ticket_sparsity(agg)
     parts += ["Highest sparsity whose accuracy is within 1 point of the dense network: " +
@@ -239,22 +357,7 @@ def write_report(workdir: str) -> str:
         parts += cost_section(summary, agg)
         plot_accuracy_vs_examples(agg, workdir_lib.plot_path(workdir, "accuracy_vs_examples.png"))
         parts += ["![accuracy vs examples](plots/accuracy_vs_examples.png)", ""]
-    labels = sorted(agg)
-    pairs = [(a, b) for a in labels if a.startswith("dp") for b in labels if b.startswith("imp_k")]
-    if pairs:
-        parts += ["## Mask agreement", "", "Hamming distance (fraction of prunable weights on "
-                  "which the masks differ) and IoU of the kept weights, mean over seeds.", "",
-                  "| round | " + " | ".join(f"{pretty(a)} vs {pretty(b)}" for a, b in pairs) + " |",
-                  "|---|" + "---|" * len(pairs)]
-        tables = [{r["round"]: r for r in mask_agreement(workdir, a, b)} for a, b in pairs]
-        for rnd in sorted(set().union(*[t.keys() for t in tables])):
-            cells = [f"{t[rnd]['hamming']:.3f} / {t[rnd]['iou']:.3f}" if rnd in t else ""
-                     for t in tables]
-            parts.append(f"| {rnd} | " + " | ".join(cells) + " |")
-        parts.append("")
-    table = layer_sparsity_table(workdir)
-    if table:
-        parts += ["## Per-layer sparsity of the last round", "", table, ""]
+    parts += _mask_sections(sources, sorted(agg))
     text = "\n".join(parts)
     path = workdir_lib.report_path(workdir)
     if os.path.exists(path):  # keep the block written by `python -m dp_jax.analysis`
@@ -266,7 +369,27 @@ def write_report(workdir: str) -> str:
     return text
 
 
+def _mask_sections(sources: list[str], labels: list[str]) -> list[str]:
+    """The mask-agreement (DP vs IMP) and per-layer sparsity sections."""
+    parts = []
+    pairs = [(a, b) for a in labels if a.startswith("dp") for b in labels if b.startswith("imp_k")]
+    if pairs:
+        parts += ["## Mask agreement", "", "Hamming distance (fraction of prunable weights on "
+                  "which the masks differ) and IoU of the kept weights, mean over seeds.", "",
+                  "| round | " + " | ".join(f"{pretty(a)} vs {pretty(b)}" for a, b in pairs) + " |",
+                  "|---|" + "---|" * len(pairs)]
+        tables = [{r["round"]: r for r in mask_agreement(sources, a, b)} for a, b in pairs]
+        for rnd in sorted(set().union(*[t.keys() for t in tables])):
+            cells = [f"{t[rnd]['hamming']:.3f} / {t[rnd]['iou']:.3f}" if rnd in t else ""
+                     for t in tables]
+            parts.append(f"| {rnd} | " + " | ".join(cells) + " |")
+        parts.append("")
+    table = layer_sparsity_table(sources)
+    if table:
+        parts += ["## Per-layer sparsity of the last round", "", table, ""]
+    return parts
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m dp_jax.report WORKDIR")
-    print(write_report(sys.argv[1]))
+    from dp_jax import cli  # flags are parsed by the entry point
+    cli.cmd_report()
