@@ -97,3 +97,13 @@ def kill_then_resume(cmd, workdir, marker, env, timeout=180):
     proc.wait()
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+
+
+def assert_rejected(config, field, value, match, workdir):
+    """Setting ``field`` (``section.name``) to ``value`` fails with ``match`` and writes nothing."""
+    from dp_jax import experiment
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=match):
+        experiment.run(config, str(workdir))
+    assert not os.path.exists(workdir), "a rejected run wrote to its workdir"

@@ -11,7 +11,7 @@ import pytest
 from dp_jax import experiment
 from dp_jax import io
 
-from conftest import ROOT, kill_then_resume, load_config_module, make_distilled
+from conftest import ROOT, assert_rejected, kill_then_resume, load_config_module, make_distilled
 
 
 TIMINGS = ("wall_s", "mask_s", "train_s", "search_s")
@@ -79,12 +79,7 @@ def test_end_to_end_contract(tiny_config, tmp_path):
     ("model.width", 16, "width"),  # lenet accepts no width
 ])
 def test_invalid_config_fails_before_work(tiny_config, tmp_path, field, value, match):
-    section, name = field.split(".")
-    tiny_config[section][name] = value
-    wd = tmp_path / "wd"
-    with pytest.raises(ValueError, match=match):
-        experiment.run(tiny_config, str(wd))
-    assert not (wd / "runs").exists()
+    assert_rejected(tiny_config, field, value, match, tmp_path / "wd")
 
 
 def test_missing_npz_names_the_file(tiny_config, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from dp_jax import experiment, io, masks, methods, prune
 from dp_jax.methods import base
 
-from conftest import ROOT, load_config_module, make_distilled
+from conftest import ROOT, assert_rejected, load_config_module, make_distilled
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,13 +101,7 @@ def test_bad_method_entries_fail_before_any_work(tiny_config, tmp_path, entry, m
 ])
 def test_bad_method_settings_fail_before_any_work(tiny_config, tmp_path, field, value, match):
     tiny_config.prune.method = "snip,imp"
-    section, name = field.split(".")
-    tiny_config[section][name] = value
-    wd = tmp_path / "wd"
-    with pytest.raises(ValueError, match=match):
-        experiment.run(tiny_config, str(wd))
-    # Only the config may have been written by then: no run, no mask.
-    assert not (wd / "runs").exists()
+    assert_rejected(tiny_config, field, value, match, tmp_path / "wd")
 
 
 def test_pruning_at_init_methods_end_to_end(tiny_config, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from dp_jax import experiment, io, workdir
 from dp_jax.train import TrainingDivergedError
 
-from conftest import make_distilled
+from conftest import assert_rejected, make_distilled
 
 TIMINGS = ("wall_s", "search_s", "mask_s", "train_s")
 
@@ -150,12 +150,7 @@ def test_cli_user_error_is_one_line_and_exit_2(toy_npz, tmp_path):
 ])
 def test_more_bad_values_fail_before_any_work(tiny_config, tmp_path, field, value, match):
     tiny_config.prune.method = "imp,dp"
-    section, name = field.split(".")
-    tiny_config[section][name] = value
-    wd = tmp_path / "wd"
-    with pytest.raises(ValueError, match=match):
-        experiment.run(tiny_config, str(wd))
-    assert not wd.exists()
+    assert_rejected(tiny_config, field, value, match, tmp_path / "wd")
 
 
 @pytest.mark.parametrize("edit,match", [
