@@ -10,36 +10,30 @@ The result goes to ``<workdir>/eval_mask.json``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 
 import jax
 import numpy as np
 
+from dp_jax import integrity
 from dp_jax import io
 from dp_jax import masks as masks_lib
 from dp_jax import prune as prune_lib
 from dp_jax import rng
 from dp_jax import validate as validate_lib
+from dp_jax import workdir as workdir_lib
 from dp_jax.models import is_prunable
 
 STARTS = {"init": rng.INIT, "reinit": rng.REINIT}
-RESULT = "eval_mask.json"  # TODO(workdir.py): move to workdir.eval_mask_path
 
 
 def result_path(workdir: str) -> str:
     """Where :func:`evaluate_mask` writes its result."""
-    return os.path.join(workdir, RESULT)
+    return workdir_lib.eval_mask_path(workdir)
 
 
-def sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256 = integrity.digest  # hex SHA-256 of a file's bytes
 
 
 def _names(keys, limit: int = 4) -> str:

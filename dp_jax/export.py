@@ -105,8 +105,7 @@ def _checkpointed(workdir: str, label: str, seed: int, rnd: int, like: dict):
         return None, f"{d} does not exist"
     ckpt = io.RoundCheckpointer(d, max_to_keep=None)  # None: opening must never delete rounds
     try:
-        steps = (ckpt.all_steps() if hasattr(ckpt, "all_steps")
-                 else sorted(ckpt._mgr.all_steps()))  # io.RoundCheckpointer before all_steps()
+        steps = ckpt.all_steps()
         if rnd not in steps:
             return None, f"round {rnd}'s checkpoint is not kept (kept: {steps})"
         return ckpt.restore(rnd, like)[0], None

@@ -51,6 +51,11 @@ def plot_path(workdir: str, name: str) -> str:
     return os.path.join(workdir, "plots", name)
 
 
+def eval_mask_path(workdir: str) -> str:
+    """Result of ``dp-jax eval-mask``."""
+    return os.path.join(workdir, "eval_mask.json")
+
+
 def distilled_path(workdir: str) -> str:
     """The distilled set made in this workdir."""
     return os.path.join(workdir, "distilled.npz")
