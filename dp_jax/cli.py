@@ -82,6 +82,29 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def check_override_keys(argv: list[str]) -> None:
+    """Every ``--config.a.b=v`` names a field of the config file (else a one-line ValueError).
+
+    ml_collections would raise a bare AttributeError from inside flag parsing; this names the
+    section and lists its valid keys instead.
+    """
+    spec = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if spec is None or not overrides:
+        return
+    from dp_jax import config_files
+    config = config_files.load_config(spec)
+    for dotted in overrides:
+        node, parts = config, dotted.split(".")
+        for i, part in enumerate(parts):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                where = ".".join(parts[:i]) or "the config"
+                raise ValueError(f"--config.{dotted}: {where} has no field {part!r}; valid: "
+                                 f"{', '.join(sorted(keys)) or 'none (not a section)'}")
+            node = node[part]
+
+
 # ---- user errors: one line, exit 2 -----------------------------------------------------------
 
 def fail(e: BaseException) -> None:

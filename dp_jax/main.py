@@ -72,7 +72,8 @@ def run():
         os.execv(sys.executable, [sys.executable, "-m", "dp_jax.cli", *sys.argv[1:]])
     try:
         sys.argv = cli.resolve_config_argv(sys.argv)
-    except FileNotFoundError as e:
+        cli.check_override_keys(sys.argv)
+    except (FileNotFoundError, ValueError) as e:
         cli.fail(e)
     app.run(main)
 

@@ -172,3 +172,15 @@ def test_dataset_semantics_are_checked(tiny_config, tmp_path, toy_npz, edit, mat
     with pytest.raises(ValueError, match=match):
         experiment.run(tiny_config, str(tmp_path / "wd"))
     assert not (tmp_path / "wd").exists()
+
+
+def test_cli_unknown_config_key_lists_the_valid_ones(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, "-m", "dp_jax.main",
+                          "--config=configs/fashion_mnist.py:smoke", f"--workdir={tmp_path / 'w'}",
+                          "--config.train.lrr=1"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--config.train.lrr: train has no field 'lrr'; valid: batch_size," in out.stderr
