@@ -92,3 +92,28 @@ def test_too_few_saved_epochs(tiny_npz, tmp_path):
     more = _config(tiny_npz, num_experts=2, expert_train_epochs=3)
     with pytest.raises(ValueError, match="expert 1 has 0 saved epochs"):
         experts.load_trajectories(more, ds, str(tmp_path))
+
+
+def test_damaged_expert_files_are_refused_or_retrained(tiny_npz, tmp_path):
+    cfg = _config(tiny_npz, num_experts=2, expert_train_epochs=3)
+    ds = load_dataset(cfg.data, seed=cfg.seed)
+    buf = experts.train_experts(cfg, ds, str(tmp_path / "a"))
+    ref = _arrays(buf, 1, 3)
+    # A bit flip in an epoch file: loading the trajectories names the file.
+    path = buf.epoch_path(0, 2)
+    raw = bytearray(open(path, "rb").read())
+    raw[len(raw) // 2] ^= 1
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match=r"expert_000/epoch_0002\.npz is damaged"):
+        experts.load_trajectories(cfg, ds, str(tmp_path / "a"))
+    # A damaged resume point (or one written but never recorded, as after a kill between the
+    # two) is not trusted: that expert is retrained from its init, to the same weights.
+    state = tmp_path / "a" / "expert_001" / "state.npz"
+    state.write_bytes(state.read_bytes()[:-7])
+    assert buf.epochs_done(1) == -1
+    experts.train_experts(cfg, ds, str(tmp_path / "a"))
+    again = _arrays(buf, 1, 3)
+    assert sorted(again) == sorted(ref)
+    for k in ref:
+        np.testing.assert_array_equal(again[k], ref[k])
+    assert buf.epochs_done(1) == 3

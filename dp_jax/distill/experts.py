@@ -7,6 +7,11 @@ A buffer is a directory::
     cost.json                examples processed and wall time spent, summed over sessions
     expert_XXX/epoch_YYYY.npz  params (+ batch_stats) after epoch YYYY (0 = initialisation)
     expert_XXX/state.npz     the full training state after the last saved epoch (resume point)
+    checksums.json           SHA-256 of every epoch and state file, recorded as each is written
+
+Every epoch and state file is checked against its recorded digest before use: a damaged,
+edited or unrecorded file (a kill between writing and recording) is refused with its path
+(buffers made before checksums existed have no manifest and are read as before).
 
 Experts train with the repository's :class:`dp_jax.train.Trainer` (its batches depend only on
 (key, step), so an expert resumed from ``state.npz`` continues exactly as if never stopped, and
@@ -26,11 +31,13 @@ import os
 import time
 from typing import Any, Callable, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dp_jax import integrity
 from dp_jax import io
 from dp_jax import masks as masks_lib
 from dp_jax import train as train_lib
@@ -129,6 +136,24 @@ class ExpertBuffer:
         """File of expert ``i``'s parameters after ``epoch`` epochs."""
         return os.path.join(self._expert_dir(i), f"epoch_{epoch:04d}.npz")
 
+    def _rel(self, path: str) -> str:
+        return os.path.relpath(path, self.dir)
+
+    def _write_recorded(self, path: str, data: bytes) -> None:
+        integrity.forget(self.dir, self._rel(path))
+        io.atomic_write_bytes(path, data)
+        integrity.record(self.dir, self._rel(path))
+
+    def verify(self, path: str) -> None:
+        """ValueError naming ``path`` when it does not match the digest recorded at write time."""
+        if not integrity.has_records(self.dir):
+            return  # a buffer written before checksums existed
+        why = integrity.problem(self.dir, self._rel(path))
+        if why is not None:
+            raise ValueError(f"expert file {path} is {why}; remove the buffer {self.dir} (or "
+                             "that expert's directory) to retrain it, or use another "
+                             "distill.buffer_dir")
+
     def read_provenance(self) -> Optional[dict]:
         """The stored provenance, or None for an empty buffer."""
         path = os.path.join(self.dir, "provenance.json")
@@ -161,11 +186,18 @@ class ExpertBuffer:
         io.atomic_write_bytes(os.path.join(self.dir, "preprocessing.npz"),
                               _npz_bytes(dist_lib.preprocessing_arrays(preprocessing)))
         io.write_json(os.path.join(self.dir, "provenance.json"), expected)
+        integrity.record(self.dir, "provenance.json")  # a new buffer is checked from the start
 
     def epochs_done(self, i: int) -> int:
         """Epochs saved for expert ``i``: -1 before it starts, 0 once its init is saved."""
         path = os.path.join(self._expert_dir(i), "state.npz")
         if not os.path.exists(path):
+            return -1
+        if integrity.has_records(self.dir) and integrity.problem(self.dir, self._rel(path)):
+            # Damaged, or killed between writing and recording: the expert is retrained from
+            # its init (its batches depend only on (key, step), so the result is the same).
+            logging.warning("expert state %s is %s; retraining expert %d", path,
+                            integrity.problem(self.dir, self._rel(path)), i)
             return -1
         with np.load(path, allow_pickle=False) as z:
             return int(z["epoch"])
@@ -175,19 +207,20 @@ class ExpertBuffer:
         arrays = {f"params/{k}": v for k, v in _flat(snapshot["params"]).items()}
         arrays.update({f"batch_stats/{k}": v for k, v in
                        _flat(snapshot.get("batch_stats", {})).items()})
-        io.atomic_write_bytes(self.epoch_path(i, epoch), _npz_bytes(arrays))
+        self._write_recorded(self.epoch_path(i, epoch), _npz_bytes(arrays))
 
     def save_state(self, i: int, epoch: int, state: train_lib.TrainState) -> None:
         """Write the resume point of expert ``i`` (after its epoch file)."""
         leaves = jax.device_get(jax.tree.leaves(state))
         arrays = {f"leaf_{j:05d}": np.asarray(v) for j, v in enumerate(leaves)}
         arrays["epoch"] = np.asarray(epoch)
-        io.atomic_write_bytes(os.path.join(self._expert_dir(i), "state.npz"), _npz_bytes(arrays))
+        self._write_recorded(os.path.join(self._expert_dir(i), "state.npz"), _npz_bytes(arrays))
 
     def load_state(self, i: int, like: train_lib.TrainState) -> tuple[int, train_lib.TrainState]:
         """``(epoch, state)`` of expert ``i``'s resume point, shaped like ``like``."""
         path = os.path.join(self._expert_dir(i), "state.npz")
         leaves, treedef = jax.tree.flatten(like)
+        self.verify(path)
         try:
             with np.load(path, allow_pickle=False) as z:
                 epoch = int(z["epoch"])
@@ -223,6 +256,8 @@ class ExpertBuffer:
             rows_b: dict[str, list] = {}
             for t in range(num_epochs + 1):
                 path = self.epoch_path(i, t)
+                if os.path.exists(path):
+                    self.verify(path)
                 try:
                     with np.load(path, allow_pickle=False) as z:
                         arrays = {k: z[k] for k in z.files}
