@@ -145,11 +145,12 @@ def _retrain_snapshots(setup, variables, mask, data_key, steps) -> dict:
     return {k: snaps[k] for k in steps}
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
     """Run the experiment described by ``config`` into ``workdir``; returns summary.json's content.
 
     Nothing is written until the config, the data and the workdir's identity have been
-    checked; one process at a time may use a workdir (:class:`dp_jax.workdir.Lock`).
+    checked; one process at a time may use a workdir (:class:`dp_jax.workdir.Lock`). With
+    ``restart_changed``, runs whose settings changed are moved aside and run afresh.
     """
     t_start = time.time()
     distributed.initialize(config)  # before anything touches a JAX backend
@@ -160,12 +161,40 @@ def run(config, workdir: str) -> dict:
     else:
         dataset = load_dataset(config.data, seed=config.seed)
     validate_lib.validate_with_data(config, dataset, specs)
-    workdir_lib.check_identity(workdir, config.to_dict())
+    changed = workdir_lib.check_identity(workdir, config.to_dict(), restart=restart_changed)
     os.makedirs(workdir, exist_ok=True)
     lock = workdir_lib.Lock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
     with lock:
+        if changed and distributed.is_main_process():
+            _supersede_changed(workdir, changed, specs)
         io.write_json(workdir_lib.config_path(workdir), config.to_dict())
         return _run_locked(config, workdir, dataset, specs, t_start)
+
+
+def small_set_labels(specs) -> set:
+    """Labels of the runs that read the ``dp``/``distill`` sections (reinit of one included)."""
+    out: set = set()
+    for s in specs:
+        m = methods.get(s.name)
+        if m.needs_dp or m.needs_distilled or (s.source is not None and s.source in out):
+            out.add(s.label)
+    return out
+
+
+def _supersede_changed(workdir: str, changed: dict, specs) -> None:
+    """Move aside every finished run (and the distilled set) that the ``changed`` fields affect."""
+    small = small_set_labels(specs)
+    known = {s.label for s in specs}
+    only_small = all(k.startswith(workdir_lib.SMALL_SET) for k in changed)
+    # A run of a method no longer listed cannot be classified: it moves whenever anything changed.
+    runs = [(label, seed) for label, seed in workdir_lib.list_runs(workdir)
+            if not only_small or label in small or (label not in known
+                                                    and label != workdir_lib.DENSE)]
+    distill = any(k.startswith(workdir_lib.DISTILL_INPUTS) for k in changed)
+    dest = workdir_lib.supersede(workdir, runs, distill=distill)
+    logging.warning("settings changed (%s): moved %d run(s)%s to %s; they run afresh",
+                    ", ".join(changed), len(runs), " and the distilled set" if distill else "",
+                    dest)
 
 
 def _run_locked(config, workdir, dataset, specs, t_start) -> dict:
@@ -182,7 +211,12 @@ def _run_locked(config, workdir, dataset, specs, t_start) -> dict:
         distilled, cost = prepare_distilled(config, workdir, dataset, setup, progress)
         phases["distill_s"] = time.time() - t0
         phases.update(cost)
+    cfg = config.to_dict()
+    small = small_set_labels(specs)
     for seed in seeds:
+        for label in [workdir_lib.DENSE] + [s.label for s in specs]:
+            workdir_lib.check_run_identity(workdir, label, seed, workdir_lib.run_fields(
+                cfg, label, seed, small_set=label in small))
         t0 = time.time()
         dense = dense_run(setup, workdir, seed, [s.rewind_step for s in specs])
         phases["dense_s"] += time.time() - t0

@@ -20,6 +20,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs; reused to resume.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the full traceback of an error.")
+_RESTART = flags.DEFINE_bool(
+    "restart_changed", False, "When the workdir was made with other settings, move the runs "
+    "those settings affect to <workdir>/superseded/ and run them afresh in place.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # What a user's input causes (bad values, missing files, a busy workdir, diverged training):
@@ -42,7 +45,8 @@ def main(argv):
         raise app.UsageError(f"config.task={task!r} is invalid; allowed: {', '.join(TASKS)}")
     module, fn = TASKS[task].split(":")
     try:
-        summary = getattr(importlib.import_module(module), fn)(config, _WORKDIR.value)
+        summary = getattr(importlib.import_module(module), fn)(
+            config, _WORKDIR.value, restart_changed=_RESTART.value)
     except USER_ERRORS as e:
         if _VERBOSE.value:
             raise

@@ -172,24 +172,106 @@ def identity_fields(config: dict) -> dict:
     return {k: v for k, v in _flatten(config).items() if kept(k)}
 
 
-def check_identity(workdir: str, config: dict) -> None:
-    """Refuse to resume ``workdir`` with settings that would change its finished results.
-
-    Raises ValueError listing every differing field (old and new values) and the ways forward.
-    """
+def identity_diff(workdir: str, config: dict) -> dict:
+    """``{field: (workdir's value, this run's value)}`` of the result-deciding fields that differ
+    from the workdir's config.json (empty for a new workdir)."""
     path = config_path(workdir)
     if not os.path.exists(path):
-        return
+        return {}
     from dp_jax import io
     old, new = identity_fields(io.read_json(path)), identity_fields(config)
-    diff = [f"  {k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
-            for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
-    if diff:
+    unset = "<unset>"
+    return {k: (old.get(k, unset), new.get(k, unset)) for k in sorted(set(old) | set(new))
+            if old.get(k, unset) != new.get(k, unset)}
+
+
+def check_identity(workdir: str, config: dict, *, restart: bool = False) -> dict:
+    """Refuse to resume ``workdir`` with settings that would change its finished results.
+
+    Raises ValueError listing every differing field (old and new values) and the ways forward,
+    unless ``restart`` (``--restart_changed``): then the differences are returned, for the
+    caller to move the affected results aside (:func:`supersede`) and run them afresh.
+    """
+    diff = identity_diff(workdir, config)
+    if diff and not restart:
+        lines = [f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()]
         raise ValueError(
             f"{workdir} holds results of other settings; resuming would mix them. Differing "
-            "fields (workdir -> this run):\n" + "\n".join(diff) + "\nUse a new --workdir, or "
-            "move this one away to start afresh. (More seeds, rounds, methods or rewind steps "
-            "extend a workdir and need neither.)")
+            "fields (workdir -> this run):\n" + "\n".join(lines) + "\nUse a new --workdir, "
+            "or add --restart_changed to run the affected runs afresh in place (their old "
+            f"files move to {os.path.join(workdir, SUPERSEDED)}/). (More seeds, rounds, methods "
+            "or rewind steps extend a workdir and need neither.)")
+    return diff
+
+
+# ---- per-run identity and restarting changed runs in place -----------------------------------
+
+SMALL_SET = ("dp.", "distill.")    # read only by methods that train on a small set
+DISTILL_INPUTS = ("distill.", "data.", "model.", "seed")  # what a distilled set depends on
+SUPERSEDED = "superseded"
+
+
+def run_fields(config: dict, label: str, seed: int, *, small_set: bool) -> dict:
+    """The fields that decide one (method, seed) run's results (``dp``/``distill`` only for
+    methods that read them)."""
+    fields = {k: v for k, v in identity_fields(config).items()
+              if small_set or not k.startswith(SMALL_SET)}
+    fields.pop("seed", None)
+    return dict(fields, run=label, seed=int(seed))
+
+
+def check_run_identity(workdir: str, label: str, seed: int, fields: dict) -> None:
+    """Record a run's fields in ``runs/<run>/identity.json``, or refuse a run directory that
+    an earlier identity file says was made by other settings."""
+    from dp_jax import io
+    path = os.path.join(run_dir(workdir, label, seed), "identity.json")
+    if os.path.exists(path):
+        old = io.read_json(path)
+        diff = [f"{k}: {old.get(k)!r} -> {fields.get(k)!r}" for k in sorted(set(old) | set(fields))
+                if old.get(k) != fields.get(k)]
+        if diff:
+            raise ValueError(f"{run_dir(workdir, label, seed)} was made by other settings ("
+                             + "; ".join(diff) + "); use a new --workdir or --restart_changed")
+        return
+    io.write_json(path, fields)
+
+
+def supersede(workdir: str, runs, *, distill: bool) -> str:
+    """Move the results of ``runs`` (``(label, seed)`` pairs), their analysis files and, with
+    ``distill``, the workdir's distilled set, distillation checkpoints and expert buffer into
+    ``superseded/<UTC time>/`` (nothing is deleted); returns that directory.
+
+    metrics.jsonl keeps the rows of the runs that stay (the full old file moves too).
+    """
+    import shutil
+    import time
+    from dp_jax import integrity, io
+    dest = os.path.join(workdir, SUPERSEDED, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    os.makedirs(dest, exist_ok=True)
+    moved = [run_dir(workdir, label, seed) for label, seed in runs]
+    stems = tuple(run_name(label, seed) + "-round" for label, seed in runs)
+    adir = analysis_dir(workdir)
+    # Per-mask results of the moved runs, and every summary (they would mix old and new).
+    moved += [os.path.join(adir, f) for f in (sorted(os.listdir(adir)) if os.path.isdir(adir)
+                                               else [])
+              if f.startswith(stems) or parse_run_name(f.split("-round")[0]) is None]
+    if distill:
+        moved += [distilled_path(workdir), distilled_grid_path(workdir),
+                  distill_checkpoints(workdir), experts_dir(workdir)]
+        integrity.forget(workdir, os.path.basename(distilled_path(workdir)))
+    for path in moved + [config_path(workdir), metrics_path(workdir)]:
+        if os.path.exists(path):
+            target = os.path.join(dest, os.path.relpath(path, workdir))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            (shutil.copy2 if path in (config_path(workdir), metrics_path(workdir))
+             else shutil.move)(path, target)
+    gone = {run_name(label, seed) for label, seed in runs}
+    if os.path.exists(metrics_path(workdir)):
+        rows = io.read_jsonl(metrics_path(workdir))
+        io.write_jsonl(metrics_path(workdir), [
+            r for r in rows if run_name(str(r.get("run")), int(r.get("seed") or 0)) not in gone
+            and not (distill and r.get("phase") in ("experts", "distill", "distill_eval"))])
+    return dest
 
 
 def check_writable(workdir: str) -> None:

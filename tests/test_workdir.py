@@ -184,3 +184,60 @@ def test_cli_unknown_config_key_lists_the_valid_ones(tmp_path):
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--config.train.lrr: train has no field 'lrr'; valid: batch_size," in out.stderr
+
+
+def _masks(wd, label):
+    return {r: _bytes(wd, os.path.relpath(p, wd))
+            for r, p in workdir.list_masks(wd, label, 0).items()}
+
+
+def test_restart_changed_reruns_only_the_affected_runs(tiny_config, tmp_path):
+    c = tiny_config
+    c.prune.method = "imp,dp"
+    c.prune.rounds = 1
+    c.distill.path = make_distilled(c, str(tmp_path / "set.npz"))
+    wd = str(tmp_path / "wd")
+    experiment.run(c, wd)
+    imp, dp = _masks(wd, "imp_k0"), _masks(wd, "dp")
+    c.dp.lr = 0.2  # read by DP only
+    with pytest.raises(ValueError, match=r"dp.lr: .* -> 0.2(.|\n)*--restart_changed"):
+        experiment.run(c, wd)
+    experiment.run(c, wd, restart_changed=True)
+    assert _masks(wd, "imp_k0") == imp  # untouched
+    (old,) = os.listdir(os.path.join(wd, workdir.SUPERSEDED))
+    moved = os.path.join(wd, workdir.SUPERSEDED, old)
+    assert sorted(os.listdir(os.path.join(moved, "runs"))) == ["dp-seed0"]
+    assert _masks(moved, "dp") == dp
+    fresh = str(tmp_path / "fresh")
+    experiment.run(c, fresh)
+    assert _masks(wd, "dp") == _masks(fresh, "dp") != dp
+    assert _strip(io.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == \
+        _strip(io.read_jsonl(os.path.join(fresh, "rounds.jsonl")))
+    # A field every run reads: everything moves and reruns, equal to a fresh workdir.
+    c.train.lr = 0.01
+    experiment.run(c, wd, restart_changed=True)
+    fresh2 = str(tmp_path / "fresh2")
+    experiment.run(c, fresh2)
+    assert _masks(wd, "imp_k0") == _masks(fresh2, "imp_k0") != imp
+    assert _strip(io.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == \
+        _strip(io.read_jsonl(os.path.join(fresh2, "rounds.jsonl")))
+    # The metrics stream holds no rows of the superseded trainings.
+    rows = [r for r in io.read_jsonl(os.path.join(wd, "metrics.jsonl")) if "run" in r]
+    assert len(rows) == len([r for r in io.read_jsonl(os.path.join(fresh2, "metrics.jsonl"))
+                             if "run" in r])
+
+
+def test_a_run_directory_from_other_settings_is_refused(tiny_config, tmp_path):
+    c = tiny_config
+    c.prune.method = "imp"
+    c.prune.rounds = 1
+    wd = str(tmp_path / "wd")
+    experiment.run(c, wd)
+    path = os.path.join(workdir.run_dir(wd, "imp_k0", 0), "identity.json")
+    fields = io.read_json(path)
+    assert fields["train.lr"] == c.train.lr and fields["run"] == "imp_k0"
+    assert not any(k.startswith(("dp.", "distill.")) for k in fields)  # IMP reads neither
+    fields["train.lr"] = 1.0  # as if copied in from another workdir
+    io.write_json(path, fields)
+    with pytest.raises(ValueError, match=r"imp_k0-seed0 was made by other settings \(train.lr"):
+        experiment.run(c, wd)

@@ -115,14 +115,28 @@ def ensure_distilled(config, workdir: str, dataset, *,
     return distill_into(config, workdir, dataset, log=log)
 
 
-def run(config, workdir: str) -> dict:
-    """The 'distill' task: experts -> MTT -> evaluation; returns summary.json's content."""
+def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
+    """The 'distill' task: experts -> MTT -> evaluation; returns summary.json's content.
+
+    Nothing is written before the config, the data and the workdir's identity are checked;
+    with ``restart_changed`` a workdir made by other settings has its distillation moved to
+    ``superseded/`` and redone.
+    """
     t_start = time.time()
     validate_static(config)
-    os.makedirs(workdir, exist_ok=True)
-    io.write_json(workdir_lib.config_path(workdir), config.to_dict())
+    workdir_lib.check_writable(workdir)
     dataset = load_dataset(config.data, seed=config.seed)
     config_lib.validate_with_data(config, dataset)
+    changed = workdir_lib.check_identity(workdir, config.to_dict(), restart=restart_changed)
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.Lock(workdir):
+        if changed:
+            workdir_lib.supersede(workdir, [], distill=True)
+        io.write_json(workdir_lib.config_path(workdir), config.to_dict())
+        return _run_locked(config, workdir, dataset, t_start)
+
+
+def _run_locked(config, workdir: str, dataset, t_start: float) -> dict:
     d = config.distill
     metrics = workdir_lib.metrics_path(workdir)
 
