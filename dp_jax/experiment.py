@@ -167,7 +167,7 @@ def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
     with lock:
         if changed and distributed.is_main_process():
             _supersede_changed(workdir, changed, specs)
-        io.write_json(workdir_lib.config_path(workdir), config.to_dict())
+        io.write_json(workdir_lib.config_path(workdir), with_data_source(config, dataset))
         return _run_locked(config, workdir, dataset, specs, t_start)
 
 
@@ -195,6 +195,16 @@ def _supersede_changed(workdir: str, changed: dict, specs) -> None:
     logging.warning("settings changed (%s): moved %d run(s)%s to %s; they run afresh",
                     ", ".join(changed), len(runs), " and the distilled set" if distill else "",
                     dest)
+
+
+def with_data_source(config, dataset) -> dict:
+    """config.json's content: the config plus ``data_source``, where the data was read from."""
+    return dict(config.to_dict(), data_source=data_source(dataset))
+
+
+def data_source(dataset) -> str:
+    """Where ``dataset`` was read from (a directory, file or TFDS name)."""
+    return getattr(dataset, "source", "") or dataset.name
 
 
 def _run_locked(config, workdir, dataset, specs, t_start) -> dict:
@@ -230,7 +240,7 @@ def _run_locked(config, workdir, dataset, specs, t_start) -> dict:
             # Process 0 wrote this run's files; other hosts read them (reinit, summary) after it.
             distributed.sync(f"dp_jax-{spec.label}-seed{seed}")
     progress.close()
-    summary = summarize(workdir, phases, time.time() - t_start)
+    summary = summarize(workdir, phases, time.time() - t_start, data_source(dataset))
     if distributed.is_main_process():
         from dp_jax import report  # matplotlib is imported only when reporting
         report.write_report(workdir)
@@ -298,7 +308,7 @@ def _merge_rounds(workdir: str) -> list:
     return rows
 
 
-def summarize(workdir: str, phases: dict, wall_s: float) -> dict:
+def summarize(workdir: str, phases: dict, wall_s: float, source: str = "") -> dict:
     """Write summary.json: final figures per method, dense accuracy and compute per phase."""
     rows = _merge_rounds(workdir)
     by_method: dict[str, Any] = {}
@@ -321,7 +331,7 @@ def summarize(workdir: str, phases: dict, wall_s: float) -> dict:
             "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),
             "wall_s": float(sum(r["wall_s"] for r in rs)),
         }
-    summary = {"methods": methods, "phases_s": phases, "wall_s": wall_s,
+    summary = {"methods": methods, "phases_s": phases, "wall_s": wall_s, "data_source": source,
                "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend()}
     io.write_json(workdir_lib.summary_path(workdir), summary)
     return summary

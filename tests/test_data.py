@@ -2,6 +2,7 @@
 
 import gzip
 import pathlib
+import re
 import types
 
 import numpy as np
@@ -94,16 +95,37 @@ def test_fashion_mnist_from_home_cache_subdirectory(tmp_path, no_system_data):
 
 
 def test_fashion_mnist_missing_lists_dirs_and_remedies(tmp_path, no_system_data):
-    partial = tmp_path / "partial"
-    _, paths = make_fashion_dir(partial)
-    paths["y_test"].unlink()
+    make_fashion_dir(tmp_path / "home" / ".cache" / "dp_jax" / "fashion_mnist" / "elsewhere")
     with pytest.raises(FileNotFoundError) as info:
-        load_dataset(cfg(name="fashion_mnist", data_dir=str(partial)), seed=0)
+        load_dataset(cfg(name="fashion_mnist"), seed=0)
     msg = str(info.value)
-    for text in (str(partial), "has only", str(tmp_path / "home" / ".cache" / "dp_jax"),
+    for text in (str(tmp_path / "home" / ".cache" / "dp_jax"),
                  str(tmp_path / "no_system_dir"), "apt-get install dataset-fashion-mnist",
                  "--config.data.name=tfds:fashion_mnist", "$DP_JAX_DATA_DIR"):
         assert text in msg
+
+
+@pytest.mark.parametrize("how", ["data_dir", "env"])
+def test_an_explicit_incomplete_data_dir_is_an_error_not_a_fallback(tmp_path, no_system_data,
+                                                                     monkeypatch, how):
+    make_fashion_dir(tmp_path / "home" / ".cache" / "dp_jax", n_train=20)  # a complete copy
+    partial = tmp_path / "partial"
+    _, paths = make_fashion_dir(partial)
+    paths["y_test"].unlink()
+    kw = {}
+    if how == "env":
+        monkeypatch.setenv(sources.DATA_DIR_ENV, str(partial))
+    else:
+        kw["data_dir"] = str(partial)
+    which = "data.data_dir" if how == "data_dir" else "$DP_JAX_DATA_DIR"
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(which)}=.*partial is incomplete: "
+                       r"missing t10k-labels-idx1-ubyte\[\.gz\]"):
+        load_dataset(cfg(name="fashion_mnist", **kw), seed=0)
+    # Without it the complete copy is found, and where it came from is recorded.
+    monkeypatch.delenv(sources.DATA_DIR_ENV, raising=False)
+    ds = load_dataset(cfg(name="fashion_mnist"), seed=0)
+    assert ds.x_train.shape[0] == 20
+    assert ds.source == f"fashion_mnist ({tmp_path / 'home' / '.cache' / 'dp_jax'})"
 
 
 def test_idx_bad_magic(tmp_path, no_system_data):

@@ -233,6 +233,9 @@ def test_a_run_directory_from_other_settings_is_refused(tiny_config, tmp_path):
     c.prune.rounds = 1
     wd = str(tmp_path / "wd")
     experiment.run(c, wd)
+    src = "npz:" + os.path.abspath(c.data.name[len("npz:"):])
+    assert io.read_json(os.path.join(wd, "config.json"))["data_source"] == src
+    assert io.read_json(os.path.join(wd, "summary.json"))["data_source"] == src
     path = os.path.join(workdir.run_dir(wd, "imp_k0", 0), "identity.json")
     fields = io.read_json(path)
     assert fields["train.lr"] == c.train.lr and fields["run"] == "imp_k0"

@@ -32,6 +32,7 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     preprocessing: dict
+    source: str = ""  # where the data was read from (recorded in config.json and summary.json)
 
     @property
     def image_shape(self) -> tuple:
@@ -182,4 +183,4 @@ def load_dataset(data_cfg: Any, *, seed: int) -> Dataset:
         x_test=pre.apply_preprocessing(x_test, preprocessing),
         y_test=raw.y_test.astype(np.int32),
         num_classes=int(raw.num_classes),
-        preprocessing=preprocessing)
+        preprocessing=preprocessing, source=raw.source)

@@ -93,15 +93,19 @@ def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
 
 def fashion_mnist_search_dirs(data_dir: str | None) -> list[pathlib.Path]:
     """Directories searched for the Fashion-MNIST IDX files, in order."""
+    explicit = explicit_data_dir(data_dir)
+    if explicit is not None:
+        return [explicit]
     dirs = []
-    if data_dir:
-        dirs.append(pathlib.Path(data_dir).expanduser())
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        dirs.append(pathlib.Path(env).expanduser())
     cache = pathlib.Path.home() / ".cache" / "dp_jax"
     dirs += [cache, cache / "fashion_mnist", pathlib.Path(FASHION_MNIST_SYSTEM_DIR)]
     return dirs
+
+
+def explicit_data_dir(data_dir: str | None) -> pathlib.Path | None:
+    """The directory the user named (``data.data_dir``, else ``$DP_JAX_DATA_DIR``), if any."""
+    chosen = data_dir or os.environ.get(DATA_DIR_ENV)
+    return pathlib.Path(chosen).expanduser() if chosen else None
 
 
 def _find_idx_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -121,10 +125,19 @@ def load_fashion_mnist(data_dir: str | None = None) -> RawData:
     Raises FileNotFoundError listing the directories searched and how to get the data.
     """
     searched = []
+    explicit = explicit_data_dir(data_dir)
     for directory in fashion_mnist_search_dirs(data_dir):
         files = _find_idx_files(directory)
         if len(files) == len(FASHION_MNIST_FILES):
             break
+        if explicit is not None:
+            # A directory the user chose is never silently replaced by another copy.
+            which = "data.data_dir" if data_dir else f"${DATA_DIR_ENV}"
+            missing = [f"{b}[.gz]" for k, b in FASHION_MNIST_FILES.items() if k not in files]
+            raise FileNotFoundError(
+                f"{which}={directory} is incomplete: missing {', '.join(missing)}"
+                + ("" if directory.is_dir() else " (the directory does not exist)")
+                + f"; add the files or unset {which} to use the other copies")
         note = f" (has only {sorted(p.name for p in files.values())})" if files else ""
         searched.append(f"{directory}{note}")
     else:
@@ -168,7 +181,7 @@ def load_npz(path: str | os.PathLike) -> RawData:
     axis is added); y is 1-D integer. num_classes is the largest label of either split plus one.
     """
     path = pathlib.Path(path).expanduser()
-    source = f"npz:{path}"
+    source = f"npz:{os.path.abspath(path)}"
     if not path.is_file():
         raise FileNotFoundError(f"{source}: no such file")
     try:
@@ -283,7 +296,7 @@ def load_tfds(name: str, data_dir: str | None = None, image_size: int | None = N
     """
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-    source = f"tfds:{name}"
+    source = f"tfds:{name}" + (f" ({data_dir})" if data_dir else "")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:

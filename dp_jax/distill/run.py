@@ -132,7 +132,8 @@ def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
     with workdir_lib.Lock(workdir):
         if changed:
             workdir_lib.supersede(workdir, [], distill=True)
-        io.write_json(workdir_lib.config_path(workdir), config.to_dict())
+        io.write_json(workdir_lib.config_path(workdir),
+                      dict(config.to_dict(), data_source=dataset.source or dataset.name))
         return _run_locked(config, workdir, dataset, t_start)
 
 
@@ -181,7 +182,8 @@ def _run_locked(config, workdir: str, dataset, t_start: float) -> dict:
     summary = {"task": "distill", "dataset": dataset.name, "model": experts_lib.model_fields(
         config.model), "images": len(ds), "stored_images": int(ds.stored_images.shape[0]),
         "ipc": int(d.ipc), "factor": int(d.factor), "lr": ds.lr,
-        "preprocess": dataset.preprocessing["kind"], "results": results, "cost": ds.cost,
+        "preprocess": dataset.preprocessing["kind"], "data_source": dataset.source,
+        "results": results, "cost": ds.cost,
         "phases_s": phases, "wall_s": time.time() - t_start,
         "devices": [str(x) for x in jax.devices()], "backend": jax.default_backend()}
     io.write_json(workdir_lib.summary_path(workdir), summary)
