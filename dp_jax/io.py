@@ -13,6 +13,7 @@ last *complete* round and rewrites its records exactly.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -23,6 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceError(RuntimeError):
+    """The disk (or quota) is full: a user problem, reported in one line by the command line."""
+
+
+def no_space(path: str, e: OSError) -> NoSpaceError:
+    """The error to raise when writing ``path`` failed for lack of space."""
+    return NoSpaceError(f"no space left to write {path} ({e.strerror}); free some space or use "
+                        "a --workdir on another disk, then run the same command again to resume")
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -38,10 +52,23 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise no_space(path, e) from e
         raise
+
+
+def _os_error(e: BaseException):
+    """The first OSError in ``e``'s chain of causes, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _jsonable(x):
@@ -77,8 +104,13 @@ def append_jsonl(path: str, row: dict) -> None:
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(_jsonable(row), sort_keys=True) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(_jsonable(row), sort_keys=True) + "\n")
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise no_space(path, e) from e
+        raise
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -150,9 +182,17 @@ class RoundCheckpointer:
     def save(self, step: int, arrays: Any, payload: dict) -> None:
         """Save a pytree of arrays and a JSON payload as ``step`` (blocks until committed)."""
         arrays = _checkpointable(arrays)
-        self._mgr.save(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(arrays), payload=ocp.args.JsonSave(_jsonable(payload))))
-        self._mgr.wait_until_finished()
+        try:
+            self._mgr.save(step, args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(arrays),
+                payload=ocp.args.JsonSave(_jsonable(payload))))
+            self._mgr.wait_until_finished()
+        except Exception as e:
+            # The checkpoint library may wrap the OSError; a full disk is reported plainly.
+            cause = _os_error(e)
+            if cause is not None and cause.errno in NO_SPACE:
+                raise no_space(f"{self.directory}/{step}", cause) from e
+            raise
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict]:
         """Restore ``(arrays, payload)`` of ``step``; ``like`` gives the array structure."""
