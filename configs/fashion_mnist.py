@@ -120,6 +120,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = "all"
 
+    # Where metrics go besides metrics.jsonl (dp_jax/metrics_log.py): TensorBoard event files
+    # under <workdir>/tb, and optionally Weights & Biases (offline unless WANDB_MODE says so).
+    c.metrics = ml_collections.ConfigDict()
+    c.metrics.tensorboard = True
+    c.metrics.wandb = False
+    c.metrics.wandb_project = "dp_jax"
+
     c.parallel = ml_collections.ConfigDict()
     c.parallel.data_parallel = False  # shard batches over all devices ('data' mesh axis)
     # One process per host, joined by jax.distributed (dp_jax/distributed.py documents the

@@ -41,8 +41,12 @@ from dp_jax.models import create_model, init_variables
 from dp_jax.progress import Progress
 
 
-def build_setup(config, dataset, *, metrics_path: str | None = None) -> prune_lib.Setup:
+def build_setup(config, dataset, *, metrics_path: str | None = None,
+                log=None) -> prune_lib.Setup:
     """Model, optimiser, compiled trainer and device-resident data for ``config``.
+
+    Epoch metrics go to ``log(**row)`` (a :class:`dp_jax.metrics_log.MetricsLog`) if given,
+    else are appended to ``metrics_path`` if given.
 
     ``dataset`` is a ``Dataset`` (held on the devices) or, for ``data.pipeline='stream'``,
     a ``pipeline.StreamingData`` (read by the host while training).
@@ -70,7 +74,9 @@ def build_setup(config, dataset, *, metrics_path: str | None = None) -> prune_li
                                 eval_batch_size=config.train.eval_batch_size, augment=augment)
 
     def log_epoch(**kw):
-        if metrics_path:
+        if log is not None:
+            log(**kw)
+        elif metrics_path:
             io.append_jsonl(metrics_path, kw)
 
     # With a mesh the variables are created replicated on it: on several hosts every jitted
@@ -208,7 +214,16 @@ def data_source(dataset) -> str:
 
 
 def _run_locked(config, workdir, dataset, specs, t_start) -> dict:
-    setup = build_setup(config, dataset, metrics_path=workdir_lib.metrics_path(workdir))
+    from dp_jax.metrics_log import MetricsLog
+    sink = MetricsLog(workdir, config.get("metrics"))
+    try:
+        return _run_all(config, workdir, dataset, specs, t_start, sink)
+    finally:
+        sink.close()
+
+
+def _run_all(config, workdir, dataset, specs, t_start, sink) -> dict:
+    setup = build_setup(config, dataset, log=sink)
     seeds = [config.seed + i for i in range(config.seeds)]
     total_rounds = len(seeds) * len(specs) * (config.prune.rounds + 1)
     progress = Progress(total_rounds, desc="rounds")
@@ -218,7 +233,8 @@ def _run_locked(config, workdir, dataset, specs, t_start) -> dict:
     distilled = None
     if any(methods.get(s.name).needs_distilled for s in specs):
         t0 = time.time()
-        distilled, cost = prepare_distilled(config, workdir, dataset, setup, progress)
+        distilled, cost = prepare_distilled(config, workdir, dataset, setup, progress,
+                                            sink=sink)
         phases["distill_s"] = time.time() - t0
         phases.update(cost)
     cfg = config.to_dict()
@@ -247,7 +263,7 @@ def _run_locked(config, workdir, dataset, specs, t_start) -> dict:
     return summary
 
 
-def prepare_distilled(config, workdir, dataset, setup, progress=None):
+def prepare_distilled(config, workdir, dataset, setup, progress=None, *, sink=None):
     """The distilled set (made, reused or loaded) and DP's compiled inner loop.
 
     Returns ``((x, y, inner_train, learned_lr), cost)`` where ``cost`` holds the distillation
@@ -257,8 +273,8 @@ def prepare_distilled(config, workdir, dataset, setup, progress=None):
     from dp_jax.data.augment import make_augment
     metrics = workdir_lib.metrics_path(workdir)
 
-    def log(**kw):  # distillation metrics go to metrics.jsonl and to the progress line
-        io.append_jsonl(metrics, kw)
+    def log(**kw):  # distillation metrics go to metrics.jsonl (+ viewers) and the progress line
+        sink(**kw) if sink is not None else io.append_jsonl(metrics, kw)
         if progress is not None:
             progress.note(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in kw.items() if k in ("phase", "expert", "epoch",

@@ -18,12 +18,10 @@ import numpy as np
 from dp_jax import io
 from dp_jax import methods
 from dp_jax import workdir as workdir_lib
+from dp_jax.report_merge import TIMINGS, gather, merge_note  # noqa: F401 (re-exported)
 
 ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis -->", "<!-- /analysis -->"
 pretty = methods.pretty  # a run label's name in tables and plots, from the method registry
-
-
-TIMINGS = ("wall_s", "mask_s", "train_s", "search_s")  # differ between any two runs
 
 
 def sample_std(values) -> Optional[float]:
@@ -211,19 +209,6 @@ def layer_sparsity_table(workdirs) -> str:
     return "\n".join(lines)
 
 
-def method_costs(rows: list[dict]) -> dict[str, dict]:
-    """Per method, the final figures of the cost table (as summary.json's ``methods``)."""
-    out = {}
-    for label in sorted({r["method"] for r in rows}):
-        rs = [r for r in rows if r["method"] == label]
-        final = [r for r in rs if r["round"] == max(x["round"] for x in rs)]
-        out[label] = {"final_sparsity": float(np.mean([r["sparsity"] for r in final])),
-                      "mask_search_examples": int(max(r["train_examples"] for r in final)),
-                      "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),
-                      "wall_s": float(sum(r["wall_s"] for r in rs))}
-    return out
-
-
 def cost_section(summary: dict, agg: dict[str, list[dict]]) -> list[str]:
     """Markdown lines comparing the mask-search cost of IMP and DP (with and without distillation)."""
     methods = summary.get("methods", {})
@@ -263,72 +248,6 @@ def cost_section(summary: dict, agg: dict[str, list[dict]]) -> list[str]:
     return parts
 
 
-def _check_settings(configs: dict[str, dict]) -> None:
-    """Refuse workdirs whose result-deciding settings differ (seeds aside), naming the fields."""
-    if len(configs) < 2:
-        return
-    if not all(configs.values()):
-        raise ValueError("cannot merge: " + ", ".join(d for d, c in configs.items() if not c)
-                         + " has no config.json to compare")
-    ident = {d: {k: v for k, v in workdir_lib.identity_fields(c).items() if k != "seed"}
-             for d, c in configs.items()}
-    (d0, a), *rest = ident.items()
-    for d, b in rest:
-        diff = [f"{k} ({a.get(k, '<unset>')!r} vs {b.get(k, '<unset>')!r})"
-                for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
-        if diff:
-            raise ValueError(f"cannot merge {d0} and {d}: their settings differ in "
-                             f"{', '.join(diff)}; only seeds may differ")
-
-
-def gather(workdirs: Sequence[str]) -> dict:
-    """Rows, config, summary and seeds of one workdir, or of several merged (seeds pooled).
-
-    Merged workdirs must share every result-deciding setting but ``seed``/``seeds``; a
-    (method, seed) run held by several must have the same records (timings aside) and is
-    taken once. Raises ValueError naming the workdirs (and fields) otherwise.
-    """
-    runs, origin, configs, summaries = {}, {}, {}, []
-    for d in workdirs:
-        rows = io.read_jsonl(workdir_lib.rounds_path(d))
-        if not rows:
-            raise ValueError(f"{d}/rounds.jsonl has no rounds; nothing to report")
-        cfg, summ = workdir_lib.config_path(d), workdir_lib.summary_path(d)
-        configs[d] = io.read_json(cfg) if os.path.exists(cfg) else {}
-        summaries.append(io.read_json(summ) if os.path.exists(summ) else {})
-        for key in sorted({(r["method"], r["seed"]) for r in rows}):
-            rs = sorted(({k: v for k, v in r.items() if k not in TIMINGS} for r in rows
-                         if (r["method"], r["seed"]) == key), key=lambda r: r["round"])
-            if runs.setdefault(key, rs) != rs:
-                raise ValueError(f"cannot merge: {origin[key]} and {d} both hold {key[0]} "
-                                 f"seed {key[1]} with different records")
-            origin.setdefault(key, d)
-    _check_settings(configs)
-    rows = [r for d in workdirs for r in io.read_jsonl(workdir_lib.rounds_path(d))
-            if origin[(r["method"], r["seed"])] == d]
-    summary = {}
-    if all(s.get("methods") for s in summaries):
-        # Phases are per workdir (one distillation each): their mean is the cost of one.
-        phases = [s.get("phases_s", {}) for s in summaries]
-        summary = {"methods": method_costs(rows), "backend": summaries[0].get("backend", "?"),
-                   "phases_s": {k: float(np.mean([p.get(k, 0) for p in phases]))
-                                for k in sorted({k for p in phases for k in p})},
-                   "wall_s": float(sum(s.get("wall_s", 0) for s in summaries))}
-    seeds = {d: sorted({s for (_, s), o in origin.items() if o == d}) for d in workdirs}
-    return {"rows": rows, "config": next(iter(configs.values())), "summary": summary,
-            "seeds": seeds}
-
-
-def _merge_note(g: dict) -> list[str]:
-    if len(g["seeds"]) < 2:
-        return []
-    note = "Merged from " + ", ".join(f"`{d}` (seeds {', '.join(map(str, s)) or '-'})"
-                                      for d, s in g["seeds"].items()) + "."
-    if g["config"].get("data", {}).get("train_size"):
-        note += " Each workdir drew its data.train_size subset with its own config.seed."
-    return [note, ""]
-
-
 def write_report(workdir: str, sources: Optional[Sequence[str]] = None) -> str:
     """Write report.md and plots/*.png into ``workdir``; returns the report text.
 
@@ -346,7 +265,7 @@ def write_report(workdir: str, sources: Optional[Sequence[str]] = None) -> str:
     single = all(a["n"] == 1 for rows in agg.values() for a in rows)
     spread = ("one seed (n=1), so no spread is shown" if single else
               "mean ± sample std (ddof=1) over the n seeds of each cell")
-    parts = [f"# Pruning report: {title}", ""] + _merge_note(g) + [
+    parts = [f"# Pruning report: {title}", ""] + merge_note(g) + [
              "Test accuracy (%) of each round's mask, trained on the real training set; "
              f"{spread}.", "", accuracy_table(agg), "",
              "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)", ""]
@@ -357,6 +276,7 @@ def write_report(workdir: str, sources: Optional[Sequence[str]] = None) -> str:
         parts += cost_section(summary, agg)
         plot_accuracy_vs_examples(agg, workdir_lib.plot_path(workdir, "accuracy_vs_examples.png"))
         parts += ["![accuracy vs examples](plots/accuracy_vs_examples.png)", ""]
+    parts += _curve_sections(workdir, sources)
     parts += _mask_sections(sources, sorted(agg))
     text = "\n".join(parts)
     path = workdir_lib.report_path(workdir)
@@ -367,6 +287,24 @@ def write_report(workdir: str, sources: Optional[Sequence[str]] = None) -> str:
             text += "\n" + old[start:end + len(ANALYSIS_END)] + "\n"
     io.atomic_write_bytes(path, text.encode())
     return text
+
+
+def _curve_sections(workdir: str, sources: list[str]) -> list[str]:
+    """Training curves and the distillation loss, from the sources' metrics.jsonl."""
+    from dp_jax import curves
+    rows, parts = curves.metric_rows(sources), []
+    if curves.plot_training_curves(rows, workdir_lib.plot_path(workdir, "training_curves.png"),
+                                   pretty=pretty):
+        parts += ["## Training curves", "", "Training loss per epoch of each round's training "
+                  "(mean over seeds; darker lines are later rounds). Every scalar is also in "
+                  "TensorBoard: `tensorboard --logdir " + ", ".join(
+                      workdir_lib.tensorboard_dir(d) for d in sources) + "`.", "",
+                  "![training curves](plots/training_curves.png)", ""]
+    if curves.plot_distillation(rows, workdir_lib.plot_path(workdir, "distillation_loss.png")):
+        parts += ["## Distillation", "", "Matching loss per iteration of the distillation "
+                  "(and the periodic evaluation's accuracy, when enabled).", "",
+                  "![distillation loss](plots/distillation_loss.png)", ""]
+    return parts
 
 
 def _mask_sections(sources: list[str], labels: list[str]) -> list[str]:

@@ -37,6 +37,21 @@ def _finite(section, prefix: str = "config") -> None:
             raise ValueError(f"{name}={value!r} is invalid; allowed: finite numbers")
 
 
+def validate_metrics(config) -> None:
+    """The ``metrics`` section (absent in configs older than it: nothing beyond metrics.jsonl)."""
+    m = config.get("metrics")
+    if m is None:
+        return
+    for f in ("tensorboard", "wandb"):
+        _need(isinstance(m.get(f), bool), f"metrics.{f}", "True | False", m.get(f))
+    _need(isinstance(m.get("wandb_project"), str) and m.get("wandb_project"),
+          "metrics.wandb_project", "a non-empty string", m.get("wandb_project"))
+    if m.get("wandb"):
+        import importlib.util
+        _need(importlib.util.find_spec("wandb") is not None, "metrics.wandb",
+              "False, or True with the wandb package installed (pip install wandb)", True)
+
+
 def validate_static(config) -> list:
     """Check every field that does not depend on the data; returns the parsed method specs."""
     _finite(config)
@@ -77,6 +92,7 @@ def validate_static(config) -> list:
           "warn | error | ignore", p.on_empty_layer)
     _need(config.checkpoint.keep in ("all", "last"), "checkpoint.keep", "all | last",
           config.checkpoint.keep)
+    validate_metrics(config)
     if config.parallel.data_parallel:
         n = jax.device_count()
         _need(t.batch_size % n == 0, "train.batch_size",

@@ -7,6 +7,7 @@
       checkpoints/                          orbax round checkpoints
       rounds.jsonl                          the run's own records
   analysis/<label>-seed<s>-roundXXX*.json   per-mask analysis results, plus summaries
+  tb/                                       TensorBoard event files (metrics.tensorboard)
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def report_path(workdir: str) -> str:
 def plot_path(workdir: str, name: str) -> str:
     """``plots/<name>`` (name includes the extension)."""
     return os.path.join(workdir, "plots", name)
+
+
+def tensorboard_dir(workdir: str) -> str:
+    """TensorBoard event files, one TensorBoard run per training round / expert / distillation."""
+    return os.path.join(workdir, "tb")
 
 
 def eval_mask_path(workdir: str) -> str:
@@ -150,7 +156,7 @@ def list_masks(workdir: str, label: str, seed: int) -> dict[int, str]:
 # Fields that only add work (more seeds, rounds, methods, rewind steps) or cannot change any
 # result (loop forms proven step-identical, evaluation batch size, sharding, checkpoint cadence).
 ADDITIVE = ("seeds", "prune.method", "prune.rounds", "prune.rewind_step", "prune.plugins")
-NO_EFFECT = ("task", "data_source", "parallel.", "checkpoint.", "train.eval_batch_size", "train.loop", "train.unroll",
+NO_EFFECT = ("task", "data_source", "metrics.", "parallel.", "checkpoint.", "train.eval_batch_size", "train.loop", "train.unroll",
              "dp.loop", "dp.unroll", "dp.chunk", "distill.checkpoint_every", "data.label_cache")
 
 

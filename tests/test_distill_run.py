@@ -1,6 +1,7 @@
 """End-to-end tests of the 'distill' task: run() smoke, resume after a kill, ensure_distilled,
 config validation."""
 
+import glob
 import json
 import os
 
@@ -55,7 +56,13 @@ def test_run_writes_the_contract(smoke_run):
     assert sorted(np.bincount(ds.labels)) == [cfg.distill.ipc] * 3
     assert ds.cost["distill_examples"] == cfg.distill.iterations * cfg.distill.syn_steps * 6
     with open(os.path.join(workdir, "report.md")) as f:
-        assert "random real subset" in f.read()
+        text = f.read()
+    assert "random real subset" in text and "plots/distillation_loss.png" in text
+    assert os.path.isfile(os.path.join(workdir, "plots", "distillation_loss.png"))
+    assert on_disk["data_source"] == "npz:" + os.path.abspath(cfg.data.name[len("npz:"):])
+    assert glob.glob(os.path.join(workdir, "tb", "distill", "events.out.tfevents.*"))
+    assert len(glob.glob(os.path.join(workdir, "tb", "experts", "expert_*"))) == \
+        cfg.distill.num_experts
 
 
 def test_ensure_distilled_precedence(smoke_run, tiny_npz, tmp_path):

@@ -51,6 +51,8 @@ def validate_static(config) -> None:
     need(config.train.batch_size >= 1, "train.batch_size", "an integer >= 1",
          config.train.batch_size)
     config_lib.validate(config)
+    from dp_jax.validate import validate_metrics
+    validate_metrics(config)
 
 
 def _buffer_dir(config, workdir: str) -> str:
@@ -138,11 +140,19 @@ def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
 
 
 def _run_locked(config, workdir: str, dataset, t_start: float) -> dict:
+    from dp_jax.metrics_log import MetricsLog
+    sink = MetricsLog(workdir, config.get("metrics"))
+    try:
+        return _distill_and_evaluate(config, workdir, dataset, t_start, sink)
+    finally:
+        sink.close()
+
+
+def _distill_and_evaluate(config, workdir: str, dataset, t_start: float, sink) -> dict:
     d = config.distill
-    metrics = workdir_lib.metrics_path(workdir)
 
     def log(**kw):
-        io.append_jsonl(metrics, kw)
+        sink(**kw)
         if kw.get("phase") == "experts":
             logging.info("expert %s epoch %s: %s", kw.get("expert"), kw.get("epoch"),
                          {k: v for k, v in kw.items() if k in ("loss", "accuracy",
@@ -233,4 +243,10 @@ def write_report(workdir: str, summary: dict, config) -> None:
         "",
         "![distilled images](distilled.png)",
         ""]
+    from dp_jax import curves
+    if curves.plot_distillation(io.read_jsonl(workdir_lib.metrics_path(workdir)),
+                                workdir_lib.plot_path(workdir, "distillation_loss.png")):
+        lines += ["Matching loss per iteration (TensorBoard: `tensorboard --logdir "
+                  f"{workdir_lib.tensorboard_dir(workdir)}`):", "",
+                  "![distillation loss](plots/distillation_loss.png)", ""]
     io.atomic_write_bytes(workdir_lib.report_path(workdir), "\n".join(lines).encode())

@@ -1,0 +1,97 @@
+"""Merging the results of several workdirs (e.g. a sweep's seeds) into one report.
+
+Merged workdirs must share every result-deciding setting except the seed; a (method, seed)
+run found in several must hold the same records, and is counted once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from dp_jax import io
+from dp_jax import workdir as workdir_lib
+
+TIMINGS = ("wall_s", "mask_s", "train_s", "search_s")  # differ between any two runs
+
+
+def method_costs(rows: list[dict]) -> dict[str, dict]:
+    """Per method, the final figures of the cost table (as summary.json's ``methods``)."""
+    out = {}
+    for label in sorted({r["method"] for r in rows}):
+        rs = [r for r in rows if r["method"] == label]
+        final = [r for r in rs if r["round"] == max(x["round"] for x in rs)]
+        out[label] = {"final_sparsity": float(np.mean([r["sparsity"] for r in final])),
+                      "mask_search_examples": int(max(r["train_examples"] for r in final)),
+                      "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),
+                      "wall_s": float(sum(r["wall_s"] for r in rs))}
+    return out
+
+
+def _check_settings(configs: dict[str, dict]) -> None:
+    """Refuse workdirs whose result-deciding settings differ (seeds aside), naming the fields."""
+    if len(configs) < 2:
+        return
+    if not all(configs.values()):
+        raise ValueError("cannot merge: " + ", ".join(d for d, c in configs.items() if not c)
+                         + " has no config.json to compare")
+    ident = {d: {k: v for k, v in workdir_lib.identity_fields(c).items() if k != "seed"}
+             for d, c in configs.items()}
+    (d0, a), *rest = ident.items()
+    for d, b in rest:
+        diff = [f"{k} ({a.get(k, '<unset>')!r} vs {b.get(k, '<unset>')!r})"
+                for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+        if diff:
+            raise ValueError(f"cannot merge {d0} and {d}: their settings differ in "
+                             f"{', '.join(diff)}; only seeds may differ")
+
+
+def gather(workdirs: Sequence[str]) -> dict:
+    """Rows, config, summary and seeds of one workdir, or of several merged (seeds pooled).
+
+    Merged workdirs must share every result-deciding setting but ``seed``/``seeds``; a
+    (method, seed) run held by several must have the same records (timings aside) and is
+    taken once. Raises ValueError naming the workdirs (and fields) otherwise.
+    """
+    runs, origin, configs, summaries = {}, {}, {}, []
+    for d in workdirs:
+        rows = io.read_jsonl(workdir_lib.rounds_path(d))
+        if not rows:
+            raise ValueError(f"{d}/rounds.jsonl has no rounds; nothing to report")
+        cfg, summ = workdir_lib.config_path(d), workdir_lib.summary_path(d)
+        configs[d] = io.read_json(cfg) if os.path.exists(cfg) else {}
+        summaries.append(io.read_json(summ) if os.path.exists(summ) else {})
+        for key in sorted({(r["method"], r["seed"]) for r in rows}):
+            rs = sorted(({k: v for k, v in r.items() if k not in TIMINGS} for r in rows
+                         if (r["method"], r["seed"]) == key), key=lambda r: r["round"])
+            if runs.setdefault(key, rs) != rs:
+                raise ValueError(f"cannot merge: {origin[key]} and {d} both hold {key[0]} "
+                                 f"seed {key[1]} with different records")
+            origin.setdefault(key, d)
+    _check_settings(configs)
+    rows = [r for d in workdirs for r in io.read_jsonl(workdir_lib.rounds_path(d))
+            if origin[(r["method"], r["seed"])] == d]
+    summary = {}
+    if all(s.get("methods") for s in summaries):
+        # Phases are per workdir (one distillation each): their mean is the cost of one.
+        phases = [s.get("phases_s", {}) for s in summaries]
+        summary = {"methods": method_costs(rows), "backend": summaries[0].get("backend", "?"),
+                   "phases_s": {k: float(np.mean([p.get(k, 0) for p in phases]))
+                                for k in sorted({k for p in phases for k in p})},
+                   "wall_s": float(sum(s.get("wall_s", 0) for s in summaries))}
+    seeds = {d: sorted({s for (_, s), o in origin.items() if o == d}) for d in workdirs}
+    return {"rows": rows, "config": next(iter(configs.values())), "summary": summary,
+            "seeds": seeds}
+
+
+def merge_note(g: dict) -> list[str]:
+    """The report's line naming the merged workdirs and their seeds (nothing for one)."""
+    if len(g["seeds"]) < 2:
+        return []
+    note = "Merged from " + ", ".join(f"`{d}` (seeds {', '.join(map(str, s)) or '-'})"
+                                      for d, s in g["seeds"].items()) + "."
+    if g["config"].get("data", {}).get("train_size"):
+        note += " Each workdir drew its data.train_size subset with its own config.seed."
+    return [note, ""]
