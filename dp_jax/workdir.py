@@ -6,7 +6,7 @@
       masks/round_XXX.npz                   dense training of a seed
       checkpoints/                          orbax round checkpoints
       rounds.jsonl                          the run's own records
-  analysis/<label>-seed<s>-roundXXX*.json   per-mask analysis results, plus summaries
+  analysis/<kind>_<label>-seed<s>-roundXXX*  per-mask analysis results, plus summaries
   tb/                                       TensorBoard event files (metrics.tensorboard)
 """
 
@@ -95,6 +95,20 @@ def analysis_path(workdir: str, name: str) -> str:
 def analysis_stem(label: str, seed: int, rnd: int) -> str:
     """File stem of one mask's analysis results, e.g. ``imp_k0-seed0-round002``."""
     return f"{run_name(label, seed)}-round{rnd:03d}"
+
+
+_ANALYSIS_FILE = re.compile(r"^(?P<kind>[a-z]+)_(?P<label>.+)-seed(?P<seed>\d+)-round(?P<round>\d{3,})")
+
+
+def analysis_file(kind: str, label: str, seed: int, rnd: int, suffix: str = ".json") -> str:
+    """Name of one mask's analysis output, e.g. ``hessian_imp_k0-seed0-round002.json``."""
+    return f"{kind}_{analysis_stem(label, seed, rnd)}{suffix}"
+
+
+def parse_analysis_file(name: str):
+    """``(kind, label, seed, round)`` of a per-mask analysis file name, or None (a summary)."""
+    m = _ANALYSIS_FILE.match(name)
+    return (m["kind"], m["label"], int(m["seed"]), int(m["round"])) if m else None
 
 
 def run_name(label: str, seed: int) -> str:
@@ -254,16 +268,25 @@ def supersede(workdir: str, runs, *, distill: bool) -> str:
     from dp_jax import integrity, io
     dest = os.path.join(workdir, SUPERSEDED, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     os.makedirs(dest, exist_ok=True)
-    moved = [run_dir(workdir, label, seed) for label, seed in runs]
-    stems = tuple(run_name(label, seed) + "-round" for label, seed in runs)
+    moved = [d for label, seed in runs for d in (
+        run_dir(workdir, label, seed),
+        os.path.join(tensorboard_dir(workdir), run_name(label, seed)))]
+    gone = {(label, int(seed)) for label, seed in runs}
     adir = analysis_dir(workdir)
-    # Per-mask results of the moved runs, and every summary (they would mix old and new).
-    moved += [os.path.join(adir, f) for f in (sorted(os.listdir(adir)) if os.path.isdir(adir)
-                                               else [])
-              if f.startswith(stems) or parse_run_name(f.split("-round")[0]) is None]
+
+    def stale(name):  # per-mask results of a moved run, or a summary (it would mix old and new)
+        parsed = parse_analysis_file(name)
+        return parsed is None or (parsed[1], parsed[2]) in gone
+    old_analysis = [f for f in (sorted(os.listdir(adir)) if os.path.isdir(adir) else [])
+                    if stale(f) and f != integrity.MANIFEST]
+    for f in old_analysis:
+        integrity.forget(adir, f)
+    moved += [os.path.join(adir, f) for f in old_analysis]
     if distill:
         moved += [distilled_path(workdir), distilled_grid_path(workdir),
-                  distill_checkpoints(workdir), experts_dir(workdir)]
+                  distill_checkpoints(workdir), experts_dir(workdir),
+                  os.path.join(tensorboard_dir(workdir), "distill"),
+                  os.path.join(tensorboard_dir(workdir), "experts")]
         integrity.forget(workdir, os.path.basename(distilled_path(workdir)))
     for path in moved + [config_path(workdir), metrics_path(workdir)]:
         if os.path.exists(path):

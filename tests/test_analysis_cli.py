@@ -139,3 +139,62 @@ def test_retrained_dense_snapshot_matches_the_checkpoint(workdir):
                                         [0, 3])
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(again[3])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _hessian_settings(**kw):
+    from dp_jax.analysis import run as run_lib
+    return run_lib.Settings(**dict(dict(hessian_examples=40, lanczos_steps=6, top_k=2,
+                                        trace_probes=2, slq_probes=1), **kw))
+
+
+def test_hessian_reads_the_kept_checkpoint_and_trains_nothing(workdir, monkeypatch):
+    from dp_jax.analysis import instability, resume
+    from dp_jax.analysis import run as run_lib
+    workdir, _ = workdir
+
+    def no_training(*a, **k):
+        raise AssertionError("a copy was trained although the round's weights are kept")
+    monkeypatch.setattr(instability, "spawn_copies", no_training)
+    out = run_lib.run(workdir, analyses=["hessian"], runs=["imp_k0"], rounds=[1],
+                      settings=_hessian_settings())
+    h = out["results"]["imp_k0-seed0-round001"]["hessian"]
+    assert h["trained_weights"] == "kept checkpoint"
+    # Those weights are the run's: evaluated, they give the recorded test accuracy.
+    import ml_collections
+    from dp_jax import io, masks
+    from dp_jax.data import load_dataset
+    cfg = ml_collections.ConfigDict(io.read_json(os.path.join(workdir, "config.json")))
+    setup = experiment.build_setup(cfg, load_dataset(cfg.data, seed=cfg.seed))
+    like = setup.init_fn(__import__("jax").random.key(0))
+    w = resume.kept_trained(workdir, "imp_k0", 0, 1, {"params": like["params"],
+                                                      "batch_stats": like.get("batch_stats", {})})
+    mask = masks.load(os.path.join(workdir, "runs", "imp_k0-seed0", "masks", "round_001.npz"),
+                      like["params"])
+    ev = setup.trainer.evaluate(w["params"], w["batch_stats"], mask, setup.x_test, setup.y_test)
+    assert ev["accuracy"] == pytest.approx(h["record_test_accuracy"], abs=1e-6)
+
+
+def test_analysis_resumes_per_mask(workdir, monkeypatch):
+    from dp_jax.analysis import run as run_lib
+    workdir, _ = workdir
+    sel = dict(analyses=["hessian"], runs=["imp_k3", "random"], rounds=[1])
+    run_lib.run(workdir, settings=_hessian_settings(), **sel)
+    calls = []
+    real = run_lib._compute
+    monkeypatch.setattr(run_lib, "_compute", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    first = json.load(open(os.path.join(workdir, "analysis",
+                                        "hessian_random-seed0-round001.json")))
+    again = run_lib.run(workdir, settings=_hessian_settings(), **sel)
+    assert calls == []  # both masks finished: nothing recomputed
+    assert again["results"]["random-seed0-round001"]["hessian"] == first
+    # A damaged output: only that mask is recomputed, to the same result.
+    path = os.path.join(workdir, "analysis", "hessian_random-seed0-round001.json")
+    with open(path, "a") as f:
+        f.write(" ")
+    run_lib.run(workdir, settings=_hessian_settings(), **sel)
+    assert len(calls) == 1
+    redone = json.load(open(path))
+    assert redone["top_eigenvalues"] == pytest.approx(first["top_eigenvalues"], rel=1e-6)
+    # Other settings: every selected mask is recomputed.
+    run_lib.run(workdir, settings=_hessian_settings(lanczos_steps=7), **sel)
+    assert len(calls) == 3

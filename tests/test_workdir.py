@@ -279,3 +279,25 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path, monke
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no space left to write") and "\n" not in err
+
+
+def test_supersede_moves_exactly_the_affected_files(tmp_path):
+    wd = str(tmp_path)
+    files = ["runs/imp_k0-seed0/rounds.jsonl", "runs/reinit_imp_k0-seed0/rounds.jsonl",
+             "analysis/hessian_imp_k0-seed0-round001.json",
+             "analysis/hessian_reinit_imp_k0-seed0-round001.json",
+             "analysis/done_imp_k0-seed0-round001.json", "analysis/masks.json",
+             "tb/imp_k0-seed0/round_001/events", "tb/reinit_imp_k0-seed0/round_001/events"]
+    for f in files:
+        os.makedirs(os.path.dirname(os.path.join(wd, f)), exist_ok=True)
+        open(os.path.join(wd, f), "w").write(f)
+    io.write_jsonl(os.path.join(wd, "metrics.jsonl"), [
+        {"run": "imp_k0", "seed": 0, "loss": 1.0}, {"run": "reinit_imp_k0", "seed": 0, "loss": 2.0},
+        {"phase": "distill", "iteration": 1, "loss": 3.0}])
+    dest = workdir.supersede(wd, [("imp_k0", 0)], distill=False)
+    moved = sorted(os.path.relpath(os.path.join(r, f), dest)
+                   for r, _, fs in os.walk(dest) for f in fs)
+    assert moved == sorted(["metrics.jsonl"] + [f for f in files if "reinit" not in f])
+    assert all(os.path.exists(os.path.join(wd, f)) == ("reinit" in f) for f in files)
+    assert [r.get("run") for r in io.read_jsonl(os.path.join(wd, "metrics.jsonl"))] == \
+        ["reinit_imp_k0", None]

@@ -42,7 +42,7 @@ from dp_jax import methods
 from dp_jax import rng
 from dp_jax import train as train_lib
 from dp_jax import workdir as workdir_lib
-from dp_jax.analysis import family, hessian, instability, landscape
+from dp_jax.analysis import family, hessian, instability, landscape, resume
 from dp_jax.analysis import report as report_lib
 from dp_jax.data import load_dataset
 
@@ -145,6 +145,7 @@ class _Context:
                                                cfg.train.eval_batch_size)
         self._dense_cache = {}
         self.results_cache = {}
+        self.digest = resume.settings_digest(settings, self.analyses)
 
     def hessian_engine(self, params):
         """The Hessian engine (built on first use, then shared by every mask)."""
@@ -153,10 +154,12 @@ class _Context:
         return self.engine
 
     def copies(self, seed: int, variables: dict, mask, start_step: int, start_tag: tuple,
-               num: Optional[int] = None):
+               num: Optional[int] = None, first: Optional[dict] = None):
         """``num`` trained copies from a start point (default: as many as the analyses need).
 
-        Copies of dense masks are kept: runs share round 0, and the rewind curve reuses them.
+        ``first``: copy 0 (the run's own training, read from its kept checkpoint), so that
+        only the other copies are trained. Copies of dense masks are kept: runs share round 0,
+        and the rewind curve reuses them.
         """
         num = num or self.num_copies
         dense = masks_lib.sparsity(mask) == 0.0
@@ -165,10 +168,14 @@ class _Context:
             return self._dense_cache[key]
         t0 = time.time()
         s = self.setup
+        keys = instability.copy_keys(seed, num)
         copies, metrics = instability.spawn_copies(
-            self.copy_trainer, variables, mask, instability.copy_keys(seed, num),
+            self.copy_trainer, variables, mask, keys if first is None else keys[1:],
             s.x_train, s.y_train, start_step=start_step, num_steps=s.num_steps)
-        out = (copies, {"last_epoch": metrics, "wall_s": time.time() - t0})
+        if first is not None:
+            copies = [first] + copies
+        out = (copies, {"last_epoch": metrics, "wall_s": time.time() - t0,
+                        "copy0": "retrained" if first is None else "kept checkpoint"})
         if dense:
             self._dense_cache[key] = out
         return out
@@ -294,31 +301,53 @@ def analyze_mask(ctx: _Context, ss: _SeedState, label: str, rnd: int, path: str)
             "start": "reinit" if start_tag == ("reinit",) else f"rewind k={k}", "start_step": k,
             "mask_sha1": digest,
             "record_test_accuracy": _record_accuracy(ctx.workdir, label, ss.seed, rnd)}
+    done = resume.finished(ctx.workdir, label, ss.seed, rnd, ctx.digest, digest)
+    if done is not None:
+        return done
     key = (ss.seed, start_tag, digest)
     if key in ctx.results_cache:
         results, arrays = ctx.results_cache[key]
     else:
-        results, arrays = _compute(ctx, ss, mask, variables, k, start_tag)
+        trained = resume.kept_trained(ctx.workdir, label, ss.seed, rnd, {
+            "params": ss.init["params"], "batch_stats": ss.init.get("batch_stats", {})})
+        results, arrays = _compute(ctx, ss, mask, variables, k, start_tag, first=trained)
         if meta["sparsity"] == 0.0:  # only dense masks recur across runs; keep memory flat
             ctx.results_cache[key] = (results, arrays)
+    return _write_results(ctx, label, ss.seed, rnd, meta, results, arrays)
+
+
+def _write_results(ctx: _Context, label: str, seed: int, rnd: int, meta: dict, results: dict,
+                   arrays: dict) -> dict:
+    """Write one mask's outputs and record them as finished (for a resumed analysis)."""
     out_dir = workdir_lib.analysis_dir(ctx.workdir)
-    stem = tag(label, ss.seed, rnd)
-    out = {}
+    stem = tag(label, seed, rnd)
+    out, names, files = {}, {}, []
     for name, r in results.items():
         r = dict(r, **meta)
         if name == "landscape":
             r["directions_file"] = f"landscape_{stem}_directions.npz"
-        io.write_json(os.path.join(out_dir, f"{name}_{stem}.json"), r)
+        names[name] = workdir_lib.analysis_file(name, label, seed, rnd)
+        io.write_json(os.path.join(out_dir, names[name]), r)
         out[name] = r
     for (prefix, suffix), arr in arrays.items():
-        _save_npz(os.path.join(out_dir, prefix + stem + suffix), arr)
+        files.append(prefix + stem + suffix)
+        _save_npz(os.path.join(out_dir, files[-1]), arr)
+    resume.mark_finished(ctx.workdir, label, seed, rnd, ctx.digest, meta["mask_sha1"], names,
+                         list(names.values()) + files)
     return out
 
 
-def _compute(ctx: _Context, ss: _SeedState, mask, variables: dict, k: int, start_tag: tuple):
-    """The analyses of one (start point, mask): ``(results, npz arrays by file-name parts)``."""
+def _compute(ctx: _Context, ss: _SeedState, mask, variables: dict, k: int, start_tag: tuple,
+             first: Optional[dict] = None):
+    """The analyses of one (start point, mask): ``(results, npz arrays by file-name parts)``.
+
+    ``first``: the run's trained weights (copy 0), when its round checkpoint is kept.
+    """
     settings = ctx.settings
-    copies, train_info = ctx.copies(ss.seed, variables, mask, k, start_tag)
+    if ctx.analyses == ("hessian",) and first is not None:
+        copies, train_info = [first], {"copy0": "kept checkpoint"}  # nothing to train
+    else:
+        copies, train_info = ctx.copies(ss.seed, variables, mask, k, start_tag, first=first)
     results, arrays = {}, {}
     bn = {"bn_mode": settings.bn_modes[0], "bn_batches": ss.bn_batches}
     if "instability" in ctx.analyses:
@@ -356,6 +385,7 @@ def _compute(ctx: _Context, ss: _SeedState, mask, variables: dict, k: int, start
         for where in settings.hessian_at[1:]:
             r[where] = h[where]
         r["wall_s"] = time.time() - t0
+        r["trained_weights"] = train_info.get("copy0", "retrained")
         results["hessian"] = r
     if "landscape" in ctx.analyses:
         t0 = time.time()

@@ -1,0 +1,99 @@
+"""What lets an analysis skip work: finished masks' results, and the runs' kept checkpoints.
+
+*Per-mask resume.* When every output of a mask is written, ``done_<stem>.json`` records the
+analyses' settings digest, the mask's digest and the output files; all of them are entered in
+the analysis directory's checksum manifest (:mod:`dp_jax.integrity`). A later analysis with
+the same settings skips a mask whose record and files are intact, and recomputes it otherwise
+(a kill mid-mask, an edited or damaged output, other settings, a changed mask).
+
+*Kept checkpoints.* Every round's trained weights are kept by default (``checkpoint.keep =
+all``), so copy 0 of a mask -- the run's own training -- is read from the round checkpoint
+instead of being trained again; a Hessian-only analysis then trains nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dp_jax import integrity
+from dp_jax import io
+from dp_jax import masks as masks_lib
+from dp_jax import workdir as workdir_lib
+
+DONE = "done"
+
+
+def settings_digest(settings, analyses: Sequence[str]) -> str:
+    """SHA-256 of everything besides the mask that decides a mask's analysis results."""
+    blob = json.dumps({"settings": dataclasses.asdict(settings),
+                       "analyses": sorted(analyses)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _done_name(label: str, seed: int, rnd: int) -> str:
+    return workdir_lib.analysis_file(DONE, label, seed, rnd)
+
+
+def finished(workdir: str, label: str, seed: int, rnd: int, digest: str,
+             mask_sha1: str) -> Optional[dict]:
+    """``{analysis: result}`` of a mask analysed before with these settings, or None."""
+    adir = workdir_lib.analysis_dir(workdir)
+    name = _done_name(label, seed, rnd)
+    if integrity.problem(adir, name) is not None:
+        return None
+    done = io.read_json(os.path.join(adir, name))
+    if done.get("settings") != digest or done.get("mask_sha1") != mask_sha1:
+        return None
+    if any(integrity.problem(adir, f) is not None for f in done["files"]):
+        return None
+    return {a: io.read_json(os.path.join(adir, f)) for a, f in done["results"].items()}
+
+
+def mark_finished(workdir: str, label: str, seed: int, rnd: int, digest: str, mask_sha1: str,
+                  results: dict, files: Sequence[str]) -> None:
+    """Record a mask's outputs (``results``: analysis -> json file name; ``files``: all)."""
+    adir = workdir_lib.analysis_dir(workdir)
+    for f in files:
+        integrity.record(adir, f)
+    name = _done_name(label, seed, rnd)
+    io.write_json(os.path.join(adir, name), {"settings": digest, "mask_sha1": mask_sha1,
+                                             "results": dict(results), "files": list(files)})
+    integrity.record(adir, name)  # last: a kill before this leaves the mask to recompute
+
+
+def kept_trained(workdir: str, label: str, seed: int, rnd: int, like: dict) -> Optional[dict]:
+    """The run's trained ``{"params", "batch_stats"}`` of round ``rnd`` from its kept checkpoint.
+
+    None when the round's checkpoint is not kept (``checkpoint.keep='last'``), or is damaged
+    or unrecorded (then the analysis trains copy 0 itself).
+    """
+    run_dir = workdir_lib.run_dir(workdir, label, seed)
+    ckpt_dir = workdir_lib.checkpoints_dir(workdir, label, seed)
+    if not os.path.isdir(os.path.join(ckpt_dir, str(rnd))):
+        return None
+    if integrity.has_records(run_dir) and \
+            integrity.problem(run_dir, f"checkpoints/{rnd}") is not None:
+        return None
+    ckpt = io.RoundCheckpointer(ckpt_dir)
+    try:
+        arrays, _ = ckpt.restore(rnd, {"mask": masks_lib.ones_like(like["params"]),
+                                       "trained": like})
+    except ValueError:
+        return None
+    finally:
+        ckpt.close()
+    # Restored arrays are committed to a device; fresh ones are not. Mixing them would make
+    # jit compile every program twice.
+    return {k: _uncommitted(v) for k, v in arrays["trained"].items()}
+
+
+def _uncommitted(tree):
+    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), tree)
