@@ -5,7 +5,7 @@
 The inner loop trains a masked network on a 100-image distilled set (10 classes x 10)
 for ``--steps`` SGD steps (momentum 0.9, wd 5e-4, batch 100, without augmentation so
 that both sides do the same work; the DSA variant of ours is reported beside it).
-Ours is the loop form DP picks (``--loop auto``): ``dp_jax.train.make_inner_loop`` (one
+Ours is the loop form DP picks (``--loop auto``): ``dp_jax.small_set.make_inner_loop`` (one
 ``lax.scan``, jitted once) for LeNet, ``make_inner_python`` (one jitted step driven from
 Python) for the ConvNet on CPU; the reference is the eager PyTorch loop of the original code with
 masked weights. Also: S=4 inner seeds in one vmapped program vs 4 sequential calls.
@@ -44,7 +44,7 @@ def ours(name, steps, repeats, seeds, threads, loop):
     import ml_collections
     import optax
 
-    from dp_jax import masks, train
+    from dp_jax import masks, small_set, train
     from dp_jax.data.augment import make_augment
     from dp_jax.models import create_model, init_variables
 
@@ -60,9 +60,9 @@ def ours(name, steps, repeats, seeds, threads, loop):
     def program(aug):
         """fn(keys) -> state for len(keys) seeds, in the chosen loop form."""
         if form == "python":
-            fn = train.make_inner_python(model, tx, num_steps=steps, batch_size=100, augment=aug)
+            fn = small_set.make_inner_python(model, tx, num_steps=steps, batch_size=100, augment=aug)
             return lambda keys: fn(v, mask, x, y, keys)
-        fn = jax.jit(jax.vmap(train.make_inner_loop(model, tx, num_steps=steps, batch_size=100,
+        fn = jax.jit(jax.vmap(small_set.make_inner_loop(model, tx, num_steps=steps, batch_size=100,
                                                     augment=aug),
                               in_axes=(None, None, None, None, 0)))
         return lambda keys: fn(v, mask, x, y, keys)

@@ -24,7 +24,7 @@ REAL_DATA = dict(optimizer="sgd", momentum=0.9, nesterov=False, schedule="multis
                  decay_at=(2 / 3, 5 / 6), decay_factor=0.2)
 
 # Training on a distilled set (docs/paper.md "Architectures and recipes"); field names of
-# dp_jax.prune.make_inner_train. lr=0 means "the step size learned by distillation".
+# dp_jax.small_set.Recipe. lr=0 means "the step size learned by distillation".
 DP_INNER = dict(lr=0.0, momentum=0.9, weight_decay=5e-4, decay_at=(2 / 3, 5 / 6),
                 decay_factor=0.2, steps=1000)
 

@@ -100,7 +100,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     # Distilled Pruning's inner loop: training on the distilled set (one compiled program).
     c.dp = ml_collections.ConfigDict()
-    c.dp.steps = 300  # optimiser steps per round on the distilled set
+    c.dp.steps = 300  # optimiser steps per round on the distilled set (when dp.epochs = 0)
+    c.dp.epochs = 0  # > 0: epochs over the distilled set instead (the paper's unit)
+    c.dp.cutmix_prob = 0.0  # CutMix probability per batch (IDC trains with 0.5); 0 = off
+    c.dp.cutmix_beta = 1.0  # Beta(beta, beta) of CutMix's mixing ratio
     c.dp.batch_size = 100  # clipped to the distilled set's size
     c.dp.lr = 0.0  # 0 = the step size learned by distillation (distilled.npz 'lr')
     c.dp.momentum = 0.9

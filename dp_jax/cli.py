@@ -116,6 +116,8 @@ def fail(e: BaseException) -> None:
 def guarded(fn: Callable, verbose: Callable[[], bool]) -> Callable:
     """``fn(argv)`` with user errors printed as one line (exit 2) unless ``verbose()``."""
     def wrapper(argv):
+        from dp_jax import compile_cache
+        compile_cache.enable()  # before anything compiles
         try:
             return fn(argv)
         except USER_ERRORS as e:

@@ -32,6 +32,7 @@ from dp_jax import masks as masks_lib
 from dp_jax import methods
 from dp_jax import prune as prune_lib
 from dp_jax import rng
+from dp_jax import small_set
 from dp_jax import train as train_lib
 from dp_jax import validate as validate_lib
 from dp_jax import workdir as workdir_lib
@@ -270,7 +271,6 @@ def prepare_distilled(config, workdir, dataset, setup, progress=None, *, sink=No
     and expert-training examples and wall time (reported apart from the mask search).
     """
     from dp_jax import distill  # distillation pulls in more code; only DP needs it
-    from dp_jax.data.augment import make_augment
     metrics = workdir_lib.metrics_path(workdir)
 
     def log(**kw):  # distillation metrics go to metrics.jsonl (+ viewers) and the progress line
@@ -282,11 +282,7 @@ def prepare_distilled(config, workdir, dataset, setup, progress=None, *, sink=No
     dset = distill.ensure_distilled(config, workdir, dataset, log=log)
     distill.check_compatible(dset, dataset)
     lr = float(config.dp.lr) if config.dp.lr > 0 else float(dset.lr)
-    inner = prune_lib.make_inner_train(setup.model, config.dp, lr,
-                                       make_augment(config.dp.augment),
-                                       params_like=jax.eval_shape(setup.init_fn,
-                                                                  jax.random.key(0))["params"],
-                                       image_shape=setup.image_shape)
+    inner = small_set.setup_inner_train(setup, config.dp, lr, len(dset))
     x, y = jnp.asarray(dset.images), jnp.asarray(dset.labels)
     return (x, y, inner, float(dset.lr)), dict(dset.cost)
 

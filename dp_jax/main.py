@@ -39,6 +39,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # orbax logs every file it renames at INFO; progress is shown by the round bar instead.
     logging.set_verbosity(logging.WARNING)
+    from dp_jax import compile_cache
+    compile_cache.enable()  # before anything compiles (dp_jax/compile_cache.py)
     config = _CONFIG.value
     task = config.get("task", "prune")
     if task not in TASKS:

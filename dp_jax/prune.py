@@ -269,52 +269,6 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
     return records
 
 
-def make_inner_train(model, dp_cfg, lr: float, augment, params_like=None,
-                     image_shape=None) -> Callable:
-    """The DP inner loop: masked training on a small set, compiled once, vmapped over seeds.
-
-    ``lr`` is the step size (the caller resolves ``dp.lr`` against the distilled set's
-    learned one); every other setting comes from the ``dp`` section ``dp_cfg``.
-
-    ``dp.loop`` picks the loop form: ``scan`` (the whole inner loop is one program),
-    ``python`` (a jitted chunk of ``dp.chunk`` steps, default 1, driven from Python), or
-    ``auto`` (:func:`dp_jax.train.resolve_loop` on ``params_like`` and ``image_shape``).
-    Both take identical steps.
-
-    Returns ``fn(variables, mask, x, y, keys) -> (params, final_loss)`` where ``keys`` has one
-    key per inner seed; the params of every seed are returned (leading axis).
-    """
-    tx_cfg = dict(optimizer="sgd", lr=float(lr), momentum=dp_cfg.momentum, weight_decay=dp_cfg.weight_decay,
-                  schedule="multistep" if dp_cfg.decay_at else "constant",
-                  decay_at=tuple(dp_cfg.decay_at), decay_factor=dp_cfg.decay_factor)
-    tx = train_lib.make_optimizer(_Attrs(tx_cfg), dp_cfg.steps)
-    loop_form = dp_cfg.get("loop", "scan")
-    if loop_form == "auto":
-        loop_form = ("scan" if params_like is None
-                     else train_lib.resolve_loop("auto", params_like, model, image_shape))
-    if loop_form == "python":
-        loop = train_lib.make_inner_python(model, tx, num_steps=dp_cfg.steps,
-                                           batch_size=dp_cfg.batch_size, augment=augment,
-                                           chunk=dp_cfg.chunk)
-
-        def run_python(variables, mask, x, y, keys):
-            state, metrics = loop(variables, mask, x, y, keys)
-            return state.params, metrics["loss"][:, -1]
-        return run_python
-    loop = train_lib.make_inner_loop(model, tx, num_steps=dp_cfg.steps, batch_size=dp_cfg.batch_size,
-                                     augment=augment, unroll=dp_cfg.unroll, chunk=dp_cfg.chunk)
-
-    def fn(variables, mask, x, y, keys):
-        state, metrics = jax.vmap(loop, in_axes=(None, None, None, None, 0))(variables, mask, x, y, keys)
-        return state.params, metrics["loss"][:, -1]
-    return jax.jit(fn)
-
-
-class _Attrs(dict):
-    """A dict readable as attributes (what make_optimizer expects of a config)."""
-    __getattr__ = dict.get
-
-
 def switch_round(sparsity: float, fraction: float) -> int:
     """First round whose sparsity reaches ``sparsity`` (DP-then-IMP hands over there)."""
     r = 0

@@ -105,7 +105,10 @@ def _variables(params, batch_stats):
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy against integer labels."""
+    """Mean softmax cross-entropy against integer labels, or against soft targets
+    (``(N, classes)`` rows summing to 1, as CutMix makes)."""
+    if labels.ndim == logits.ndim:
+        return optax.softmax_cross_entropy(logits, labels).mean()
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -135,7 +138,8 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array, *,
     updates = masks_lib.apply(updates, state.mask)
     params = masks_lib.apply(optax.apply_updates(state.params, updates), state.mask)
     metrics = {"loss": loss,
-               "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) ==
+                                    (jnp.argmax(y, -1) if y.ndim == logits.ndim else y)),
                "grad_norm": optax.tree.norm(grads),
                "update_norm": optax.tree.norm(updates),
                "param_norm": optax.tree.norm(params)}
@@ -399,99 +403,3 @@ def check_finite(metrics: dict, first_step: int, last_step: int) -> dict:
 def total_steps(epochs: int, num_train: int, batch_size: int) -> int:
     """Number of optimiser steps in ``epochs`` epochs (partial batches dropped)."""
     return int(epochs) * (int(num_train) // int(batch_size))
-
-
-def inner_step(model, tx, *, batch_size: int, augment: Optional[Callable] = None) -> Callable:
-    """One step of training on a small in-memory set: ``step(state, x, y, key, t)``.
-
-    Step ``t`` takes minibatch ``t % S`` (S = passes per epoch) of the permutation
-    ``permutation(fold_in(fold_in(key, 0), t // S))`` and augments it with
-    ``fold_in(fold_in(key, 1), t)``, so a step depends only on (state, key, t): every loop
-    form (scan, chunks, Python-driven) takes identical steps.
-    """
-    def step(state, x, y, key, t):
-        n = x.shape[0]
-        B = min(batch_size, n)
-        S = max(n // B, 1)
-        data_key, aug_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-        perm = jax.random.permutation(jax.random.fold_in(data_key, t // S), n)
-        idx = jax.lax.dynamic_slice_in_dim(perm, (t % S) * B, B)
-        return train_step(state, x[idx], y[idx], jax.random.fold_in(aug_key, t),
-                          model=model, tx=tx, augment=augment)
-    return step
-
-
-def make_inner_loop(model, tx, *, num_steps: int, batch_size: int,
-                    augment: Optional[Callable] = None, unroll: int = 1,
-                    chunk: int = 0) -> Callable:
-    """Training on a small in-memory set (a distilled set) as one compiled program.
-
-    Minibatches are drawn without replacement within each pass over the set and augmented
-    per step (:func:`inner_step`); the whole loop is one ``lax.scan``. The returned function
-    is pure, so ``jax.vmap`` over ``key`` (and over ``variables``) runs several seeds in one
-    program.
-
-    Args:
-      model, tx: model and optimiser (static).
-      num_steps: optimiser steps.
-      batch_size: minibatch size; clipped to the set size.
-      augment: optional ``augment(key, x) -> x``.
-      unroll: ``lax.scan`` unroll factor (tune per backend; see docs/performance.md).
-      chunk: if > 0, scan over chunks of ``chunk`` fully-unrolled steps instead
-        (XLA:CPU runs rolled scans over conv steps slowly).
-
-    Returns:
-      ``fn(variables, mask, x, y, key) -> (state, metrics)`` where ``metrics`` holds
-      per-step arrays of length ``num_steps``.
-    """
-    step = inner_step(model, tx, batch_size=batch_size, augment=augment)
-
-    def fn(variables, mask, x, y, key):
-        def body(state, t):
-            return step(state, x, y, key, t)
-
-        state = create_state(variables, mask, tx)
-        ts = jnp.arange(num_steps)
-        if chunk and num_steps % chunk == 0:
-            def chunk_body(s, tc):
-                return jax.lax.scan(body, s, tc, unroll=True)
-            state, m = jax.lax.scan(chunk_body, state, ts.reshape(-1, chunk))
-            return state, jax.tree.map(lambda v: v.reshape(-1), m)
-        return jax.lax.scan(body, state, ts, unroll=max(int(unroll), 1))
-    return fn
-
-
-def make_inner_python(model, tx, *, num_steps: int, batch_size: int,
-                      augment: Optional[Callable] = None, chunk: int = 0) -> Callable:
-    """:func:`make_inner_loop` for several seeds, driven from Python one jitted chunk at a time.
-
-    The program is ``chunk`` (default 1) unrolled steps vmapped over the seeds; Python calls
-    it ``num_steps / chunk`` times with the state donated. This is the fast form for conv
-    nets on XLA:CPU, where a rolled ``lax.scan`` over conv steps runs ~10x slower
-    (docs/performance.md). Same steps as the scan form (:func:`inner_step`).
-
-    Returns:
-      ``fn(variables, mask, x, y, keys) -> (state, metrics)`` with a leading seed axis on
-      the state and on the ``(seeds, num_steps)`` metrics.
-    """
-    c = chunk if chunk and num_steps % chunk == 0 else 1
-    step = inner_step(model, tx, batch_size=batch_size, augment=augment)
-
-    def steps(state, x, y, key, t0):
-        ms = []
-        for i in range(c):  # unrolled: c is small and static
-            state, m = step(state, x, y, key, t0 + i)
-            ms.append(m)
-        return state, jax.tree.map(lambda *v: jnp.stack(v), *ms)
-
-    program = jax.jit(jax.vmap(steps, in_axes=(0, None, None, 0, None)), donate_argnums=0)
-    init = jax.jit(jax.vmap(lambda v, m, k: create_state(v, m, tx), in_axes=(None, None, 0)))
-
-    def fn(variables, mask, x, y, keys):
-        state = init(variables, mask, keys)
-        ms = []
-        for t0 in range(0, num_steps, c):
-            state, m = program(state, x, y, keys, jnp.int32(t0))
-            ms.append(m)
-        return state, jax.tree.map(lambda *v: jnp.concatenate(v, axis=1), *ms)
-    return fn

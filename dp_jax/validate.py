@@ -160,6 +160,13 @@ def _validate_dp(config, *, distilled: bool) -> None:
     _need(d.unroll >= 1, "dp.unroll", "an integer >= 1", d.unroll)
     _need(d.chunk >= 0 and (d.chunk == 0 or d.steps % d.chunk == 0), "dp.chunk",
           "0 or a divisor of dp.steps", d.chunk)
+    epochs = d.get("epochs", 0)
+    _need(isinstance(epochs, int) and epochs >= 0, "dp.epochs",
+          "0 (use dp.steps) or an integer >= 1", epochs)
+    _need(0 <= d.get("cutmix_prob", 0.0) <= 1, "dp.cutmix_prob", "a probability in [0, 1]",
+          d.get("cutmix_prob", 0.0))
+    _need(d.get("cutmix_beta", 1.0) > 0, "dp.cutmix_beta", "a number > 0",
+          d.get("cutmix_beta", 1.0))
     _need(0 < d.switch_sparsity < 1, "dp.switch_sparsity", "a sparsity in (0, 1)",
           d.switch_sparsity)
     _need(d.subset_lr >= 0, "dp.subset_lr", "0 (Distilled Pruning's step size) or a number > 0",

@@ -13,6 +13,13 @@ from dp_jax import config_files
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    """The tests share JAX's persistent compilation cache with the command lines they start
+    (dp_jax/compile_cache.py; DP_JAX_COMPILE_CACHE=off disables it)."""
+    from dp_jax import compile_cache
+    compile_cache.enable()
+
+
 def load_config_module(name: str):
     """Import ``configs/<name>.py`` (configs are files, not a package)."""
     return config_files.load_module(os.path.join(ROOT, "configs", f"{name}.py"))

@@ -165,21 +165,21 @@ def test_subset_uses_n_stratified_images_and_the_dp_inner_loop(tiny_config, tmp_
     c.dp.batch_size = 10
     c.dp.subset_lr = 0.05
     calls, built = [], []
-    real = prune.make_inner_train
+    from dp_jax import small_set
+    real = small_set.make_inner_train
 
-    def spy(model, dp_cfg, lr, augment, **kw):
-        built.append((dp_cfg.steps, dp_cfg.batch_size, dp_cfg.augment, lr))
-        inner = real(model, dp_cfg, lr, augment, **kw)
+    def spy(model, recipe, n, augment, **kw):
+        built.append((recipe.num_steps(n), recipe.batch_size, n, recipe.lr))
+        inner = real(model, recipe, n, augment, **kw)
 
         def fn(variables, mask, x, y, keys):
             calls.append((np.asarray(x).copy(), np.asarray(y).copy(), keys.shape[0]))
             return inner(variables, mask, x, y, keys)
         return fn
-    monkeypatch.setattr(prune, "make_inner_train", spy)
-    from dp_jax.methods import subset
-    monkeypatch.setattr(subset, "_INNER_CACHE", {})
+    monkeypatch.setattr(small_set, "make_inner_train", spy)
+    monkeypatch.setattr(small_set, "_PROGRAMS", {})
     experiment.run(c, str(tmp_path / "wd"))
-    assert built == [(7, 10, "dsa", 0.05)]
+    assert built == [(7, 10, 30, 0.05)]
     assert len(calls) == 2  # one inner run per round
     x0, y0, seeds = calls[0]
     assert x0.shape[0] == 30 and seeds == c.dp.inner_seeds

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from dp_jax import masks
+from dp_jax import small_set
 from dp_jax import train
 from dp_jax.models import create_model, init_variables
 
@@ -183,14 +184,14 @@ def test_inner_loop_vmaps_over_seeds():
     x, y = _toy(n=40)
     v = init_variables(model, jax.random.key(0), (4, 4, 1))
     mask = masks.ones_like(v["params"])
-    fn = train.make_inner_loop(model, optax.sgd(0.05, momentum=0.9), num_steps=12, batch_size=10)
+    fn = small_set.make_inner_loop(model, optax.sgd(0.05, momentum=0.9), num_steps=12, batch_size=10)
     keys = jax.random.split(jax.random.key(1), 3)
     batched, m = jax.jit(jax.vmap(fn, in_axes=(None, None, None, None, 0)))(v, mask, x, y, keys)
     assert m["loss"].shape == (3, 12)
     single, _ = jax.jit(fn)(v, mask, x, y, keys[1])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b, rtol=1e-4, atol=1e-5),
                  batched.params, single.params)
-    chunked, _ = jax.jit(train.make_inner_loop(model, optax.sgd(0.05, momentum=0.9), num_steps=12,
+    chunked, _ = jax.jit(small_set.make_inner_loop(model, optax.sgd(0.05, momentum=0.9), num_steps=12,
                                                batch_size=10, chunk=4))(v, mask, x, y, keys[1])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  chunked.params, single.params)
@@ -207,7 +208,7 @@ def test_python_driven_inner_loop_takes_the_scan_steps():
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
     aug = make_augment("dsa")
     keys = jax.random.split(jax.random.key(1), 2)
-    scan = jax.jit(jax.vmap(train.make_inner_loop(model, tx, num_steps=12, batch_size=10,
+    scan = jax.jit(jax.vmap(small_set.make_inner_loop(model, tx, num_steps=12, batch_size=10,
                                                   augment=aug), in_axes=(None, None, None, None, 0)))
     ref, m_ref = scan(v, mask, x, y, keys)
     for chunk in (0, 4):
@@ -216,7 +217,7 @@ def test_python_driven_inner_loop_takes_the_scan_steps():
         def counting_aug(key, xb):  # runs once per traced step: counts compilations
             traces.append(1)
             return aug(key, xb)
-        fn = train.make_inner_python(model, tx, num_steps=12, batch_size=10,
+        fn = small_set.make_inner_python(model, tx, num_steps=12, batch_size=10,
                                      augment=counting_aug, chunk=chunk)
         fn(v, mask, x, y, keys)
         got, m = fn(v, mask, x, y, keys)

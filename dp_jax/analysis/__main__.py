@@ -49,6 +49,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
+    from dp_jax import compile_cache
+    compile_cache.enable()
     if _REPORT_ONLY.value:
         report_lib.write(_WORKDIR.value)
         print(f"rewrote the analysis section of {_WORKDIR.value}/report.md")

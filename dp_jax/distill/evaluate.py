@@ -7,7 +7,7 @@ over the K networks. The same protocol runs on a class-balanced random real subs
 (the baseline the distilled set must beat) and a short real-data training on the full training
 set (the ceiling).
 
-Training on the small set uses :func:`dp_jax.train.make_inner_loop` (one ``lax.scan``,
+Training on the small set uses :func:`dp_jax.small_set.make_inner_loop` (one ``lax.scan``,
 optionally ``vmap``-ped over the K seeds). The step size is a traced argument of the compiled
 program (the optimiser is built inside it), so evaluating a new learned step size never
 recompiles. XLA:CPU runs convolution steps inside a ``lax.scan`` 10-30x slower than as separate
@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from dp_jax import masks as masks_lib
+from dp_jax import small_set
 from dp_jax import train as train_lib
 from dp_jax.data import stratified_indices
 from dp_jax.data.augment import make_augment
@@ -40,14 +41,9 @@ PyTree = Any
 
 def eval_tx(lr, *, num_steps: int, momentum: float = 0.9, weight_decay: float = 5e-4,
             decay_at: float = 0.5, decay_factor: float = 0.1) -> optax.GradientTransformation:
-    """SGD with momentum, coupled weight decay and one step decay; ``lr`` may be traced.
-
-    Same construction as ``train.make_optimizer`` with ``schedule='multistep'``.
-    """
-    sched = optax.piecewise_constant_schedule(
-        lr, {int(round(decay_at * num_steps)): decay_factor})
-    tx = optax.sgd(sched, momentum=momentum or None)
-    return optax.chain(optax.add_decayed_weights(weight_decay), tx) if weight_decay else tx
+    """The evaluation protocol's optimiser (lr x0.1 at half by default); ``lr`` may be traced."""
+    return small_set.sgd(lr, num_steps=num_steps, momentum=momentum, weight_decay=weight_decay,
+                         decay_at=(decay_at,), decay_factor=decay_factor)
 
 
 class SetEvaluator:
@@ -90,7 +86,7 @@ class SetEvaluator:
 
     def _steps(self, n: int) -> tuple[int, int]:
         b = min(self.batch_size, n)
-        return b, self.epochs * max(n // b, 1)
+        return b, self.epochs * small_set.passes_per_epoch(n, b)
 
     def _scan_program(self, n: int):
         b, steps = self._steps(n)
@@ -98,7 +94,7 @@ class SetEvaluator:
         def train_one(variables, mask, x, y, key, lr):
             tx = eval_tx(lr, num_steps=steps, momentum=self.momentum,
                          weight_decay=self.weight_decay)
-            fn = train_lib.make_inner_loop(self.model, tx, num_steps=steps, batch_size=b,
+            fn = small_set.make_inner_loop(self.model, tx, num_steps=steps, batch_size=b,
                                            augment=self.augment, unroll=self.unroll)
             state, m = fn(variables, mask, x, y, key)
             return state, m["loss"][-1]
@@ -113,7 +109,7 @@ class SetEvaluator:
             # The steps of make_inner_loop (same minibatch and augmentation keys).
             tx = eval_tx(lr, num_steps=steps, momentum=self.momentum,
                          weight_decay=self.weight_decay)
-            return train_lib.inner_step(self.model, tx, batch_size=b,
+            return small_set.inner_step(self.model, tx, batch_size=b,
                                         augment=self.augment)(state, x, y, key, t)
 
         step = jax.jit(one, donate_argnums=0)

@@ -1,7 +1,8 @@
 """Distilled Pruning: the IMP loop whose inner training runs on a distilled set.
 
-Round r trains the masked init on the distilled images (``dp.steps`` SGD steps, DSA,
-the learned step size unless ``dp.lr`` is set) and prunes the smallest resulting |w|;
+Round r trains the masked init on the distilled images (``dp.steps`` SGD steps or
+``dp.epochs`` epochs, DSA, optionally CutMix, the learned step size unless ``dp.lr`` is set;
+the recipe is :class:`dp_jax.small_set.Recipe`) and prunes the smallest resulting |w|;
 the evaluation of every mask still trains on the full real training set. The same
 small-set search serves the random-real-subset control (:mod:`dp_jax.methods.subset`).
 """
@@ -14,6 +15,7 @@ import numpy as np
 
 from dp_jax import prune as prune_lib
 from dp_jax import rng
+from dp_jax import small_set
 from dp_jax.methods import base
 from dp_jax.train import TrainingDivergedError
 
@@ -40,7 +42,8 @@ def small_set_next_mask(setup, inner, variables: dict, x, y, key, num_inner_seed
 
 def small_set_examples(dp_cfg, set_size: int) -> int:
     """Examples one round's small-set search processes: steps x batch x inner seeds."""
-    return int(dp_cfg.steps) * min(int(dp_cfg.batch_size), int(set_size)) * int(dp_cfg.inner_seeds)
+    recipe = small_set.Recipe.from_dp(dp_cfg, lr=1.0)  # the count does not depend on the lr
+    return recipe.examples(set_size) * int(dp_cfg.inner_seeds)
 
 
 def check_dp_sections(config, who: str) -> None:

@@ -16,12 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dp_jax import prune as prune_lib
 from dp_jax import rng
+from dp_jax import small_set
 from dp_jax.data import stratified_indices
 from dp_jax.methods import base, distilled
 
-_INNER_CACHE: dict = {}  # (model, image shape, lr) -> compiled inner loop, shared by seeds
 
 
 def subset_size(spec, ctx) -> int:
@@ -87,16 +86,9 @@ class Subset(base.Method):
         idx = stratified_indices(np.asarray(setup.y_train), n, num_classes=setup.num_classes,
                                  seed=int(jax.random.randint(pick, (), 0, 2**31 - 1)))
         x, y = setup.x_train[jnp.asarray(idx)], setup.y_train[jnp.asarray(idx)]
-        lr = subset_lr(cfg, ctx.distilled)
-        key = (setup.model, tuple(setup.image_shape), lr)
-        if key not in _INNER_CACHE:
-            from dp_jax.data.augment import make_augment
-            _INNER_CACHE[key] = prune_lib.make_inner_train(
-                setup.model, cfg.dp, lr, make_augment(cfg.dp.augment),
-                params_like=jax.eval_shape(setup.init_fn, jax.random.key(0))["params"],
-                image_shape=setup.image_shape)
+        inner = small_set.setup_inner_train(setup, cfg.dp, subset_lr(cfg, ctx.distilled), n)
         next_mask = distilled.small_set_next_mask(
-            setup, _INNER_CACHE[key], ctx.dense["variables"], x, y,
+            setup, inner, ctx.dense["variables"], x, y,
             rng.fold(ctx.seed_key, rng.SUBSET, rng.SUBSET_INNER), cfg.dp.inner_seeds)
         cost = distilled.small_set_examples(cfg.dp, n)
         return base.Plan(next_mask=next_mask, start_point=base.rewind_start(ctx.dense, 0),
