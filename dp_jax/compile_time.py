@@ -13,6 +13,7 @@ _PREFIXES = ("/jax/core/compile/", "/jax/compilation_cache/cache_retrieval")
 _lock = threading.Lock()
 _total = [0.0]
 _installed = [False]
+_cache = {"hits": 0, "misses": 0}
 
 
 def _listen(event: str, duration: float, **kwargs) -> None:
@@ -21,15 +22,33 @@ def _listen(event: str, duration: float, **kwargs) -> None:
             _total[0] += float(duration)
 
 
-def seconds() -> float:
-    """Compilation seconds so far in this process (the listener is installed on first use)."""
+def _count(event: str, **kwargs) -> None:
+    for k in _cache:
+        if event == f"/jax/compilation_cache/cache_{k}":
+            with _lock:
+                _cache[k] += 1
+
+
+def _install() -> None:
     if not _installed[0]:
         from jax import monitoring
         with _lock:
             if not _installed[0]:
                 monitoring.register_event_duration_secs_listener(_listen)
+                monitoring.register_event_listener(_count)
                 _installed[0] = True
+
+
+def seconds() -> float:
+    """Compilation seconds so far in this process (the listener is installed on first use)."""
+    _install()
     return _total[0]
+
+
+def cache_counts() -> dict:
+    """``{"hits", "misses"}`` of the persistent compilation cache so far in this process."""
+    _install()
+    return dict(_cache)
 
 
 class Stopwatch:

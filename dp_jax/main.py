@@ -41,6 +41,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from dp_jax import compile_cache
     compile_cache.enable()  # before anything compiles (dp_jax/compile_cache.py)
+    from dp_jax import compile_time
+    compile_time.seconds()  # start counting before the first compilation
     config = _CONFIG.value
     task = config.get("task", "prune")
     if task not in TASKS:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from dp_jax import compile_time
 from dp_jax import integrity
 from dp_jax import io
 from dp_jax import masks as masks_lib
@@ -112,6 +113,10 @@ def train_and_eval(setup: Setup, variables: dict, mask: PyTree, key: jax.Array, 
 
 def _trained(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+# Record fields that measure time: they differ between any two runs of the same settings.
+TIMINGS = ("wall_s", "mask_s", "train_s", "search_s", "compile_s")
 
 
 def make_record(spec, seed: int, rnd: int, mask: PyTree, ev: dict,
@@ -246,7 +251,7 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
     mask, trained = arrays["mask"], arrays["trained"]
     data_key = jax.random.fold_in(seed_key, rng.DATA)
     for rnd in range(start, setup.rounds + 1):
-        t0 = time.time()
+        t0, c0 = time.time(), compile_time.seconds()
         mask = jax.block_until_ready(next_mask(rnd, mask, trained))
         t_mask = time.time() - t0
         variables, start_step = start_point(rnd)
@@ -262,7 +267,8 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
         rec = make_record(run.spec, run.seed, rnd, mask, ev,
                           prev["train_examples"] + search_examples(rnd),
                           time.time() - t0, train_accuracy=tm.get("accuracy"),
-                          mask_s=t_mask, train_s=time.time() - t0 - t_mask, search_s=search_s)
+                          mask_s=t_mask, train_s=time.time() - t0 - t_mask, search_s=search_s,
+                          compile_s=compile_time.seconds() - c0)
         records.append(rec)
         run.commit(rnd, mask, {"mask": mask, "trained": trained}, records)
         on_round(rec)

@@ -219,12 +219,12 @@ def cost_section(summary: dict, agg: dict[str, list[dict]]) -> list[str]:
              "trainings of rounds 0..r-1 for IMP, the inner loops on the distilled set for DP); "
              "evaluation training is not counted.", "",
              "| method | final sparsity | examples processed by the mask search | "
-             "search wall time (s) | run wall time (s) |",
-             "|---|---|---|---|---|"]
+             "search wall time (s) | run wall time (s) | of which compiling (s) |",
+             "|---|---|---|---|---|---|"]
     for m, s in sorted(methods.items()):
         parts.append(f"| {pretty(m)} | {100 * s['final_sparsity']:.1f}% | "
                      f"{s['mask_search_examples']:,} | {s.get('search_wall_s', 0):.0f} | "
-                     f"{s['wall_s']:.0f} |")
+                     f"{s['wall_s']:.0f} | {s.get('compile_s', 0):.0f} |")
     phases = summary.get("phases_s", {})
     if dp and imp:
         d = methods[dp]

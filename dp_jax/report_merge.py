@@ -13,8 +13,7 @@ import numpy as np
 
 from dp_jax import io
 from dp_jax import workdir as workdir_lib
-
-TIMINGS = ("wall_s", "mask_s", "train_s", "search_s")  # differ between any two runs
+from dp_jax.prune import TIMINGS  # record fields that differ between any two runs
 
 
 def method_costs(rows: list[dict]) -> dict[str, dict]:
@@ -26,7 +25,8 @@ def method_costs(rows: list[dict]) -> dict[str, dict]:
         out[label] = {"final_sparsity": float(np.mean([r["sparsity"] for r in final])),
                       "mask_search_examples": int(max(r["train_examples"] for r in final)),
                       "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),
-                      "wall_s": float(sum(r["wall_s"] for r in rs))}
+                      "wall_s": float(sum(r["wall_s"] for r in rs)),
+                      "compile_s": float(sum(r.get("compile_s", 0.0) for r in rs))}
     return out
 
 
