@@ -233,8 +233,15 @@ def cmd_export() -> None:
     app.run(guarded(main, lambda: verbose.value))
 
 
+def cmd_import_distilled() -> None:
+    """``dp-jax import-distilled``: ``python -m dp_jax.distill.convert`` (published sets)."""
+    from dp_jax.distill import convert
+    sys.exit(convert.main(sys.argv[1:]))
+
+
 COMMANDS = {"run": cmd_run, "analyze": cmd_analyze, "report": cmd_report,
-            "eval-mask": cmd_eval_mask, "export": cmd_export}
+            "eval-mask": cmd_eval_mask, "export": cmd_export,
+            "import-distilled": cmd_import_distilled}
 
 
 def usage() -> str:
@@ -246,6 +253,8 @@ def usage() -> str:
             "  report     rewrite a workdir's report, or merge workdirs' seeds (--out=DIR)\n"
             "  eval-mask  train and test a mask file under a config's recipe\n"
             "  export     write one round's mask, init and trained weights as a ticket file\n"
+            "  import-distilled  convert a published distilled set (MTT/IDC .pt, npz) into a\n"
+            "             validated distilled.npz: --format=mtt|idc|npz --out=OUT.npz ...\n"
             f"--config takes a path or a packaged config: {', '.join(packaged_configs())}")
 
 

@@ -362,3 +362,20 @@ def test_imported_set_runs_distilled_pruning(tmp_path, toy_npz, tiny_config):
     rows = [r for r in io.read_jsonl(os.path.join(wd, "rounds.jsonl")) if r["method"] == "dp"]
     assert sorted(r["round"] for r in rows) == [0, 1]
     assert [r["train_examples"] for r in sorted(rows, key=lambda r: r["round"])] == [0, 100]
+
+
+def test_dp_jax_import_distilled_subcommand(tmp_path, toy_npz):
+    import subprocess
+    import sys
+    out = tmp_path / "d.npz"
+    cmd = [sys.executable, "-m", "dp_jax.cli", "import-distilled", "--format=idc",
+           f"--data={fix('idc_data.pt')}", "--factor=2", "--lr=0.01",
+           f"--dataset=npz:{toy_npz}", f"--out={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "80 images (20 stored, factor 2)" in res.stdout
+    assert load_distilled(str(out)).factor == 2
+    bad = subprocess.run(cmd[:5] + ["--factor=3"] + cmd[6:], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert bad.returncode == 2 and "factor" in bad.stderr
