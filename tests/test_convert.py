@@ -376,6 +376,6 @@ def test_dp_jax_import_distilled_subcommand(tmp_path, toy_npz):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "80 images (20 stored, factor 2)" in res.stdout
     assert load_distilled(str(out)).factor == 2
-    bad = subprocess.run(cmd[:5] + ["--factor=3"] + cmd[6:], capture_output=True, text=True,
+    bad = subprocess.run(cmd[:6] + ["--factor=3"] + cmd[7:], capture_output=True, text=True,
                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert bad.returncode == 2 and "factor" in bad.stderr
