@@ -29,6 +29,18 @@ Variants (comma-separated after ':'):
   hybrid        add DP-then-IMP (``dp_imp``) when DP is available.
   smoke         tiny run of the same code path (8x8 images, width 4, 1 round) for tests under
                 ``tfds.testing.mock_data``.
+  paper,set=F   the paper's own path: Distilled Pruning on an imported IDC set F (gradient
+                matching, multi-formation factor 2, 10 images/class) with the paper's inner
+                recipe -- SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64, 300 epochs over the
+                decoded set, lr x0.2 at 2/3 and 5/6, DSA and CutMix (p 0.5, Beta(1, 1)) --
+                next to IMP rewound to epoch 1, the random-real-subset control of the set's size
+                and random pruning. Import the set first (its preprocessing is checked
+                against the experiment's), then run:
+
+    python -m dp_jax.distill.convert --format=idc --data=PATH/TO/IDC/data.pt --factor=2 \
+        --lr=0.01 --config=configs/cifar10_resnet18.py --out=sets/idc_cifar10_ipc10.npz
+    python -m dp_jax.main --config=configs/cifar10_resnet18.py:paper,set=sets/idc_cifar10_ipc10.npz \
+        --workdir=runs/c10_r18_paper
 """
 
 import os
@@ -39,8 +51,12 @@ from dp_jax.config_files import load_module
 
 
 P = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_paper.py"))
-NAMES = ("smoke", "hybrid")
-KEYS = {"width": int, "seeds": int}
+NAMES = ("smoke", "hybrid", "paper")
+KEYS = {"width": int, "seeds": int, "set": str}
+# The paper's training on a distilled set (IDC's recipe): dp_jax.small_set.Recipe fields.
+PAPER_INNER = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=300,
+                   decay_at=(2 / 3, 5 / 6), decay_factor=0.2, cutmix_prob=0.5, cutmix_beta=1.0,
+                   augment="dsa")
 TRAIN_SIZE = 50_000
 
 
@@ -70,7 +86,23 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.parallel.data_parallel = True  # uses every local device; one device is a 1-device mesh
     P.set_existing(P.section(c, "dp"), dict(P.DP_INNER, batch_size=100))
     P.set_existing(P.section(c, "distill"), dict(ipc=10))
+    if "paper" in flags:
+        _paper_path(c, kv, rewind)
     if "smoke" in flags:
         c.model.width = 4
         P.smoke(c, image_size=8)
+        if "paper" in flags:
+            c.prune.method = "dp,subset"
+            c.dp.epochs, c.dp.batch_size = 2, 16
     return c
+
+
+def _paper_path(c: ml_collections.ConfigDict, kv: dict, rewind: int) -> None:
+    """DP on an imported IDC set with the paper's inner recipe (see the module doc)."""
+    if not kv.get("set"):
+        raise ValueError("variant 'paper' of configs/cifar10_resnet18.py needs set=PATH: a "
+                         "distilled.npz imported from an IDC set (python -m "
+                         "dp_jax.distill.convert --format=idc ...; see the module doc)")
+    c.distill.path = kv["set"]
+    P.set_existing(c.dp, PAPER_INNER)
+    c.prune.method = f"dp,imp:k={rewind},subset,random"

@@ -165,3 +165,32 @@ def test_stability_config_validates(variant):
     assert labels == ({"imp_k0"} if "probe" in variant else {"imp_k0", "random", "dp"})
     with pytest.raises(ValueError, match="allowed"):
         load_config_module("stability_fashion_mnist").get_config("bogus")
+
+
+def test_paper_variant_runs_an_imported_idc_set_end_to_end(tmp_path):
+    """cifar10_resnet18:paper -- an IDC-format set imported and pruned with, under mock_data."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from dp_jax.distill import convert, load_distilled
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "distilled",
+                           "idc_cifar10_smoke.pt")
+    out = str(tmp_path / "idc.npz")
+    mod = load_config_module("cifar10_resnet18")
+    with tfds.testing.mock_data(num_examples=64):
+        assert convert.main(["--format=idc", f"--data={fixture}", "--factor=2", "--lr=0.01",
+                             "--config=configs/cifar10_resnet18.py:smoke", f"--out={out}"]) == 0
+        c = mod.get_config(f"paper,smoke,set={out}")
+        wd = str(tmp_path / "wd")
+        experiment.run(c, wd)
+    dset = load_distilled(out)
+    assert dset.images.shape == (40, 8, 8, 3) and dset.factor == 2
+    rows = io.read_jsonl(os.path.join(wd, "rounds.jsonl"))
+    assert {r["method"] for r in rows} == {"dp", "subset"}
+    dp1 = [r for r in rows if r["method"] == "dp" and r["round"] == 1][0]
+    # 2 epochs over the 40 decoded images at batch 16 (2 batches per epoch).
+    assert dp1["train_examples"] == 2 * 2 * 16 * c.dp.inner_seeds
+    full = mod.get_config("paper,set=x.npz")
+    assert (full.dp.epochs, full.dp.batch_size, full.dp.lr, full.dp.cutmix_prob) == \
+        (300, 64, 0.01, 0.5)
+    assert tuple(full.dp.decay_at) == (2 / 3, 5 / 6) and full.dp.decay_factor == 0.2
+    with pytest.raises(ValueError, match="needs set=PATH"):
+        mod.get_config("paper")

@@ -95,7 +95,8 @@ def test_bad_method_entries_fail_before_any_work(tiny_config, tmp_path, entry, m
     ("prune.layer_rates", "head", "prune.layer_rates"),
     ("prune.min_per_layer", -1, "prune.min_per_layer"),
     ("prune.score_batches", 0, "prune.score_batches"),
-    ("prune.method", "subset:n=10", r"subset:n=10 is invalid; allowed: more than the 10 classes"),
+    ("prune.method", "subset:n=9", r"subset:n=9 is invalid; allowed: at least one image for "
+                                   r"each of the 10 classes"),
     ("prune.method", "subset:n=100000", "at most the 200 training images"),
     ("prune.plugins", "no_such_module_xyz", "prune.plugins: cannot import"),
 ])

@@ -24,12 +24,24 @@ from dp_jax.methods import base, distilled
 
 
 def subset_size(spec, ctx) -> int:
-    """N: the option, else the distilled set's size, else ``distill.ipc`` x classes."""
+    """N: the option, else the distilled set's size, else the size DP's set would have."""
     if spec.opt("n") is not None:
         return int(spec.opt("n"))
     if ctx.distilled is not None:
         return int(ctx.distilled[0].shape[0])
-    return int(ctx.config.distill.ipc) * int(ctx.setup.num_classes)
+    return default_size(ctx.config, int(ctx.setup.num_classes))
+
+
+def default_size(config, num_classes: int) -> int:
+    """The distilled set's size: that of the file at ``distill.path`` when set, else
+    ``distill.ipc`` x classes x ``distill.factor``**2 (multi-formation decodes each image)."""
+    d = config.distill
+    if d.get("path"):
+        import os
+        from dp_jax.distill import load_distilled
+        if os.path.exists(d.path):
+            return len(load_distilled(d.path))
+    return int(d.ipc) * num_classes * int(d.get("factor", 1)) ** 2
 
 
 def subset_lr(config, distilled_set) -> float:
@@ -74,10 +86,11 @@ class Subset(base.Method):
     def validate_with_data(self, spec, config, num_train, num_classes):
         n = spec.opt("n")
         if n is None and "distill" in config:
-            n = int(config.distill.ipc) * num_classes
-        if n is not None and not num_classes < n <= num_train:
-            raise ValueError(f"prune.method: subset:n={n} is invalid; allowed: more than the "
-                             f"{num_classes} classes and at most the {num_train} training images")
+            n = default_size(config, num_classes)
+        if n is not None and not num_classes <= n <= num_train:
+            raise ValueError(f"prune.method: subset:n={n} is invalid; allowed: at least one "
+                             f"image for each of the {num_classes} classes and at most the "
+                             f"{num_train} training images")
 
     def plan(self, spec, ctx):
         setup, cfg = ctx.setup, ctx.config

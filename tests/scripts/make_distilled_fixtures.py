@@ -7,7 +7,7 @@ without it), e.g. the CPU wheel installed into a side directory::
   PYTHONPATH=/tmp/torch_env python tests/scripts/make_distilled_fixtures.py
 
 The sets are for conftest's toy dataset (``make_npz``: 8x8x1, 10 classes), 2 stored images per
-class. ``expected.npz`` holds what torch itself says the files contain, and IDC's decoding of
+class, plus one CIFAR-shaped IDC set (``idc_cifar10_smoke.pt``) for the paper config's smoke run. ``expected.npz`` holds what torch itself says the files contain, and IDC's decoding of
 ``idc_data.pt`` computed by IDC's own ``decode_zoom`` (copied below from snu-mllab/
 Efficient-Dataset-Condensation, test.py), so the NumPy importer is checked against torch.
 """
@@ -107,6 +107,11 @@ def main():
     # A plain npz set: NHWC images in model space, labels, lr.
     np.savez(os.path.join(OUT, "set.npz"), images=expected["mtt_images"].transpose(0, 2, 3, 1),
              labels=labels.numpy().astype(np.int32), lr=np.float32(0.03))
+    # An IDC set shaped like CIFAR-10 at the smoke size (3x8x8, 1 stored image per class,
+    # factor 2) for configs/cifar10_resnet18.py:paper,smoke under tfds.testing.mock_data.
+    g_c = torch.Generator().manual_seed(1)
+    torch.save([torch.rand(CLASSES, 3, 8, 8, generator=g_c), torch.arange(CLASSES)],
+               os.path.join(OUT, "idc_cifar10_smoke.pt"))
     np.savez(os.path.join(OUT, "expected.npz"), **expected)
     total = sum(os.path.getsize(os.path.join(OUT, f)) for f in os.listdir(OUT))
     print(f"wrote {len(os.listdir(OUT))} files ({total} bytes) to {OUT} "
