@@ -39,12 +39,13 @@ def epoch_curves(rows: list[dict], field: str = "loss") -> dict[str, dict[int, n
     return out
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str, *, dpi: int = 110) -> None:
+    """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG) and close it."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -78,7 +79,7 @@ def plot_training_curves(rows: list[dict], path: str, *, pretty=str) -> bool:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -111,5 +112,5 @@ def plot_distillation(rows: list[dict], path: str) -> bool:
         ax2.legend(loc="upper right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Distillation")
-    _save(fig, path)
+    save_figure(fig, path)
     return True

@@ -96,19 +96,15 @@ def _figure():
 
 
 def _finish(fig, ax, path: str, xlabel: str, title: str) -> None:
-    import matplotlib.pyplot as plt
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    from dp_jax.curves import save_figure
+    save_figure(fig, path, dpi=120)
 
 
 def plot_accuracy_vs_sparsity(agg: dict[str, list[dict]], path: str, title: str = "") -> None:
