@@ -11,7 +11,10 @@ Variants (``--config=configs/distill_fashion_mnist.py:VARIANT[,VARIANT]``):
   (none)  ConvNet-3, width 32, instance norm (the MTT architecture at CPU width), ~20 minutes.
   lenet   LeNet-300-100 (the Distilled Pruning default model), ~10 minutes.
   zca     ZCA whitening instead of per-channel standardisation.
-  smoke   tiny sizes of the same code path, for tests (use with data.name='npz:<path>').
+  gm      gradient matching (DC/DSA) instead of MTT: no experts.
+  dm      distribution matching (DM) instead of MTT: no experts.
+  smoke   tiny sizes of the same code path, for tests (use with data.name='npz:<path>');
+          combine as ``smoke,gm`` / ``smoke,dm`` (``smoke`` last keeps its tiny sizes).
 """
 
 import os
@@ -94,7 +97,22 @@ def _apply_variant(c: ml_collections.ConfigDict, name: str) -> None:
         d.eval_models = 5
     elif name == "zca":
         c.data.preprocess = "zca"
+    elif name == "gm":
+        d.method = "gm"
+        _gm_dm_cpu(d)
+        d.iterations = 60
+        d.gm_outer_loops = 10     # DC's ipc-10 loops, fewer network steps between matches
+        d.gm_inner_loops = 10
+    elif name == "dm":
+        d.method = "dm"
+        _gm_dm_cpu(d)
+        d.iterations = 1000
+        d.checkpoint_every = 200
     elif name == "smoke":
+        d.gm_outer_loops = 2
+        d.gm_inner_loops = 2
+        d.gm_batch_real = 8
+        d.dm_batch_real = 8
         c.data.train_size = 0
         c.train.batch_size = 20
         c.train.eval_batch_size = 100
@@ -119,4 +137,12 @@ def _apply_variant(c: ml_collections.ConfigDict, name: str) -> None:
         d.eval_full_epochs = 1
     else:
         raise ValueError(f"unknown variant {name!r} of configs/distill_fashion_mnist.py; "
-                         "allowed: lenet, zca, smoke")
+                         "allowed: lenet, zca, smoke, gm, dm")
+
+
+def _gm_dm_cpu(d: ml_collections.ConfigDict) -> None:
+    """Settings gm and dm share on a CPU: DC/DM's network step size and real batches."""
+    d.lr_init = 0.01              # DC's lr_net; also the evaluation step size of the set
+    d.checkpoint_every = 10
+    d.gm_batch_real = 128
+    d.dm_batch_real = 256
