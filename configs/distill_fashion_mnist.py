@@ -116,8 +116,9 @@ def _apply_variant(c: ml_collections.ConfigDict, name: str) -> None:
         c.data.train_size = 0
         c.train.batch_size = 20
         c.train.eval_batch_size = 100
-        c.model.width = 4
-        c.model.depth = 2
+        if c.model.name == "convnet":  # smoke after lenet keeps LeNet-300-100
+            c.model.width = 4
+            c.model.depth = 2
         d.ipc = 2
         d.num_experts = 2
         d.expert_train_epochs = 3

@@ -67,13 +67,20 @@ def _columns(g: jax.Array) -> jax.Array:
     return g.reshape(-1, g.shape[-1])
 
 
+def _column_norms(a: jax.Array) -> jax.Array:
+    # Euclidean norms whose derivative at a zero column is 0 (PyTorch's convention), not NaN:
+    # a dead unit or a pruned output node has an all-zero gradient column.
+    sq = jnp.sum(a * a, axis=0)
+    pos = sq > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
 def dsa_distance(g_real: PyTree, g_syn: PyTree) -> jax.Array:
     """DC's distance: per layer, the sum over output nodes of 1 - cosine similarity."""
     total = jnp.float32(0.0)
     for r, s in zip(matched_leaves(g_real), matched_leaves(g_syn)):
         r, s = _columns(r), _columns(s)
-        cos = jnp.sum(r * s, axis=0) / (
-            jnp.linalg.norm(r, axis=0) * jnp.linalg.norm(s, axis=0) + COS_EPS)
+        cos = jnp.sum(r * s, axis=0) / (_column_norms(r) * _column_norms(s) + COS_EPS)
         total = total + jnp.sum(1.0 - cos)
     return total
 
