@@ -47,7 +47,7 @@ class MLP(nn.Module):
 def _mlp_problem(seed=0, b=6, m=2, classes=3, shape=(2, 2, 1)):
     k = jax.random.split(jax.random.key(seed), 4)
     model = MLP(num_classes=classes)
-    params = model.init(k[0], jnp.zeros((1,) + shape))["params"]
+    params = jax.jit(model.init)(k[0], jnp.zeros((1,) + shape))["params"]
     # Non-zero biases so that they matter to the gradients the distances must ignore.
     params = jax.tree.map(lambda a, kk: a + 0.3 * jax.random.normal(kk, a.shape), params,
                           jax.tree.unflatten(jax.tree.structure(params),
@@ -123,16 +123,20 @@ def test_dsa_distance_reads_conv_kernels_per_output_node_and_ignores_biases():
               for o in range(4))
     b1, b2 = np.asarray(jax.random.normal(k[2], (4,))), np.asarray(jax.random.normal(k[3], (4,)))
     with jax.enable_x64(True):
-        got = gm.dsa_distance({"k": r, "b": b1}, {"k": s, "b": b2})
+        got = jax.jit(gm.dsa_distance)({"k": r, "b": b1}, {"k": s, "b": b2})
         np.testing.assert_allclose(float(got), ref, rtol=1e-10)
-        for kind in gm.DISTANCES:  # 1-D leaves never count
-            f = gm.DISTANCE_FNS[kind]
-            assert float(f({"k": r, "b": b1}, {"k": s, "b": b2})) == float(f({"k": r}, {"k": s}))
+
+        @jax.jit
+        def with_and_without_biases():
+            return [(f({"k": r, "b": b1}, {"k": s, "b": b2}), f({"k": r}, {"k": s}))
+                    for f in gm.DISTANCE_FNS.values()]
+        for a, b in with_and_without_biases():  # 1-D leaves never count
+            assert float(a) == float(b)
         # An all-zero gradient column (a dead or pruned output node): the derivative of
         # 1 - <r, s> / (|r| |s| + eps) at s = 0 is -r / eps (PyTorch's), not NaN.
         dead = s.copy()
         dead[..., 1] = 0.0
-        g = jax.grad(lambda v: gm.dsa_distance({"k": r}, {"k": v}))(dead)
+        g = jax.jit(jax.grad(lambda v: gm.dsa_distance({"k": r}, {"k": v})))(dead)
         assert bool(jnp.isfinite(g).all())
         np.testing.assert_allclose(np.asarray(g[..., 1]), -r[..., 1] / gm.COS_EPS, rtol=1e-9)
 
@@ -154,8 +158,8 @@ def test_features_are_what_enters_the_head(cfg):
     model = create_model(ml_collections.ConfigDict(cfg), num_classes=4)
     v = init_variables(model, jax.random.key(0), (8, 8, 1))
     x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
-    feats = apply_features(model, v, x, train=False)
-    logits = model.apply(v, x, train=False)
+    feats, logits = jax.jit(lambda v, x: (apply_features(model, v, x, train=False),
+                                          model.apply(v, x, train=False)))(v, x)
     head = v["params"]["head"]
     np.testing.assert_allclose(np.asarray(feats @ head["kernel"] + head["bias"]),
                                np.asarray(logits), rtol=1e-5, atol=1e-6)
@@ -165,7 +169,8 @@ def test_features_are_what_enters_the_head(cfg):
         h = np.maximum(h @ p["fc2"]["kernel"] + p["fc2"]["bias"], 0)
         np.testing.assert_allclose(np.asarray(feats), h, rtol=1e-5, atol=1e-6)
     else:  # train mode returns the updated BatchNorm statistics too
-        f2, upd = apply_features(model, v, x, train=True, mutable=["batch_stats"])
+        f2, upd = jax.jit(lambda v, x: apply_features(model, v, x, train=True,
+                                                      mutable=["batch_stats"]))(v, x)
         assert f2.shape == feats.shape and "batch_stats" in upd
 
 
@@ -218,22 +223,23 @@ def test_image_gradients_match_finite_differences(net):
 
 
 def test_siamese_shares_one_transform_per_batch():
-    aug = make_augment("dsa")
+    aug = make_augment("dsa", strategy="color_cutout_rotate")  # a colour, a mask, a resampling
     shared = siamese(aug)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-    other = jnp.concatenate([x[1:], x[:1], x[1:]])  # x[0] at position 1 of a batch of 3
+    x = jnp.concatenate([x, x[:1]])  # the first image again, at position 2
 
     @jax.jit
     def run(key):
+        # Each example of a shared batch gets the transform of a batch of one, wherever it is.
         one_by_one = jnp.stack([aug(key, x[j:j + 1])[0] for j in range(2)])
-        return shared(key, x), one_by_one, shared(key, other), aug(key, x)
+        return shared(key, x), one_by_one, aug(key, x)
 
     differs = False
     for i in range(6):
-        out, one_by_one, out_other, per_example = run(jax.random.key(i))
-        np.testing.assert_allclose(np.asarray(out), np.asarray(one_by_one), atol=1e-6)
-        np.testing.assert_allclose(np.asarray(out_other[1]), np.asarray(out[0]), atol=1e-6)
-        differs |= not np.allclose(np.asarray(per_example), np.asarray(one_by_one))
+        out, one_by_one, per_example = run(jax.random.key(i))
+        np.testing.assert_allclose(np.asarray(out[:2]), np.asarray(one_by_one), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out[2]), np.asarray(out[0]), atol=1e-6)
+        differs |= not np.allclose(np.asarray(per_example[:2]), np.asarray(one_by_one))
     assert differs, "plain DSA draws per-example parameters; the check above would be vacuous"
 
 
@@ -252,17 +258,16 @@ def test_losses_vanish_when_synthetic_equals_real_under_siamese_dsa():
         d, data=data, num_stored=12, image_shape=(8, 8, 1)))
     d_prog = dm.DistributionMatching(model, dm.Settings.from_config(
         d, data=data, num_stored=12, image_shape=(8, 8, 1)))
-    aug = siamese(make_augment("dsa", strategy=d.dsa_strategy))
+    # Broken variants: every image drawn its own transform (real and synthetic ones differ).
+    plain = make_augment("dsa", strategy=d.dsa_strategy)
 
     @jax.jit
     def losses(k, c):
-        ka, kb = jax.random.split(k)
-        real = common.class_batches(ka, data, 4)
-        # The same comparison with different transforms for the real and the synthetic images.
-        broken_gm = gm.class_loss(model, params, {}, aug(ka, real[0]), aug(kb, x[:4]), 0,
+        real = common.class_batches(k, data, 4)
+        both = plain(k, jnp.concatenate([real.reshape(12, 8, 8, 1), x]))
+        broken_gm = gm.class_loss(model, params, {}, both[:4], both[12:16], 0,
                                   distance="mse", mask=ctx.mask)
-        broken_dm = dm.dm_loss(model, params, {}, aug(ka, real.reshape(12, 8, 8, 1)).reshape(
-            real.shape), aug(kb, x))
+        broken_dm = dm.dm_loss(model, params, {}, both[:12].reshape(real.shape), both[12:])
         return (g_prog.class_loss_of_images(x, params, {}, k, c, ctx),
                 d_prog.loss_of_images(x, params, {}, k, ctx), broken_gm, broken_dm)
 
@@ -278,7 +283,7 @@ def test_jitted_steps_trace_once_across_iterations():
     data = _real(jnp.float32)
     labels = jnp.arange(3, dtype=jnp.int32)
     ctx = common.Context(data=data, labels=labels, mask=common.dense_mask(model, (8, 8, 1)))
-    d = _settings_d(gm_net_train="real", dsa_strategy="crop")
+    d = _settings_d(gm_net_train="real", dsa=False)
     wrap = lambda f: chex.assert_max_traces(f, n=1)  # noqa: E731
     progs = {
         "gm": gm.GradientMatching(model, gm.Settings.from_config(
@@ -378,8 +383,12 @@ def _kill_mid_distillation(cmd, wd, env):
     assert not os.path.exists(os.path.join(wd, "distilled.npz"))
 
 
+class Interrupted(RuntimeError):
+    pass
+
+
 @pytest.mark.parametrize("method", ["gm", "dm"])
-def test_deterministic_and_resumes_after_sigkill_through_the_cli(tiny_npz, tmp_path, method):
+def test_deterministic_and_resumes_after_an_interruption(tiny_npz, tmp_path, method):
     cfg = _config(tiny_npz, method, **CLI)
     want, meta = _in_process(cfg, str(tmp_path / "ref"))
     got, _ = _in_process(_config(tiny_npz, method, **CLI), str(tmp_path / "again"))
@@ -387,7 +396,31 @@ def test_deterministic_and_resumes_after_sigkill_through_the_cli(tiny_npz, tmp_p
         np.testing.assert_array_equal(got[k], want[k], err_msg=f"second run: {k}")
     assert meta["distill"]["method"] == method and meta["cost"]["expert_examples"] == 0
     assert float(want["lr"]) == pytest.approx(cfg.distill.lr_init)
+    # Dies during iteration 5, after the checkpoint of iteration 3; the rerun resumes from it.
+    wd = str(tmp_path / "resumed")
+    os.makedirs(wd)
+    metrics = os.path.join(wd, "metrics.jsonl")
 
+    def dying_log(**row):
+        io.append_jsonl(metrics, row)
+        if row.get("iteration") == 5:
+            raise Interrupted
+    dataset = load_dataset(cfg.data, seed=cfg.seed)
+    with pytest.raises(Interrupted):
+        distill_into(cfg, wd, dataset, log=dying_log)
+    distill_into(cfg, wd, dataset, log=lambda **kw: io.append_jsonl(metrics, kw))
+    got, _ = _arrays(os.path.join(wd, "distilled.npz"))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f"resumed: {k}")
+    rows = _distill_rows(str(tmp_path / "ref"))
+    assert _distill_rows(wd) == rows and len(rows) == CLI["iterations"]
+
+
+# gm's CLI run compiles more than dm's; the in-process resume above covers gm by default.
+@pytest.mark.parametrize("method", [pytest.param("gm", marks=pytest.mark.slow), "dm"])
+def test_resumes_after_sigkill_through_the_cli(tiny_npz, tmp_path, method):
+    cfg = _config(tiny_npz, method, **CLI)
+    want, _ = _in_process(cfg, str(tmp_path / "ref"))
     wd = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "dp_jax.main",
            f"--config=configs/distill_fashion_mnist.py:lenet,{method},smoke", f"--workdir={wd}",
@@ -404,8 +437,7 @@ def test_deterministic_and_resumes_after_sigkill_through_the_cli(tiny_npz, tmp_p
     got, _ = _arrays(os.path.join(wd, "distilled.npz"))
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=f"resumed: {k}")
-    rows = _distill_rows(str(tmp_path / "ref"))
-    assert _distill_rows(wd) == rows and len(rows) == CLI["iterations"]
+    assert _distill_rows(wd) == _distill_rows(str(tmp_path / "ref"))
     assert not os.path.exists(os.path.join(wd, "experts"))
     with open(os.path.join(wd, "report.md")) as f:
         assert ("Gradient matching" if method == "gm" else "Distribution matching") in f.read()
