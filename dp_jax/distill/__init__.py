@@ -13,9 +13,10 @@ Public API:
 Building blocks: ``experts`` (trajectory buffers), ``mtt`` (the unrolled student and its exact
 gradient in three memory modes), ``gm`` and ``dm`` (gradient / distribution matching losses and
 steps), ``common`` (the method interface, real class batches, shared steps), ``loop`` (one
-iteration loop for every method: checkpoints, metrics, periodic evaluation), ``evaluate`` (train on the
-set, test on real data), ``synthetic`` (initialisation, multi-formation), ``convs`` (convolutions
-whose second derivatives run fast on XLA:CPU). See docs/distillation.md.
+iteration loop for every method: checkpoints, metrics, periodic evaluation), ``evaluate``
+(train on the set, test on real data), ``synthetic`` (initialisation, multi-formation),
+``convs`` (convolutions whose second derivatives run fast on XLA:CPU). See
+docs/distillation.md.
 """
 
 from dp_jax.distill.config import distill_defaults, validate, validate_with_data

@@ -37,8 +37,8 @@ def distill_defaults() -> ml_collections.ConfigDict:
     d.ipc = 10                # stored images per class
     d.factor = 1              # multi-formation: each stored image decodes into factor**2 images
     d.init = "real"           # real | noise
-    d.lr_init = 0.01          # initial learnable step size (the experts' lr in MTT); gm/dm:
-                              # gm's network lr on synthetic data (DC's lr_net), the set's lr
+    d.lr_init = 0.01          # MTT: initial learnable step size (the experts' lr); gm/dm: the
+                              # set's step size, also gm's network lr (DC's lr_net)
 
     # MTT.
     d.iterations = 5000
@@ -61,23 +61,7 @@ def distill_defaults() -> ml_collections.ConfigDict:
     d.checkpoint_every = 200
     d.eval_every = 0          # periodic evaluation during distillation (0 = only at the end)
     d.eval_periodic_models = 1
-    # MTT, gm and dm share ipc, factor, init, iterations, dsa/dsa_strategy/dsa_all_ops (gm/dm:
-    # Siamese, one transform per class batch), fast_conv, log/checkpoint/eval cadence.
-
-    # Gradient matching (method gm); defaults are DC's (ipc 10 loops).
-    d.gm_distance = "dsa"     # dsa (DC's per-output-node cosine) | mse | l1 (IDC)
-    d.gm_outer_loops = 10     # matches (image steps) per fresh network
-    d.gm_inner_loops = 50     # network SGD steps between matches
-    d.gm_net_train = "syn"    # the network trains on syn (DC) | real (IDC) data
-    d.gm_batch_real = 256     # real images per class for each match
-    d.gm_batch_net = 256      # minibatch of the network's steps (DC's batch_train)
-    d.gm_lr_img = 0.1         # SGD on the images
-    d.gm_momentum_img = 0.5
-
-    # Distribution matching (method dm); defaults are DM's.
-    d.dm_batch_real = 256     # real images per class per iteration
-    d.dm_lr_img = 1.0         # SGD on the images
-    d.dm_momentum_img = 0.5
+    _matching_defaults(d)
 
     # Experts (trained on real data, parameters saved every epoch).
     d.num_experts = 5
@@ -102,6 +86,25 @@ def distill_defaults() -> ml_collections.ConfigDict:
     d.eval_full_epochs = 2    # real-data training for the full-data baseline (0 = skip)
     d.eval_full_models = 1
     return d
+
+
+def _matching_defaults(d: ml_collections.ConfigDict) -> None:
+    """The gm and dm fields. Both share with MTT ipc, factor, init, iterations, dsa /
+    dsa_strategy / dsa_all_ops (Siamese for gm and dm: one transform per class batch),
+    fast_conv and the log/checkpoint/eval cadence; gm trains its networks with lr_init."""
+    # Gradient matching (method gm); defaults are DC's (its ipc-10 loops).
+    d.gm_distance = "dsa"     # dsa (DC's per-output-node cosine) | mse | l1 (IDC)
+    d.gm_outer_loops = 10     # matches (image steps) per fresh network
+    d.gm_inner_loops = 50     # network SGD steps between matches
+    d.gm_net_train = "syn"    # the network trains on syn (DC) | real (IDC) data
+    d.gm_batch_real = 256     # real images per class for each match
+    d.gm_batch_net = 256      # minibatch of the network's steps (DC's batch_train)
+    d.gm_lr_img = 0.1         # SGD on the images
+    d.gm_momentum_img = 0.5
+    # Distribution matching (method dm); defaults are DM's.
+    d.dm_batch_real = 256     # real images per class per iteration
+    d.dm_lr_img = 1.0         # SGD on the images
+    d.dm_momentum_img = 0.5
 
 
 def _need(cond: bool, field: str, allowed: str, value) -> None:

@@ -110,8 +110,9 @@ def ensure_distilled(config, workdir: str, dataset, *,
     """The distilled set Distilled Pruning trains on, with its cost accounting.
 
     Precedence: ``config.distill.path`` if set; else ``<workdir>/distilled.npz`` if it exists;
-    else ``distill.method`` (MTT with experts, gm, dm) into ``workdir`` (resumable). The set is checked against ``dataset``
-    (same dataset and preprocessing) with :func:`check_compatible`. ``.cost`` holds
+    else ``distill.method`` (MTT with experts, gm, dm) into ``workdir`` (resumable). The set is
+    checked against ``dataset`` (same dataset and preprocessing) with :func:`check_compatible`.
+    ``.cost`` holds
     ``{expert_examples, expert_wall_s, distill_examples, distill_wall_s}``.
     """
     config_lib.validate(config)
@@ -180,9 +181,9 @@ def run(config, workdir: str) -> dict:
             epochs=int(d.eval_full_epochs))
         log(phase="final_eval", set="full", **results["full"])
     phases["eval_s"] = time.time() - t0
-    summary = {"task": "distill", "method": d.method, "dataset": dataset.name, "model": experts_lib.model_fields(
-        config.model), "images": len(ds), "stored_images": int(ds.stored_images.shape[0]),
-        "ipc": int(d.ipc), "factor": int(d.factor), "lr": ds.lr,
+    summary = {"task": "distill", "method": d.method, "dataset": dataset.name,
+        "model": experts_lib.model_fields(config.model), "images": len(ds),
+        "stored_images": int(ds.stored_images.shape[0]), "ipc": int(d.ipc), "factor": int(d.factor), "lr": ds.lr,
         "preprocess": dataset.preprocessing["kind"], "results": results, "cost": ds.cost,
         "phases_s": phases, "wall_s": time.time() - t_start,
         "devices": [str(x) for x in jax.devices()], "backend": jax.default_backend()}
@@ -226,7 +227,8 @@ def write_report(workdir: str, summary: dict, config) -> None:
         "",
         f"Cost: experts {c.get('expert_examples', 0):,} examples / "
         f"{c.get('expert_wall_s', 0):.0f} s; distillation {c.get('distill_examples', 0):,} "
-        f"synthetic examples / {c.get('distill_wall_s', 0):.0f} s; total wall "
+        f"{'synthetic' if d.method == 'mtt' else 'real + synthetic'} examples / "
+        f"{c.get('distill_wall_s', 0):.0f} s; total wall "
         f"{summary['wall_s']:.0f} s.",
         "",
         "![distilled images](distilled.png)",
