@@ -24,6 +24,14 @@ ANALYSIS = 1000   # instability, Hessian and landscape analyses (sub-purposes be
 
 # Sub-purposes of DISTILL.
 DISTILL_EXPERTS, DISTILL_MTT, DISTILL_EVAL, DISTILL_SYN_INIT = 0, 1, 2, 3
+DISTILL_GM, DISTILL_DM = 4, 5  # gradient / distribution matching, one fold per iteration
+
+# Sub-purposes of a gradient/distribution-matching iteration key (``fold(., DISTILL_GM, it)``):
+# the iteration's fresh network, and one fold per outer loop (GM; DM has a single one).
+MATCH_NET_INIT, MATCH_OUTER = 0, 1
+# Sub-purposes of an outer-loop key: the real class batches, the per-class Siamese augmentation
+# (one fold per class), the BatchNorm statistics batch, the network updates (one fold per step).
+MATCH_REAL, MATCH_AUG, MATCH_BN, MATCH_NET_TRAIN = 0, 1, 2, 3
 
 # Sub-purposes of SUBSET.
 SUBSET_PICK, SUBSET_INNER = 0, 1

@@ -235,6 +235,19 @@ def flip_crop(key: jax.Array, x: jax.Array, *, strength: float = 1.0) -> jax.Arr
     return crop(jax.random.fold_in(key, 2), flip(jax.random.fold_in(key, 1), x, p), p)
 
 
+def siamese(augment: Augment) -> Augment:
+    """``augment`` with one draw of its random parameters shared by every example of a batch.
+
+    DSA's Siamese augmentation (its ``batchmode``): a real batch and a synthetic batch of one
+    class, augmented with the same key, undergo the same transform even though their sizes
+    differ. ``siamese(a)(key, x)[i] == a(key, x[i:i + 1])[0]`` for every ``i``.
+    """
+    def shared(key, x):
+        # The key is not mapped over, so every example draws the parameters of a batch of one.
+        return jax.vmap(lambda xi: augment(key, xi[None])[0])(x)
+    return shared
+
+
 def make_augment(name: str, *, strength: float = 1.0, strategy: str = DEFAULT_STRATEGY,
                  all_ops: bool = False) -> Optional[Augment]:
     """Augmentation by name for the training code: ``'none'`` -> None, ``'dsa'``, ``'flip_crop'``.

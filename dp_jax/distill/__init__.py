@@ -1,8 +1,9 @@
-"""Dataset distillation by Matching Training Trajectories (MTT).
+"""Dataset distillation: Matching Training Trajectories (MTT, the default), gradient matching
+(DC/DSA/IDC) and distribution matching (DM), chosen by ``config.distill.method``.
 
 Public API:
 
-  run(config, workdir) -> dict                   the 'distill' task (experts -> MTT -> evaluation)
+  run(config, workdir) -> dict                   the 'distill' task (distillation -> evaluation)
   ensure_distilled(config, workdir, dataset)     the set Distilled Pruning trains on (+ cost)
   load_distilled(path) -> DistilledSet           validated read of a distilled.npz
   check_compatible(distilled, dataset)           same dataset / preprocessing, or ValueError
@@ -10,9 +11,12 @@ Public API:
   validate(config)                               static checks of ``config.distill``
 
 Building blocks: ``experts`` (trajectory buffers), ``mtt`` (the unrolled student and its exact
-gradient in three memory modes), ``loop`` (iterations, checkpoints), ``evaluate`` (train on the
-set, test on real data), ``synthetic`` (initialisation, multi-formation), ``convs`` (convolutions
-whose second derivatives run fast on XLA:CPU). See docs/distillation.md.
+gradient in three memory modes), ``gm`` and ``dm`` (gradient / distribution matching losses and
+steps), ``common`` (the method interface, real class batches, shared steps), ``loop`` (one
+iteration loop for every method: checkpoints, metrics, periodic evaluation), ``evaluate``
+(train on the set, test on real data), ``synthetic`` (initialisation, multi-formation),
+``convs`` (convolutions whose second derivatives run fast on XLA:CPU). See
+docs/distillation.md.
 """
 
 from dp_jax.distill.config import distill_defaults, validate, validate_with_data

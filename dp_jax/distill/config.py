@@ -14,16 +14,21 @@ import numpy as np
 from ml_collections.config_dict import placeholder
 
 from dp_jax.data.augment import AUGMENTATIONS, parse_strategy
+from dp_jax.distill.gm import DISTANCES, NET_TRAIN
 from dp_jax.distill.mtt import LOOPS, MEMORY_MODES
 from dp_jax.distill.synthetic import INITS, check_factor
 
 EVAL_LOOPS = ("auto", "scan", "python")
+METHODS = ("mtt", "gm", "dm")
 
 
 def distill_defaults() -> ml_collections.ConfigDict:
     """Every ``config.distill`` field with its default (MTT's CIFAR-10 10/class values where
     they exist; CPU-sized experts)."""
     d = ml_collections.ConfigDict()
+    # mtt: trajectory matching (experts needed); gm: gradient matching (DC/DSA/IDC); dm:
+    # distribution matching. gm and dm train no experts (docs/distillation.md).
+    d.method = "mtt"
     # Where a distilled set comes from (ensure_distilled): an existing file wins.
     d.path = placeholder(str)        # a distilled.npz to load instead of distilling
     d.buffer_dir = placeholder(str)  # expert buffer directory (default: <workdir>/experts)
@@ -32,7 +37,8 @@ def distill_defaults() -> ml_collections.ConfigDict:
     d.ipc = 10                # stored images per class
     d.factor = 1              # multi-formation: each stored image decodes into factor**2 images
     d.init = "real"           # real | noise
-    d.lr_init = 0.01          # initial learnable step size (the experts' lr in MTT)
+    d.lr_init = 0.01          # MTT: initial learnable step size (the experts' lr); gm/dm: the
+                              # set's step size, also gm's network lr (DC's lr_net)
 
     # MTT.
     d.iterations = 5000
@@ -55,6 +61,7 @@ def distill_defaults() -> ml_collections.ConfigDict:
     d.checkpoint_every = 200
     d.eval_every = 0          # periodic evaluation during distillation (0 = only at the end)
     d.eval_periodic_models = 1
+    _matching_defaults(d)
 
     # Experts (trained on real data, parameters saved every epoch).
     d.num_experts = 5
@@ -79,6 +86,25 @@ def distill_defaults() -> ml_collections.ConfigDict:
     d.eval_full_epochs = 2    # real-data training for the full-data baseline (0 = skip)
     d.eval_full_models = 1
     return d
+
+
+def _matching_defaults(d: ml_collections.ConfigDict) -> None:
+    """The gm and dm fields. Both share with MTT ipc, factor, init, iterations, dsa /
+    dsa_strategy / dsa_all_ops (Siamese for gm and dm: one transform per class batch),
+    fast_conv and the log/checkpoint/eval cadence; gm trains its networks with lr_init."""
+    # Gradient matching (method gm); defaults are DC's (its ipc-10 loops).
+    d.gm_distance = "dsa"     # dsa (DC's per-output-node cosine) | mse | l1 (IDC)
+    d.gm_outer_loops = 10     # matches (image steps) per fresh network
+    d.gm_inner_loops = 50     # network SGD steps between matches
+    d.gm_net_train = "syn"    # the network trains on syn (DC) | real (IDC) data
+    d.gm_batch_real = 256     # real images per class for each match
+    d.gm_batch_net = 256      # minibatch of the network's steps (DC's batch_train)
+    d.gm_lr_img = 0.1         # SGD on the images
+    d.gm_momentum_img = 0.5
+    # Distribution matching (method dm); defaults are DM's.
+    d.dm_batch_real = 256     # real images per class per iteration
+    d.dm_lr_img = 1.0         # SGD on the images
+    d.dm_momentum_img = 0.5
 
 
 def _need(cond: bool, field: str, allowed: str, value) -> None:
@@ -109,14 +135,22 @@ def validate(config) -> None:
               "eval_periodic_models"):
         lo = 0 if f == "iterations" else 1
         _need(_int(d[f]) and d[f] >= lo, f, f"an integer >= {lo}", d[f])
+    _need(d.method in METHODS, "method", " | ".join(METHODS), d.method)
+    for f in ("gm_outer_loops", "gm_batch_real", "gm_batch_net", "dm_batch_real"):
+        _need(_int(d[f]) and d[f] >= 1, f, "an integer >= 1", d[f])
+    _need(_int(d.gm_inner_loops) and d.gm_inner_loops >= 0, "gm_inner_loops",
+          "an integer >= 0", d.gm_inner_loops)
+    _need(d.gm_distance in DISTANCES, "gm_distance", " | ".join(DISTANCES), d.gm_distance)
+    _need(d.gm_net_train in NET_TRAIN, "gm_net_train", " | ".join(NET_TRAIN), d.gm_net_train)
     for f in ("batch_syn", "eval_every", "expert_train_size", "eval_full_epochs",
               "eval_full_models"):
         _need(_int(d[f]) and d[f] >= 0, f, "an integer >= 0", d[f])
-    for f in ("lr_img", "lr_init", "expert_lr"):
+    for f in ("lr_img", "lr_init", "expert_lr", "gm_lr_img", "dm_lr_img"):
         _need(_num(d[f]) and d[f] > 0, f, "a number > 0", d[f])
     for f in ("lr_lr", "expert_weight_decay", "eval_weight_decay"):
         _need(_num(d[f]) and d[f] >= 0, f, "a number >= 0", d[f])
-    for f in ("momentum_img", "momentum_lr", "expert_momentum", "eval_momentum"):
+    for f in ("momentum_img", "momentum_lr", "expert_momentum", "eval_momentum",
+              "gm_momentum_img", "dm_momentum_img"):
         _need(_num(d[f]) and 0 <= d[f] < 1, f, "a number in [0, 1)", d[f])
     for f in ("dsa", "dsa_all_ops", "fast_conv", "eval_vmap", "eval_random"):
         _need(isinstance(d[f], bool), f, "True | False", d[f])
@@ -131,7 +165,7 @@ def validate(config) -> None:
     except ValueError as e:
         raise ValueError(f"config.distill.dsa_strategy: {e}") from None
     need = d.max_start_epoch + d.expert_epochs
-    if d.expert_train_epochs < need:
+    if d.method == "mtt" and d.expert_train_epochs < need:
         raise ValueError(
             f"config.distill.expert_train_epochs={d.expert_train_epochs} is invalid; allowed: "
             f">= distill.max_start_epoch + distill.expert_epochs = {d.max_start_epoch} + "
@@ -149,6 +183,8 @@ def validate_with_data(config, dataset) -> None:
     n_syn = d.ipc * dataset.num_classes * d.factor ** 2
     _need(d.batch_syn <= n_syn, "batch_syn",
           f"0 (whole set) or at most the {n_syn} synthetic training images", d.batch_syn)
+    if d.method != "mtt":  # no experts
+        return
     n_exp = d.expert_train_size or len(dataset.y_train)
     _need(d.expert_train_size <= len(dataset.y_train), "expert_train_size",
           f"0 (all) or at most the {len(dataset.y_train)} training examples", d.expert_train_size)

@@ -54,9 +54,15 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dp_jax import masks as masks_lib
+from dp_jax import rng
+from dp_jax.data.augment import make_augment
+from dp_jax.distill import common, synthetic
+from dp_jax.distill.experts import Trajectories, distill_key
+from dp_jax.models import create_model
 from dp_jax.models.convs import fast_convs
 
 PyTree = Any
@@ -278,3 +284,81 @@ def apply_updates(images, log_lr, opt_img, opt_lr, g_images, g_log_lr, *, tx_img
     u_lr, opt_lr = tx_lr.update(g_log_lr, opt_lr, log_lr)
     return (optax.apply_updates(images, u_img), optax.apply_updates(log_lr, u_lr),
             opt_img, opt_lr)
+
+
+# ------------------------------------------------------------------ the method the loop runs
+
+@functools.lru_cache(maxsize=8)
+def _matcher(model, num_steps, batch, dsa, memory, loop, unroll, fast_conv):
+    # Cached so that repeated distillations in one process (resumes, tests, several pruning
+    # runs) reuse the compiled student steps.
+    augment = make_augment("dsa", strategy=dsa[0], all_ops=dsa[1]) if dsa else None
+    return TrajectoryMatcher(model, num_steps=num_steps, batch_size=batch, augment=augment,
+                             memory=memory, loop=loop, unroll=unroll, fast_conv=fast_conv)
+
+
+def build_method(config, dataset, traj: Trajectories, *,
+                 mask: Optional[PyTree] = None) -> common.Method:
+    """MTT as a :class:`dp_jax.distill.common.Method` (state: images, log step size and both
+    optimiser states).
+
+    Iteration ``it`` uses ``k = fold_in(fold_in(distill_key, rng.DISTILL_MTT), it)``: the expert
+    is ``randint(fold_in(k, 0), num_experts)``, the start epoch ``randint(fold_in(k, 1),
+    max_start_epoch)``, and the student's minibatches/augmentation come from ``fold_in(k, 2)``.
+    """
+    d = config.distill
+    model = create_model(config.model, num_classes=dataset.num_classes)
+    mask = masks_lib.ones_like(traj.like) if mask is None else mask
+    factor = int(d.factor)
+    n_train = d.ipc * dataset.num_classes * factor ** 2
+    batch = int(d.batch_syn) or n_train
+    matcher = _matcher(model, int(d.syn_steps), batch,
+                       (d.dsa_strategy, bool(d.dsa_all_ops)) if d.dsa else None, d.memory,
+                       resolve_loop(d.loop, traj.like), int(d.unroll), bool(d.fast_conv))
+    tx_img = common.sgd(float(d.lr_img), float(d.momentum_img))
+    tx_lr = common.sgd(float(d.lr_lr), float(d.momentum_lr))
+    k_mtt = jax.random.fold_in(distill_key(config), rng.DISTILL_MTT)
+    images, labels = common.initial_images(config, dataset)
+    log_lr = jnp.asarray(np.log(float(d.lr_init)), jnp.float32)
+
+    @jax.jit
+    def decode(imgs):
+        return jax.vjp(lambda v: synthetic.decode(v, labels, factor)[0], imgs)
+
+    y_train = synthetic.decode(images, labels, factor)[1]
+
+    @jax.jit
+    def pick(it):
+        k = jax.random.fold_in(k_mtt, it)
+        e = jax.random.randint(jax.random.fold_in(k, 0), (), 0, traj.num_experts)
+        t = jax.random.randint(jax.random.fold_in(k, 1), (), 0, int(d.max_start_epoch))
+        return e, t, jax.random.fold_in(k, 2)
+
+    def step(state, it):
+        e, t, key = pick(it)
+        e, t = int(e), int(t)
+        p_start, bn = traj.get(e, t)
+        p_target, _ = traj.get(e, t + int(d.expert_epochs))
+        x, vjp = decode(state["images"])
+        loss, gx, glr = matcher(x, y_train, state["log_lr"], p_start, p_target, mask, key, bn)
+        (g_img,) = vjp(gx)
+        opt_img, opt_lr = state["opt"]
+        imgs, lr, opt_img, opt_lr = apply_updates(state["images"], state["log_lr"], opt_img,
+                                                  opt_lr, g_img, glr, tx_img=tx_img, tx_lr=tx_lr)
+        info = {"grad_norm_images": optax.tree.norm(g_img), "expert": e, "start_epoch": t}
+        return {"images": imgs, "log_lr": lr, "opt": (opt_img, opt_lr)}, loss, info
+
+    return common.Method(
+        name="mtt", state={"images": images, "log_lr": log_lr,
+                           "opt": (tx_img.init(images), tx_lr.init(log_lr))},
+        step=step, lr=lambda state: float(jnp.exp(state["log_lr"])), labels=labels,
+        factor=factor, examples=int(d.syn_steps) * min(batch, n_train),
+        hint=f"distill.lr_img ({d.lr_img}) or distill.lr_lr ({d.lr_lr})")
+
+
+def describe(d) -> str:
+    """One line for report.md."""
+    return (f"MTT: {d.iterations} iterations, N={d.syn_steps} student steps, M={d.expert_epochs} "
+            f"expert epochs, start epoch < {d.max_start_epoch}, lr_img {d.lr_img}, lr_lr "
+            f"{d.lr_lr} (log step size), memory `{d.memory}`; {d.num_experts} experts x "
+            f"{d.expert_train_epochs} epochs (lr {d.expert_lr}, batch {d.expert_batch_size}).")

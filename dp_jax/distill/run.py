@@ -1,7 +1,8 @@
 """The distillation task and the hook Distilled Pruning uses.
 
-``run(config, workdir)`` (``config.task == 'distill'``): experts -> MTT -> evaluation, writing
-the run-directory contract: config.json, metrics.jsonl, experts/ (the buffer, unless
+``run(config, workdir)`` (``config.task == 'distill'``): distillation (``distill.method``: MTT
+with its experts, gradient matching or distribution matching) -> evaluation, writing the
+run-directory contract: config.json, metrics.jsonl, experts/ (MTT's buffer, unless
 ``distill.buffer_dir`` points elsewhere), checkpoints/distill/, distilled.npz, distilled.png,
 summary.json and report.md.
 
@@ -28,7 +29,10 @@ from dp_jax.distill import config as config_lib
 from dp_jax.distill import distilled as dist_lib
 from dp_jax.distill import evaluate as eval_lib
 from dp_jax.distill import experts as experts_lib
-from dp_jax.distill.loop import distill_loop
+from dp_jax.distill import dm as dm_lib
+from dp_jax.distill import gm as gm_lib
+from dp_jax.distill import mtt as mtt_lib
+from dp_jax.distill.loop import run_method
 from dp_jax.models import MODELS, create_model
 
 import jax
@@ -59,15 +63,27 @@ def _buffer_dir(config, workdir: str) -> str:
     return config.distill.buffer_dir or workdir_lib.experts_dir(workdir)
 
 
-def distill_into(config, workdir: str, dataset, *, mask=None,
-                 log=lambda **kw: None, evaluator=None) -> dist_lib.DistilledSet:
-    """Train/resume experts, run/resume MTT, and write distilled.npz and distilled.png."""
+def build_method(config, dataset, workdir: str, *, mask=None, log=lambda **kw: None):
+    """``(method, expert cost)`` for ``config.distill.method``; MTT trains/resumes its experts
+    first, gm and dm need none (cost 0)."""
     d = config.distill
+    if d.method == "gm":
+        return gm_lib.build_method(config, dataset, mask=mask), {"examples": 0, "wall_s": 0.0}
+    if d.method == "dm":
+        return dm_lib.build_method(config, dataset, mask=mask), {"examples": 0, "wall_s": 0.0}
     buf_dir = _buffer_dir(config, workdir)
     buf = experts_lib.train_experts(config, dataset, buf_dir, log=log)
     traj = experts_lib.load_trajectories(config, dataset, buf_dir)
-    res = distill_loop(config, dataset, traj, workdir, mask=mask, log=log, evaluator=evaluator)
-    cost = buf.cost()
+    return mtt_lib.build_method(config, dataset, traj, mask=mask), buf.cost()
+
+
+def distill_into(config, workdir: str, dataset, *, mask=None,
+                 log=lambda **kw: None, evaluator=None) -> dist_lib.DistilledSet:
+    """Distil with ``distill.method`` (MTT: experts first), resuming whatever exists, and write
+    distilled.npz and distilled.png."""
+    d = config.distill
+    method, cost = build_method(config, dataset, workdir, mask=mask, log=log)
+    res = run_method(config, method, workdir, log=log, evaluator=evaluator)
     ds = dist_lib.DistilledSet(
         images=res.images, labels=res.labels, lr=res.lr, preprocessing=dataset.preprocessing,
         dataset=dataset.name, stored_images=res.stored_images, stored_labels=res.stored_labels,
@@ -96,8 +112,9 @@ def ensure_distilled(config, workdir: str, dataset, *,
     """The distilled set Distilled Pruning trains on, with its cost accounting.
 
     Precedence: ``config.distill.path`` if set; else ``<workdir>/distilled.npz`` if it exists;
-    else experts + MTT into ``workdir`` (resumable). The set is checked against ``dataset``
-    (same dataset and preprocessing) with :func:`check_compatible`. ``.cost`` holds
+    else ``distill.method`` (MTT with experts, gm, dm) into ``workdir`` (resumable). The set is
+    checked against ``dataset`` (same dataset and preprocessing) with :func:`check_compatible`.
+    ``.cost`` holds
     ``{expert_examples, expert_wall_s, distill_examples, distill_wall_s}``.
     """
     config_lib.validate(config)
@@ -118,7 +135,7 @@ def ensure_distilled(config, workdir: str, dataset, *,
 
 
 def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
-    """The 'distill' task: experts -> MTT -> evaluation; returns summary.json's content.
+    """The 'distill' task: distillation -> evaluation; returns summary.json's content.
 
     Nothing is written before the config, the data and the workdir's identity are checked;
     with ``restart_changed`` a workdir made by other settings has its distillation moved to
@@ -189,11 +206,11 @@ def _distill_and_evaluate(config, workdir: str, dataset, t_start: float, sink) -
             epochs=int(d.eval_full_epochs))
         log(phase="final_eval", set="full", **results["full"])
     phases["eval_s"] = time.time() - t0
-    summary = {"task": "distill", "dataset": dataset.name, "model": experts_lib.model_fields(
-        config.model), "images": len(ds), "stored_images": int(ds.stored_images.shape[0]),
-        "ipc": int(d.ipc), "factor": int(d.factor), "lr": ds.lr,
-        "preprocess": dataset.preprocessing["kind"], "data_source": dataset.source,
-        "results": results, "cost": ds.cost,
+    summary = {"task": "distill", "method": d.method, "dataset": dataset.name,
+        "model": experts_lib.model_fields(config.model), "images": len(ds),
+        "stored_images": int(ds.stored_images.shape[0]), "ipc": int(d.ipc),
+        "factor": int(d.factor), "lr": ds.lr, "preprocess": dataset.preprocessing["kind"],
+        "data_source": dataset.source, "results": results, "cost": ds.cost,
         "phases_s": phases, "wall_s": time.time() - t_start,
         "devices": [str(x) for x in jax.devices()], "backend": jax.default_backend()}
     io.write_json(workdir_lib.summary_path(workdir), summary)
@@ -216,7 +233,8 @@ def write_report(workdir: str, summary: dict, config) -> None:
         f"# Distillation: {summary['dataset']}, {summary['model']['name']}",
         "",
         f"{summary['stored_images']} stored images ({summary['ipc']}/class, factor "
-        f"{summary['factor']}) -> {summary['images']} training images; learned step size "
+        f"{summary['factor']}) -> {summary['images']} training images; "
+        f"{'learned ' if d.method == 'mtt' else ''}step size "
         f"{summary['lr']:.4g}; preprocessing `{summary['preprocess']}`.",
         "",
         "| training set | images | test accuracy % (mean ± std) | models |",
@@ -231,14 +249,12 @@ def write_report(workdir: str, summary: dict, config) -> None:
         f"{d.eval_epochs} epochs, batch {d.eval_batch_size}, lr x0.1 at half, augmentation "
         f"`{d.eval_augment}`; the random subset uses lr {d.lr_init}.",
         "",
-        f"MTT: {d.iterations} iterations, N={d.syn_steps} student steps, M={d.expert_epochs} "
-        f"expert epochs, start epoch < {d.max_start_epoch}, lr_img {d.lr_img}, lr_lr {d.lr_lr} "
-        f"(log step size), memory `{d.memory}`; {d.num_experts} experts x "
-        f"{d.expert_train_epochs} epochs (lr {d.expert_lr}, batch {d.expert_batch_size}).",
+        {"mtt": mtt_lib, "gm": gm_lib, "dm": dm_lib}[d.method].describe(d),
         "",
         f"Cost: experts {c.get('expert_examples', 0):,} examples / "
         f"{c.get('expert_wall_s', 0):.0f} s; distillation {c.get('distill_examples', 0):,} "
-        f"synthetic examples / {c.get('distill_wall_s', 0):.0f} s; total wall "
+        f"{'synthetic' if d.method == 'mtt' else 'real + synthetic'} examples / "
+        f"{c.get('distill_wall_s', 0):.0f} s; total wall "
         f"{summary['wall_s']:.0f} s.",
         "",
         "![distilled images](distilled.png)",

@@ -5,6 +5,8 @@ float32 NHWC (any H, W, C) and returns logits ``(B, num_classes)``. Prunable wei
 named ``kernel`` (conv HWIO, dense (in, out)); biases are ``bias``; norms hold ``scale``/``bias``;
 BatchNorm models also carry a ``batch_stats`` collection (running mean/var, momentum 0.9, eps 1e-5),
 updated by ``apply(..., train=True, mutable=["batch_stats"])`` and read when ``train=False``.
+Every model's classifier is a top-level dense layer named ``head``; ``apply_features`` returns
+what enters it (the embedding distribution matching uses).
 
 Config fields (``model_cfg``; ``None`` or absent means "model default"):
 
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 
 from dp_jax.models.alexnet import AlexNet
 from dp_jax.models.convnet import CONVNET_NORMS, CONVNET_POOLS, ConvNet
+from dp_jax.models.features import apply_features
 from dp_jax.models.lenet import LeNet300100
 from dp_jax.models.resnet import RESNET_NORMS, BasicBlock, ResNet, resnet10, resnet18
 
@@ -46,6 +49,7 @@ __all__ = [
     "ConvNet",
     "LeNet300100",
     "ResNet",
+    "apply_features",
     "count_params",
     "create_model",
     "init_variables",
