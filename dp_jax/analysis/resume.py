@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io as _io
 import json
 import os
 from typing import Optional, Sequence
@@ -55,6 +56,30 @@ def finished(workdir: str, label: str, seed: int, rnd: int, digest: str,
     if any(integrity.problem(adir, f) is not None for f in done["files"]):
         return None
     return {a: io.read_json(os.path.join(adir, f)) for a, f in done["results"].items()}
+
+
+def write_results(workdir: str, label: str, seed: int, rnd: int, digest: str, meta: dict,
+                  results: dict, arrays: dict) -> dict:
+    """Write one mask's outputs (``results``: analysis -> JSON dict, ``arrays``: (prefix,
+    suffix) -> npz arrays) with ``meta`` merged into each, then record them as finished."""
+    out_dir = workdir_lib.analysis_dir(workdir)
+    stem = workdir_lib.analysis_stem(label, seed, rnd)
+    out, names, files = {}, {}, []
+    for name, r in results.items():
+        r = dict(r, **meta)
+        if name == "landscape":
+            r["directions_file"] = f"landscape_{stem}_directions.npz"
+        names[name] = workdir_lib.analysis_file(name, label, seed, rnd)
+        io.write_json(os.path.join(out_dir, names[name]), r)
+        out[name] = r
+    for (prefix, suffix), arr in arrays.items():
+        files.append(prefix + stem + suffix)
+        buf = _io.BytesIO()
+        np.savez_compressed(buf, **arr)
+        io.atomic_write_bytes(os.path.join(out_dir, files[-1]), buf.getvalue())
+    mark_finished(workdir, label, seed, rnd, digest, meta["mask_sha1"], names,
+                  list(names.values()) + files)
+    return out
 
 
 def mark_finished(workdir: str, label: str, seed: int, rnd: int, digest: str, mask_sha1: str,

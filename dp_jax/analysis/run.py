@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io as _io
 import itertools
 import os
 import time
@@ -313,28 +312,8 @@ def analyze_mask(ctx: _Context, ss: _SeedState, label: str, rnd: int, path: str)
         results, arrays = _compute(ctx, ss, mask, variables, k, start_tag, first=trained)
         if meta["sparsity"] == 0.0:  # only dense masks recur across runs; keep memory flat
             ctx.results_cache[key] = (results, arrays)
-    return _write_results(ctx, label, ss.seed, rnd, meta, results, arrays)
-
-
-def _write_results(ctx: _Context, label: str, seed: int, rnd: int, meta: dict, results: dict,
-                   arrays: dict) -> dict:
-    """Write one mask's outputs and record them as finished (for a resumed analysis)."""
-    out_dir = workdir_lib.analysis_dir(ctx.workdir)
-    stem = tag(label, seed, rnd)
-    out, names, files = {}, {}, []
-    for name, r in results.items():
-        r = dict(r, **meta)
-        if name == "landscape":
-            r["directions_file"] = f"landscape_{stem}_directions.npz"
-        names[name] = workdir_lib.analysis_file(name, label, seed, rnd)
-        io.write_json(os.path.join(out_dir, names[name]), r)
-        out[name] = r
-    for (prefix, suffix), arr in arrays.items():
-        files.append(prefix + stem + suffix)
-        _save_npz(os.path.join(out_dir, files[-1]), arr)
-    resume.mark_finished(ctx.workdir, label, seed, rnd, ctx.digest, meta["mask_sha1"], names,
-                         list(names.values()) + files)
-    return out
+    return resume.write_results(ctx.workdir, label, ss.seed, rnd, ctx.digest, meta, results,
+                                arrays)
 
 
 def _compute(ctx: _Context, ss: _SeedState, mask, variables: dict, k: int, start_tag: tuple,
@@ -399,12 +378,6 @@ def _compute(ctx: _Context, ss: _SeedState, mask, variables: dict, k: int, start
         r.update(wall_s=time.time() - t0, bn_mode=bn["bn_mode"] if ctx.has_bn else "none")
         results["landscape"] = r
     return results, arrays
-
-
-def _save_npz(path: str, arrays: dict) -> None:
-    buf = _io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    io.atomic_write_bytes(path, buf.getvalue())
 
 
 def rewind_curve(ctx: _Context, ss: _SeedState, ks: Sequence[int]) -> dict:
