@@ -17,8 +17,8 @@ models without BatchNorm the embeddings are per example, so this equals the per-
 DM's ConvNet branch.
 
 Keys: iteration ``it`` uses ``k = fold(distill_key, DISTILL_DM, it)``; the network initialises
-from ``fold(k, MATCH_NET_INIT)``; ``ko = fold(k, MATCH_OUTER, 0)`` gives the real batches
-``fold(ko, MATCH_REAL)`` and class c's Siamese transform ``fold(ko, MATCH_AUG, c)``.
+from ``fold(k, MATCH_NET_INIT)``; ``ko = fold(k, MATCH_OUTER, 0)`` gives class c's real batch
+``fold(ko, MATCH_REAL, c)`` and its Siamese transform ``fold(ko, MATCH_AUG, c)``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def dm_loss(model, params: PyTree, bn: PyTree, real: jax.Array, syn: jax.Array, 
       real: (num_classes, B, H, W, C) real batches, one per class.
       syn: (num_classes * m, H, W, C) synthetic images grouped by class (m per class).
       augment: Siamese augmentation ``augment(key, x)``; class c uses ``fold_in(key, c)`` for
-        both its real batch and its synthetic images.
+        both its real batch and its synthetic images (:func:`common.siamese_classes`).
     """
     num_classes, b = real.shape[:2]
     m = syn.shape[0] // num_classes

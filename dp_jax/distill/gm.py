@@ -27,9 +27,13 @@ network's own training updates them as usual.
 
 Keys: iteration ``it`` uses ``k = fold(distill_key, DISTILL_GM, it)``; the network initialises
 from ``fold(k, MATCH_NET_INIT)``; outer loop ``ol`` uses ``ko = fold(k, MATCH_OUTER, ol)`` with
-``fold(ko, MATCH_REAL)`` for the real batches, ``fold(ko, MATCH_AUG, c)`` for class c's Siamese
+``fold(ko, MATCH_REAL, c)`` for class c's real batch, ``fold(ko, MATCH_AUG, c)`` for its Siamese
 transform, ``fold(ko, MATCH_BN)`` for the BatchNorm batch and ``fold(ko, MATCH_NET_TRAIN, t)``
 for network step t.
+
+Each class's loss and image gradient is one jitted call (the class index is traced), so the
+program compiles once rather than once per class; the calls are dispatched without reading
+anything back.
 """
 
 from __future__ import annotations
