@@ -201,8 +201,19 @@ def identity_diff(workdir: str, config: dict) -> dict:
     from dp_jax import io
     old, new = identity_fields(io.read_json(path)), identity_fields(config)
     unset = "<unset>"
+    # A field added to the project after the workdir was made is absent from its config.json;
+    # its default is, by construction, the behaviour the workdir was made with.
+    defaults = base_defaults() if set(new) - set(old) else {}
+    old.update({k: defaults[k] for k in set(new) - set(old) if k in defaults})
     return {k: (old.get(k, unset), new.get(k, unset)) for k in sorted(set(old) | set(new))
             if old.get(k, unset) != new.get(k, unset)}
+
+
+def base_defaults() -> dict:
+    """The result-deciding fields of the base config (configs/fashion_mnist.py) at defaults."""
+    from dp_jax import cli, config_files
+    path = cli.resolve_config("fashion_mnist")
+    return identity_fields(config_files.load_module(path).get_config().to_dict())
 
 
 def check_identity(workdir: str, config: dict, *, restart: bool = False) -> dict:

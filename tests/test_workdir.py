@@ -301,3 +301,23 @@ def test_supersede_moves_exactly_the_affected_files(tmp_path):
     assert all(os.path.exists(os.path.join(wd, f)) == ("reinit" in f) for f in files)
     assert [r.get("run") for r in io.read_jsonl(os.path.join(wd, "metrics.jsonl"))] == \
         ["reinit_imp_k0", None]
+
+
+def test_a_workdir_made_before_new_fields_existed_resumes(tiny_config, tmp_path):
+    c = tiny_config
+    c.prune.method = "imp"
+    c.prune.rounds = 1
+    wd = str(tmp_path / "wd")
+    experiment.run(c, wd)
+    cfg = io.read_json(os.path.join(wd, "config.json"))
+    for section, field in (("dp", "epochs"), ("dp", "cutmix_prob"), ("distill", "method")):
+        del cfg[section][field]  # as written before these fields were added
+    io.write_json(os.path.join(wd, "config.json"), cfg)
+    experiment.run(c, wd)  # defaults reproduce the old behaviour: accepted
+    for section, field in (("dp", "epochs"), ("distill", "method")):
+        cfg = io.read_json(os.path.join(wd, "config.json"))
+        del cfg[section][field]
+        io.write_json(os.path.join(wd, "config.json"), cfg)
+    c.dp.epochs = 5  # not the old behaviour: refused
+    with pytest.raises(ValueError, match=r"dp.epochs: 0 -> 5"):
+        experiment.run(c, wd)
