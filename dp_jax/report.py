@@ -18,7 +18,7 @@ import numpy as np
 from dp_jax import io
 from dp_jax import methods
 from dp_jax import workdir as workdir_lib
-from dp_jax.report_merge import TIMINGS, gather, merge_note  # noqa: F401 (re-exported)
+from dp_jax.report_merge import gather, merge_note
 
 ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis -->", "<!-- /analysis -->"
 pretty = methods.pretty  # a run label's name in tables and plots, from the method registry

@@ -1,6 +1,5 @@
 """Metrics a researcher can browse: TensorBoard event files mirror metrics.jsonl; plots."""
 
-import glob
 import os
 
 import numpy as np
