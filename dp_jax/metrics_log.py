@@ -54,8 +54,11 @@ class MetricsLog:
     def __init__(self, workdir: str, settings: Any = None):
         self.path = workdir_lib.metrics_path(workdir)
         self.tb_root = workdir_lib.tensorboard_dir(workdir)
-        self.tensorboard = bool(getattr(settings, "tensorboard", False))
-        self.wandb = _start_wandb(workdir, settings) if getattr(settings, "wandb", False) else None
+        import jax
+        main = jax.process_index() == 0  # like every other write: one process of a multi-host run
+        self.tensorboard = main and bool(getattr(settings, "tensorboard", False))
+        self.wandb = (_start_wandb(workdir, settings)
+                      if main and getattr(settings, "wandb", False) else None)
         self._writers: dict[str, Any] = {}
 
     def __call__(self, **row) -> None:
