@@ -207,3 +207,28 @@ def train_step(model, tx: optax.GradientTransformation, params: PyTree, bn: PyTr
     g = masks_lib.apply(g, mask)
     u, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, u), bn, opt
+
+
+def matching_method(config, dataset, *, name: str, program: Callable, settings_cls,
+                    purpose: int, hint: str, mask: Optional[PyTree] = None) -> "Method":
+    """The :class:`Method` of a matching distiller (gm, dm): initial images, real data, its
+    compiled program (``program(model, settings)``, cached by the caller) and its key.
+
+    The set's step size is ``distill.lr_init`` (these methods learn none).
+    """
+    from dp_jax.models import create_model
+    d = config.distill
+    model = create_model(config.model, num_classes=dataset.num_classes)
+    images, labels = initial_images(config, dataset)
+    data = real_data(dataset.x_train, dataset.y_train, dataset.num_classes)
+    ctx = Context(data=data, labels=labels,
+                  mask=dense_mask(model, dataset.image_shape) if mask is None else mask)
+    prog = program(model, settings_cls.from_config(d, data=data, num_stored=labels.shape[0],
+                                                   image_shape=dataset.image_shape))
+    key = jax.random.fold_in(distill_key(config), purpose)
+    lr = float(d.lr_init)
+    return Method(
+        name=name, state={"images": images, "opt": prog.tx_img.init(images)},
+        step=functools.partial(prog.step, key=key, ctx=ctx), lr=lambda state: lr,
+        labels=labels, factor=int(d.factor), examples=prog.examples(), hint=hint)
+

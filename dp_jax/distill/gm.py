@@ -49,8 +49,7 @@ import optax
 from dp_jax import masks as masks_lib
 from dp_jax import rng
 from dp_jax.distill import common, synthetic
-from dp_jax.distill.experts import distill_key
-from dp_jax.models import create_model, init_variables
+from dp_jax.models import init_variables
 from dp_jax.models.convs import fast_convs
 
 PyTree = Any
@@ -310,21 +309,9 @@ def _program(model, settings: Settings) -> GradientMatching:
 def build_method(config, dataset, *, mask: Optional[PyTree] = None) -> common.Method:
     """The :class:`dp_jax.distill.common.Method` of ``config.distill`` (method ``gm``)."""
     d = config.distill
-    model = create_model(config.model, num_classes=dataset.num_classes)
-    images, labels = common.initial_images(config, dataset)
-    data = common.real_data(dataset.x_train, dataset.y_train, dataset.num_classes)
-    ctx = common.Context(data=data, labels=labels,
-                         mask=common.dense_mask(model, dataset.image_shape) if mask is None
-                         else mask)
-    prog = _program(model, Settings.from_config(d, data=data, num_stored=labels.shape[0],
-                                                image_shape=dataset.image_shape))
-    key = jax.random.fold_in(distill_key(config), rng.DISTILL_GM)
-    lr = float(d.lr_init)
-    return common.Method(
-        name="gm", state={"images": images, "opt": prog.tx_img.init(images)},
-        step=functools.partial(prog.step, key=key, ctx=ctx), lr=lambda state: lr,
-        labels=labels, factor=int(d.factor), examples=prog.examples(),
-        hint=f"distill.gm_lr_img ({d.gm_lr_img}) or distill.lr_init ({d.lr_init})")
+    return common.matching_method(config, dataset, name="gm", program=_program,
+                                  settings_cls=Settings, purpose=rng.DISTILL_GM, mask=mask,
+                                  hint=f"distill.gm_lr_img ({d.gm_lr_img}) or distill.lr_init ({d.lr_init})")
 
 
 def describe(d) -> str:
