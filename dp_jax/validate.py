@@ -52,21 +52,28 @@ def validate_metrics(config) -> None:
               "False, or True with the wandb package installed (pip install wandb)", True)
 
 
-def validate_static(config) -> list:
-    """Check every field that does not depend on the data; returns the parsed method specs."""
-    _finite(config)
-    _need(isinstance(config.seed, int) and config.seed >= 0, "seed", "an integer >= 0", config.seed)
-    _need(isinstance(config.seeds, int) and config.seeds >= 1, "seeds", "an integer >= 1",
-          config.seeds)
-    d = config.data
+def _validate_data(d) -> None:
+    """The ``data`` section."""
     name = str(d.name)
     _need(name == "fashion_mnist" or (name.startswith(("tfds:", "npz:")) and len(name) > 5),
           "data.name", DATA_SCHEMES, name)
     _need(d.preprocess in PREPROCESS, "data.preprocess", " | ".join(PREPROCESS), d.preprocess)
     _need(d.train_size >= 0, "data.train_size", "0 (all) or a positive number of examples",
           d.train_size)
-    _need(config.model.name in MODELS, "model.name", ", ".join(sorted(MODELS)), config.model.name)
-    create_model(config.model, num_classes=10)  # raises ValueError on bad model fields
+    augment, streamed = d.get("augment", "none"), d.get("pipeline", "memory")
+    _need(streamed in ("memory", "stream"), "data.pipeline", "memory | stream", streamed)
+    _need(augment in (("none", "crop_flip", "random_resized_crop") if streamed == "stream"
+                      else ("none", "crop_flip")), "data.augment",
+          "none | crop_flip (| random_resized_crop with data.pipeline='stream')", augment)
+    if streamed == "stream":
+        _need(name.startswith("tfds:"), "data.name", "tfds:<name> with data.pipeline='stream'",
+              name)
+        _need(not d.train_size, "data.train_size", "0 with data.pipeline='stream' "
+              "(restrict classes with data.classes)", d.train_size)
+
+
+def _validate_train(config) -> None:
+    """The ``train`` section (and the device count it must divide into)."""
     t = config.train
     _need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     _need(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
@@ -83,16 +90,6 @@ def validate_static(config) -> list:
     _need(0 < t.decay_factor <= 1, "train.decay_factor", "a number in (0, 1]", t.decay_factor)
     _need(t.loop in train_lib.LOOPS, "train.loop", " | ".join(train_lib.LOOPS), t.loop)
     _need(t.unroll >= 1, "train.unroll", "an integer >= 1", t.unroll)
-    p = config.prune
-    _need(isinstance(p.rounds, int) and p.rounds >= 0, "prune.rounds", "an integer >= 0", p.rounds)
-    _need(0 < p.fraction < 1, "prune.fraction", "a number in (0, 1) (open interval)", p.fraction)
-    _need(p.scope in ("global", "layerwise"), "prune.scope", "global | layerwise", p.scope)
-    _need(p.rewind_step >= 0, "prune.rewind_step", "an integer step >= 0", p.rewind_step)
-    _need(p.on_empty_layer in ("warn", "error", "ignore"), "prune.on_empty_layer",
-          "warn | error | ignore", p.on_empty_layer)
-    _need(config.checkpoint.keep in ("all", "last"), "checkpoint.keep", "all | last",
-          config.checkpoint.keep)
-    validate_metrics(config)
     if config.parallel.data_parallel:
         n = jax.device_count()
         _need(t.batch_size % n == 0, "train.batch_size",
@@ -100,23 +97,42 @@ def validate_static(config) -> list:
     if jax.process_count() > 1:
         _need(bool(config.parallel.data_parallel), "parallel.data_parallel",
               "True when several processes run (parallel.multihost)", config.parallel.data_parallel)
-    augment, streamed = d.get("augment", "none"), d.get("pipeline", "memory")
-    _need(streamed in ("memory", "stream"), "data.pipeline", "memory | stream", streamed)
-    _need(augment in (("none", "crop_flip", "random_resized_crop") if streamed == "stream"
-                      else ("none", "crop_flip")), "data.augment",
-          "none | crop_flip (| random_resized_crop with data.pipeline='stream')", augment)
-    if streamed == "stream":
-        _need(name.startswith("tfds:"), "data.name", "tfds:<name> with data.pipeline='stream'",
-              name)
-        _need(not d.train_size, "data.train_size", "0 with data.pipeline='stream' "
-              "(restrict classes with data.classes)", d.train_size)
+
+
+def _validate_prune(config) -> None:
+    """The ``prune`` and ``checkpoint`` sections (the method list is parsed by the caller)."""
+    p = config.prune
+    _need(isinstance(p.rounds, int) and p.rounds >= 0, "prune.rounds", "an integer >= 0", p.rounds)
+    _need(0 < p.fraction < 1, "prune.fraction", "a number in (0, 1) (open interval)", p.fraction)
+    _need(p.scope in ("global", "layerwise"), "prune.scope", "global | layerwise", p.scope)
+    _need(p.rewind_step >= 0, "prune.rewind_step", "an integer step >= 0", p.rewind_step)
+    _need(p.on_empty_layer in ("warn", "error", "ignore"), "prune.on_empty_layer",
+          "warn | error | ignore", p.on_empty_layer)
     _need(isinstance(p.min_per_layer, int) and not isinstance(p.min_per_layer, bool)
           and p.min_per_layer >= 0, "prune.min_per_layer", "an integer >= 0", p.min_per_layer)
     layer_rates(p)  # syntax and ranges; the names are checked against the model with the data
+    _need(config.checkpoint.keep in ("all", "last"), "checkpoint.keep", "all | last",
+          config.checkpoint.keep)
+
+
+def validate_static(config) -> list:
+    """Check every field that does not depend on the data; returns the parsed method specs."""
+    _finite(config)
+    _need(isinstance(config.seed, int) and config.seed >= 0, "seed", "an integer >= 0", config.seed)
+    _need(isinstance(config.seeds, int) and config.seeds >= 1, "seeds", "an integer >= 1",
+          config.seeds)
+    _validate_data(config.data)
+    _need(config.model.name in MODELS, "model.name", ", ".join(sorted(MODELS)), config.model.name)
+    create_model(config.model, num_classes=10)  # raises ValueError on bad model fields
+    _validate_train(config)
+    _validate_prune(config)
+    validate_metrics(config)
+    p = config.prune
+    streamed = config.data.get("pipeline", "memory") == "stream"
     methods.load_plugins(p.plugins)
     specs = methods.parse(p.method, config)
     used = [methods.get(s.name) for s in specs]
-    if streamed == "stream":
+    if streamed:
         _need(not any(m.needs_dp for m in used), "prune.method",
               "methods without a small-set inner loop (no dp, dp_imp, subset) with "
               "data.pipeline='stream' (the inner loop trains from memory)", p.method)
