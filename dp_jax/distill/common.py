@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from dp_jax import masks as masks_lib
-from dp_jax import rng
+from dp_jax import rng, small_set
 from dp_jax.data.augment import make_augment, siamese
 from dp_jax.distill import synthetic
 from dp_jax.distill.experts import distill_key
@@ -58,9 +58,10 @@ class Method:
 
 @functools.lru_cache(maxsize=16)
 def sgd(lr: float, momentum: float) -> optax.GradientTransformation:
-    """``optax.sgd`` (no momentum state when ``momentum`` is 0); one object per setting, because
-    jitted updates take the optimiser as a static argument."""
-    return optax.sgd(lr, momentum=momentum or None)
+    """Plain SGD from :func:`dp_jax.small_set.sgd` (no weight decay or schedule; no momentum
+    state when ``momentum`` is 0); one object per setting, because jitted updates take the
+    optimiser as a static argument."""
+    return small_set.sgd(lr, num_steps=0, momentum=momentum, weight_decay=0.0)
 
 
 def initial_images(config, dataset) -> tuple[jax.Array, jax.Array]:

@@ -28,8 +28,9 @@ network's own training updates them as usual.
 Keys: iteration ``it`` uses ``k = fold(distill_key, DISTILL_GM, it)``; the network initialises
 from ``fold(k, MATCH_NET_INIT)``; outer loop ``ol`` uses ``ko = fold(k, MATCH_OUTER, ol)`` with
 ``fold(ko, MATCH_REAL, c)`` for class c's real batch, ``fold(ko, MATCH_AUG, c)`` for its Siamese
-transform, ``fold(ko, MATCH_BN)`` for the BatchNorm batch and ``fold(ko, MATCH_NET_TRAIN, t)``
-for network step t.
+transform, ``fold(ko, MATCH_BN)`` for the BatchNorm batch, and network step t takes minibatch
+``small_set.batch_at(kn, t, ...)`` with ``kn = fold(ko, MATCH_NET_TRAIN)`` (epochs without
+replacement over the synthetic or real pool) and augmentation key ``fold(kn, 1, t)``.
 
 Each class's loss and image gradient is one jitted call (the class index is traced), so the
 program compiles once rather than once per class; the calls are dispatched without reading
@@ -47,7 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from dp_jax import masks as masks_lib
-from dp_jax import rng
+from dp_jax import rng, small_set
 from dp_jax.distill import common, synthetic
 from dp_jax.models import init_variables
 from dp_jax.models.convs import fast_convs
@@ -257,15 +258,15 @@ class GradientMatching:
 
     def _net_fn(self, params, bn, opt, images, k_it, ol, t, ctx):
         s = self.s
-        k = rng.fold(self._outer_key(k_it, ol), rng.MATCH_NET_TRAIN, t)
+        k = rng.fold(self._outer_key(k_it, ol), rng.MATCH_NET_TRAIN)
         if s.net_train == "syn":
             x, y = synthetic.decode(jax.lax.stop_gradient(images), ctx.labels, s.factor)
-            idx = jax.random.permutation(jax.random.fold_in(k, 0), x.shape[0])[:s.batch_net]
         else:  # IDC: the network keeps learning from real data
             x, y = ctx.data.x, ctx.data.y
-            idx = jax.random.randint(jax.random.fold_in(k, 0), (s.batch_net,), 0, x.shape[0])
+        # Epochs without replacement over the pool, as DC's and IDC's data loaders.
+        idx = small_set.batch_at(k, t, x.shape[0], s.batch_net)
         return common.train_step(self.model, self.tx_net, params, bn, opt, x[idx], y[idx],
-                                 ctx.mask, self.augment, jax.random.fold_in(k, 1))
+                                 ctx.mask, self.augment, rng.fold(k, 1, t))
 
     def _match(self, images, opt, params, bn, k_it, ol, total, ctx):
         """Every class's loss and image gradient, then one image step for their sum (DC)."""

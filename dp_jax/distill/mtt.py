@@ -11,8 +11,8 @@ move). Its gradient with respect to the synthetic images and the log step size f
 all N steps (second derivatives of the network).
 
 Minibatches follow MTT: passes over a fresh permutation of the synthetic set in chunks of
-``batch_size`` (the last partial chunk of a pass is dropped so shapes stay static). Step k uses
-``permutation(fold_in(fold_in(key, 0), k // S))`` and augmentation key
+``batch_size`` (the last partial chunk of a pass is dropped so shapes stay static), drawn by
+:func:`dp_jax.small_set.batch_at` like every small-set training here; the augmentation key is
 ``fold_in(fold_in(key, 1), k)``: a step depends only on (key, k).
 
 Normalisation: the MTT ConvNet uses instance norm (no running statistics), which is what the
@@ -58,7 +58,7 @@ import numpy as np
 import optax
 
 from dp_jax import masks as masks_lib
-from dp_jax import rng
+from dp_jax import rng, small_set
 from dp_jax.data.augment import make_augment
 from dp_jax.distill import common, synthetic
 from dp_jax.distill.experts import Trajectories, distill_key
@@ -98,11 +98,7 @@ def make_student_step(model, *, batch_size: int, augment: Optional[Callable]) ->
     ``(key, k)``. ``bn`` is the BatchNorm ``batch_stats`` collection (``{}`` if none).
     """
     def step(theta, x, y, log_lr, mask, key, k, bn):
-        n = x.shape[0]
-        b = min(batch_size, n)
-        passes = n // b
-        perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 0), k // passes), n)
-        idx = jax.lax.dynamic_slice_in_dim(perm, (k % passes) * b, b)
+        idx = small_set.batch_at(key, k, x.shape[0], batch_size)
         xb, yb = x[idx], y[idx]
         if augment is not None:
             xb = augment(jax.random.fold_in(jax.random.fold_in(key, 1), k), xb)
