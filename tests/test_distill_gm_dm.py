@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dp_jax import distill, io
+from dp_jax import distill, io, rng
 from dp_jax import workdir as workdir_lib
 from dp_jax.data import load_dataset
 from dp_jax.data.augment import make_augment, siamese
@@ -220,6 +220,50 @@ def test_image_gradients_match_finite_differences(net):
             np.testing.assert_allclose(float(jnp.vdot(grad, direction)), float(fd), rtol=1e-6,
                                        err_msg=name)
             assert float(jnp.abs(grad).max()) > 0
+
+
+def test_batchnorm_follows_dc_real_statistics_then_eval_mode_matching():
+    """DC's BatchNorm rule: before a match the running statistics take one train-mode step on
+    16 real images per class (checked against a plain ``lax`` convolution's channel moments),
+    and the gradients are then taken in eval mode, so a batch's gradient is the size-weighted
+    mean of its parts' (train-mode batch statistics would couple the examples)."""
+    shape = (8, 8, 3)  # 3 channels: the first conv has plain 'same' padding
+    model = create_model(ml_collections.ConfigDict(
+        dict(name="convnet", width=3, depth=1, norm="batch")), num_classes=3)
+    data = _real(jnp.float32, per_class=20, shape=shape)
+    mask = common.dense_mask(model, shape)
+    ctx = common.Context(data=data, labels=jnp.arange(3, dtype=jnp.int32), mask=mask)
+    prog = gm.GradientMatching(model, gm.Settings.from_config(
+        _settings_d(dsa=False), data=data, num_stored=3, image_shape=shape))
+    k_it = jax.random.key(3)
+    params, bn0 = common.fresh_network(model, jax.random.key(4), shape, mask)
+    bn1 = prog._bn(params, bn0, k_it, 0, ctx)
+    real = common.class_batches(jax.random.fold_in(prog._outer_key(k_it, 0), rng.MATCH_BN),
+                                data, gm.BN_PER_CLASS).reshape((-1,) + shape)
+    pre = jax.lax.conv_general_dilated(real, params["conv_0"]["kernel"], (1, 1),
+                                       ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    pre = np.asarray(pre + params["conv_0"]["bias"], F64)
+    for stat, batch in (("mean", pre.mean((0, 1, 2))), ("var", pre.var((0, 1, 2)))):
+        np.testing.assert_allclose(bn1["norm_0"][stat],
+                                   0.9 * np.asarray(bn0["norm_0"][stat]) + 0.1 * batch,
+                                   rtol=1e-4, atol=1e-5, err_msg=stat)
+
+    syn = jax.random.normal(jax.random.key(5), (6,) + shape)
+    flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])  # noqa: E731
+    whole = flat(gm.ce_gradients(model, params, bn1, syn, 1, mask))
+    parts = (2 * flat(gm.ce_gradients(model, params, bn1, syn[:2], 1, mask))
+             + 4 * flat(gm.ce_gradients(model, params, bn1, syn[2:], 1, mask))) / 6
+    np.testing.assert_allclose(whole, parts, rtol=1e-4, atol=1e-6)
+    y = jnp.ones((6,), jnp.int32)
+    train_grad = lambda x: flat(jax.grad(  # noqa: E731
+        lambda p: common.ce_loss(model, p, bn1, x, y[:x.shape[0]], train=True)[0])(params))
+    coupled = (2 * train_grad(syn[:2]) + 4 * train_grad(syn[2:])) / 6
+    assert np.abs(train_grad(syn) - coupled).max() > 1e-3  # the check above can fail
+
+    images = jax.random.normal(jax.random.key(6), (3,) + shape)
+    state = {"images": images, "opt": prog.tx_img.init(images)}
+    state, loss, _ = prog.step(state, 0, key=jax.random.key(1), ctx=ctx)
+    assert np.isfinite(float(loss)) and not np.allclose(state["images"], images)
 
 
 def test_siamese_shares_one_transform_per_batch():
