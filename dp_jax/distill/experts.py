@@ -234,15 +234,16 @@ class ExpertBuffer:
                                  f"{jnp.shape(b)} (the buffer is for another model)")
         return epoch, jax.tree.unflatten(treedef, [jnp.asarray(a) for a in got])
 
-    def add_cost(self, examples: int, wall_s: float) -> None:
+    def add_cost(self, examples: int, wall_s: float, cpu_s: float = 0.0) -> None:
         """Accumulate expert-training cost."""
         cost = self.cost()
         cost["examples"] += int(examples)
         cost["wall_s"] += float(wall_s)
+        cost["cpu_s"] = cost.get("cpu_s", 0.0) + float(cpu_s)
         io.write_json(os.path.join(self.dir, "cost.json"), cost)
 
     def cost(self) -> dict:
-        """``{"examples", "wall_s"}`` spent producing this buffer so far."""
+        """``{"examples", "wall_s", "cpu_s"}`` spent producing this buffer so far."""
         path = os.path.join(self.dir, "cost.json")
         return io.read_json(path) if os.path.exists(path) else {"examples": 0, "wall_s": 0.0}
 
@@ -335,7 +336,7 @@ def train_experts(config, dataset, directory: str, *,
         else:
             done, state = buf.load_state(i, state)
         for e in range(done, epochs):
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             end = (e + 1) * spe
             metrics = {}
             state, snaps = trainer.train(state, xd, yd, jax.random.fold_in(ki, 1), end,
@@ -344,7 +345,7 @@ def train_experts(config, dataset, directory: str, *,
             buf.save_epoch(i, e + 1, snaps[end])
             buf.save_state(i, e + 1, state)
             wall = time.time() - t0
-            buf.add_cost(spe * batch, wall)
+            buf.add_cost(spe * batch, wall, time.process_time() - c0)
             row = {"phase": "experts", "expert": i, "epoch": e + 1, "wall_s": wall, **metrics}
             if e + 1 == epochs:
                 ev = trainer.evaluate(state.params, state.batch_stats, state.mask,

@@ -17,6 +17,7 @@ Per iteration the loop reads back one value, the loss (to log it and to stop on 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Optional
@@ -50,6 +51,31 @@ class LoopResult:
     examples: int          # examples the method processed (MTT: synthetic, students' batches)
     wall_s: float          # distillation wall time, summed over resumed sessions
     last_loss: float
+    cpu_s: float = 0.0     # process CPU time (all threads) of the distillation, summed likewise
+
+
+class _Clock:
+    """Wall and CPU seconds of the distillation so far: resumable from a checkpoint's totals,
+    and paused during periodic evaluations (they are not distillation cost)."""
+
+    def __init__(self, wall_s: float = 0.0, cpu_s: float = 0.0):
+        self._wall, self._cpu = wall_s, cpu_s
+        self._t, self._c = time.time(), time.process_time()
+
+    def wall(self) -> float:
+        return self._wall + time.time() - self._t
+
+    def cpu(self) -> float:
+        return self._cpu + time.process_time() - self._c
+
+    @contextlib.contextmanager
+    def paused(self):
+        t, c = time.time(), time.process_time()
+        try:
+            yield
+        finally:
+            self._t += time.time() - t
+            self._c += time.process_time() - c
 
 
 def _truncate_metrics(path: str, after: int) -> None:
@@ -90,14 +116,14 @@ def state_from_checkpoint(arrays: dict, like: dict) -> dict:
 
 
 def _resume(ckpt, state: dict, workdir: str):
-    """``(state, start, wall_s, examples)`` from the latest checkpoint, or the initial ones."""
+    """``(state, start, clock, examples)`` from the latest checkpoint, or the initial ones."""
     if ckpt.latest() is None:
-        return state, 0, 0.0, 0
+        return state, 0, _Clock(), 0
     arrays, payload = ckpt.restore(ckpt.latest(), checkpoint_tree(state))
     start = int(payload["iteration"])
     _truncate_metrics(workdir_lib.metrics_path(workdir), start)
-    return (state_from_checkpoint(arrays, state), start, float(payload["wall_s"]),
-            int(payload["examples"]))
+    clock = _Clock(float(payload["wall_s"]), float(payload.get("cpu_s", 0.0)))
+    return state_from_checkpoint(arrays, state), start, clock, int(payload["examples"])
 
 
 def _host(info: dict) -> dict:
@@ -121,8 +147,7 @@ def run_method(config, method: Method, workdir: str, *,
     k_eval = jax.random.fold_in(distill_key(config), rng.DISTILL_EVAL)
     ckpt = io.RoundCheckpointer(workdir_lib.distill_checkpoints(workdir), max_to_keep=2)
     try:
-        state, start, wall_prev, examples = _resume(ckpt, method.state, workdir)
-        t0 = time.time()
+        state, start, clock, examples = _resume(ckpt, method.state, workdir)
         window: list[float] = []
         loss_f = float("nan")
         bar = tqdm(range(start, total), desc=f"distill ({method.name})", dynamic_ncols=True,
@@ -140,33 +165,30 @@ def run_method(config, method: Method, workdir: str, *,
                 lr_now = method.lr(state)
                 log(phase="distill", iteration=done, loss=float(np.mean(window)),
                     loss_last=loss_f, lr=lr_now, **_host(info),
-                    wall_s=wall_prev + time.time() - t0)
+                    wall_s=clock.wall())
                 bar.set_postfix_str(f"loss {np.mean(window):.4f} lr {lr_now:.4g}")
                 window = []
             if evaluator is not None and d.eval_every and done % int(d.eval_every) == 0:
                 xe, ye = synthetic.decode(state["images"], method.labels, method.factor)
-                t_eval = time.time()
-                spent = wall_prev + t_eval - t0
-                res = evaluator.run(xe, ye, method.lr(state), jax.random.fold_in(k_eval, done),
-                                    num_models=int(d.eval_periodic_models))
-                # Periodic evaluations are not distillation cost: shift the clock past them,
-                # so wall_s (and the accuracy-vs-budget curve) counts distillation only.
-                t0 += time.time() - t_eval
-                log(phase="distill_eval", iteration=done, examples=examples,
-                    distill_wall_s=spent, **res)
+                spent = {"distill_wall_s": clock.wall(), "distill_cpu_s": clock.cpu()}
+                with clock.paused():  # the accuracy-vs-budget curve counts distillation only
+                    res = evaluator.run(xe, ye, method.lr(state),
+                                        jax.random.fold_in(k_eval, done),
+                                        num_models=int(d.eval_periodic_models))
+                log(phase="distill_eval", iteration=done, examples=examples, **spent, **res)
             if done % int(d.checkpoint_every) == 0 or done == total:
                 ckpt.save(done, checkpoint_tree(state), {
-                    "iteration": done, "wall_s": wall_prev + time.time() - t0,
+                    "iteration": done, "wall_s": clock.wall(), "cpu_s": clock.cpu(),
                     "examples": examples})
         bar.close()
-        wall = wall_prev + time.time() - t0
+        wall, cpu = clock.wall(), clock.cpu()
     finally:
         ckpt.close()
     xe, ye = synthetic.decode(state["images"], method.labels, method.factor)
     return LoopResult(stored_images=np.asarray(state["images"]),
                       stored_labels=np.asarray(method.labels), images=np.asarray(xe),
                       labels=np.asarray(ye), lr=method.lr(state), iterations=total,
-                      examples=examples, wall_s=wall, last_loss=loss_f)
+                      examples=examples, wall_s=wall, last_loss=loss_f, cpu_s=cpu)
 
 
 def distill_loop(config, dataset, traj: Trajectories, workdir: str, *,

@@ -63,14 +63,17 @@ def _buffer_dir(config, workdir: str) -> str:
     return config.distill.buffer_dir or workdir_lib.experts_dir(workdir)
 
 
+NO_EXPERTS = {"examples": 0, "wall_s": 0.0, "cpu_s": 0.0}  # gm and dm train none
+
+
 def build_method(config, dataset, workdir: str, *, mask=None, log=lambda **kw: None):
     """``(method, expert cost)`` for ``config.distill.method``; MTT trains/resumes its experts
     first, gm and dm need none (cost 0)."""
     d = config.distill
     if d.method == "gm":
-        return gm_lib.build_method(config, dataset, mask=mask), {"examples": 0, "wall_s": 0.0}
+        return gm_lib.build_method(config, dataset, mask=mask), NO_EXPERTS
     if d.method == "dm":
-        return dm_lib.build_method(config, dataset, mask=mask), {"examples": 0, "wall_s": 0.0}
+        return dm_lib.build_method(config, dataset, mask=mask), NO_EXPERTS
     buf_dir = _buffer_dir(config, workdir)
     buf = experts_lib.train_experts(config, dataset, buf_dir, log=log)
     traj = experts_lib.load_trajectories(config, dataset, buf_dir)
@@ -93,7 +96,9 @@ def distill_into(config, workdir: str, dataset, *, mask=None,
               "preprocessing": describe_preprocessing(dataset.preprocessing),
               "masked": mask is not None},
         cost={"expert_examples": int(cost["examples"]), "expert_wall_s": float(cost["wall_s"]),
-              "distill_examples": int(res.examples), "distill_wall_s": float(res.wall_s)})
+              "expert_cpu_s": float(cost.get("cpu_s", 0.0)),
+              "distill_examples": int(res.examples), "distill_wall_s": float(res.wall_s),
+              "distill_cpu_s": float(res.cpu_s)})
     _save_recorded(workdir, ds)
     dist_lib.save_grid(workdir_lib.distilled_grid_path(workdir), ds,
                        num_classes=dataset.num_classes)
@@ -252,9 +257,11 @@ def write_report(workdir: str, summary: dict, config) -> None:
         {"mtt": mtt_lib, "gm": gm_lib, "dm": dm_lib}[d.method].describe(d),
         "",
         f"Cost: experts {c.get('expert_examples', 0):,} examples / "
-        f"{c.get('expert_wall_s', 0):.0f} s; distillation {c.get('distill_examples', 0):,} "
+        f"{c.get('expert_wall_s', 0):.0f} s wall / {c.get('expert_cpu_s', 0):.0f} s CPU; "
+        f"distillation {c.get('distill_examples', 0):,} "
         f"{'synthetic' if d.method == 'mtt' else 'real + synthetic'} examples / "
-        f"{c.get('distill_wall_s', 0):.0f} s; total wall "
+        f"{c.get('distill_wall_s', 0):.0f} s wall / {c.get('distill_cpu_s', 0):.0f} s CPU; "
+        f"total wall "
         f"{summary['wall_s']:.0f} s.",
         "",
         "![distilled images](distilled.png)",
