@@ -167,6 +167,29 @@ def test_stability_config_validates(variant):
         load_config_module("stability_fashion_mnist").get_config("bogus")
 
 
+@pytest.mark.parametrize("variant", ["", "lr02", "resnet", "wide", "smoke"])
+def test_rewind_config_validates(variant):
+    c = load_config_module("rewind_fashion_mnist").get_config(variant)
+    labels = {s.label for s in validate.validate_static(c)}
+    assert labels == ({"imp_k0", "imp_k5"} if variant == "smoke" else {"imp_k0", "imp_k39"})
+    assert c.train.epochs == (2 if variant == "smoke" else 15)
+    with pytest.raises(ValueError, match="allowed: lr02"):
+        load_config_module("rewind_fashion_mnist").get_config("bogus")
+
+
+def test_rewind_smoke_runs_both_rewind_points(tmp_path):
+    """The probe's two IMP variants share one dense run; k = 5 starts from its step-5 weights."""
+    c = load_config_module("rewind_fashion_mnist").get_config("smoke")  # real Fashion-MNIST
+    wd = str(tmp_path / "wd")
+    experiment.run(c, wd)
+    rows = io.read_jsonl(os.path.join(wd, "rounds.jsonl"))
+    by = {(r["method"], r["round"]): r for r in rows}
+    assert {m for m, _ in by} == {"imp_k0", "imp_k5"}
+    assert by[("imp_k0", 0)]["test_accuracy"] == by[("imp_k5", 0)]["test_accuracy"]
+    assert by[("imp_k5", 1)]["rewind_step"] == 5 and by[("imp_k0", 1)]["rewind_step"] == 0
+    assert abs(by[("imp_k5", 2)]["sparsity"] - 0.75) < 0.01
+
+
 def test_paper_variant_runs_an_imported_idc_set_end_to_end(tmp_path):
     """cifar10_resnet18:paper -- an IDC-format set imported and pruned with, under mock_data."""
     tfds = pytest.importorskip("tensorflow_datasets")
