@@ -42,8 +42,11 @@ def test_run_writes_the_contract(smoke_run):
                                                                         "full"}
     for r in summary["results"].values():
         assert 0.0 <= r["accuracy_mean"] <= 1.0
-    assert set(summary["cost"]) == {"expert_examples", "expert_wall_s", "distill_examples",
-                                    "distill_wall_s"}
+    cost = summary["cost"]
+    assert set(cost) == {"expert_examples", "expert_wall_s", "expert_cpu_s", "distill_examples",
+                         "distill_wall_s", "distill_cpu_s"}
+    for phase in ("expert", "distill"):  # CPU seconds of all threads: > 0, <= cores x wall
+        assert 0 < cost[f"{phase}_cpu_s"] <= (os.cpu_count() or 1) * cost[f"{phase}_wall_s"] + 1
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     phases = {r["phase"] for r in rows}
