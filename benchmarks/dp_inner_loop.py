@@ -29,6 +29,8 @@ def parse():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--pin", default="auto", help="CPUs to pin to: auto|none|LIST (common.py)")
     p.add_argument("--loop", default="auto", choices=("auto", "scan", "python"),
                    help="inner-loop form (auto: what DP picks on this backend)")
     return p.parse_args()
@@ -132,15 +134,20 @@ def torch_reference(name, steps, repeats, threads):
 def main():
     args = parse()
     threads = common.configure_threads(args.threads)
+    # Both frameworks pinned to the same CPUs: per-CPU-second ratios compare like with like.
+    pinned = common.pin_affinity(common.resolve_pinning(args.pin, args.threads))
     result = {"benchmark": "dp_inner_loop", "steps": args.steps, "threads": threads,
-              "host": common.host_info(), "models": {}}
+              "pinned_cpus": pinned, "host": common.host_info(), "models": {}}
     for name in args.models.split(","):
         common.log(f"{name}: ours")
         o = ours(name, args.steps, args.repeats, args.seeds, args.threads, args.loop)
+        row = result["models"][name] = {"ours": o}
+        if args.no_torch:
+            continue
         common.log(f"{name}: torch")
         t = torch_reference(name, args.steps, args.repeats, args.threads)
-        result["models"][name] = {"ours": o, "torch_eager": t,
-                                  "ratio_steps_per_s": o["no_aug"]["items_per_s"] / t["items_per_s"]}
+        row.update(torch_eager=t, ratio_steps_per_s=o["no_aug"]["items_per_s"] / t["items_per_s"],
+                   ratio_per_cpu_s=o["no_aug"]["items_per_cpu_s"] / t["items_per_cpu_s"])
     common.emit_json(result)
 
 
