@@ -53,10 +53,8 @@ def worker(args) -> dict:
         args.threads, extra_xla_flags=[f"--xla_force_host_platform_device_count={n}"]
         if common_cpu() else [])
     import functools
-    import time
 
     import jax
-    import jax.numpy as jnp
     import ml_collections
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -27,6 +27,7 @@ count and CPU utilisation in the JSON; compile time is reported apart from run t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -125,12 +126,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         p.error(f"--parts: unknown {unknown}; allowed: {','.join(PARTS)}")
-    torch = not args.no_torch
-    if torch:
-        try:
-            import torch as _  # noqa: F401  (only checks that it is installed)
-        except ImportError:
-            torch = False
+    torch = not args.no_torch and importlib.util.find_spec("torch") is not None
     backend = detect_backend()
     cmds = part_commands(backend, args.quick, torch)
     env = dict(os.environ)
