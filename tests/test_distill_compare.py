@@ -9,7 +9,8 @@ import pytest
 from dp_jax.distill import compare
 
 
-def _workdir(root, name, *, method, expert_wall, distill_wall, evals, final, random):
+def _workdir(root, name, *, method, expert_wall, distill_wall, evals, final, random,
+             random_stored=None):
     wd = os.path.join(root, name)
     os.makedirs(wd)
     summary = {"task": "distill", "method": method, "model": {"name": "lenet_300_100"},
@@ -20,6 +21,9 @@ def _workdir(root, name, *, method, expert_wall, distill_wall, evals, final, ran
                                          "accuracies": [final] * 3},
                            "random": {"accuracy_mean": random, "accuracy_std": 0.0,
                                       "accuracies": [random] * 3}}}
+    if random_stored is not None:
+        summary["results"]["random_stored"] = {"accuracy_mean": random_stored,
+                                               "accuracy_std": 0.0, "accuracies": [random_stored]}
     with open(os.path.join(wd, "summary.json"), "w") as f:
         json.dump(summary, f)
     with open(os.path.join(wd, "config.json"), "w") as f:
@@ -36,7 +40,7 @@ def test_table_and_curve_count_experts_and_compare_with_random(tmp_path):
     a = _workdir(str(tmp_path), "mtt_run", method="mtt", expert_wall=100.0, distill_wall=200.0,
                  evals=[(100, 60.0, 0.70), (200, 130.0, 0.74)], final=0.78, random=0.72)
     b = _workdir(str(tmp_path), "dm_run", method="dm", expert_wall=0.0, distill_wall=50.0,
-                 evals=[], final=0.75, random=0.72)
+                 evals=[], final=0.75, random=0.78, random_stored=0.72)  # factor > 1
     out = str(tmp_path / "out")
     assert compare.main([a, b, "--out", out]) == 0
     run = compare.load_run(a)
@@ -47,7 +51,7 @@ def test_table_and_curve_count_experts_and_compare_with_random(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| mtt_run") or
             line.startswith("| dm_run")]
     assert "+6.00" in rows[0] and "78.00 ± 1.00 (3)" in rows[0] and "100 / 90" in rows[0]
-    assert "+3.00" in rows[1] and "50 / 40" in rows[1]
+    assert "+3.00" in rows[1] and "50 / 40" in rows[1]  # the gap is at equal storage
     assert os.path.getsize(os.path.join(out, "accuracy_vs_budget.png")) > 0
 
 

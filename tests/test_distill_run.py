@@ -102,6 +102,25 @@ def _mlp_config(npz, iterations, buffer_dir):
     return cfg
 
 
+def test_multi_formation_is_also_compared_at_equal_storage(tiny_npz, tmp_path, monkeypatch):
+    """factor 2: 3 stored images decode into 12; the random baseline runs at both sizes."""
+    from dp_jax.distill import evaluate
+    cfg = _mlp_config(tiny_npz, 2, str(tmp_path / "experts"))
+    cfg.distill.ipc = 1
+    cfg.distill.eval_full_epochs = 0
+    sizes, subset = [], evaluate.random_subset
+    monkeypatch.setattr(evaluate, "random_subset",
+                        lambda ds, size, seed: sizes.append(size) or subset(ds, size, seed=seed))
+    summary = distill.run(cfg, str(tmp_path / "wd"))
+    assert sizes == [12, 3]
+    r = summary["results"]
+    assert set(r) == {"distilled", "random", "random_stored"}
+    assert summary["images"] == 12 and summary["stored_images"] == 3
+    rows = [json.loads(line) for line in open(tmp_path / "wd" / "metrics.jsonl")]
+    assert {row["set"] for row in rows if row["phase"] == "final_eval"} == set(r)
+    assert "same storage | 3 |" in open(tmp_path / "wd" / "report.md").read()
+
+
 class Killed(RuntimeError):
     pass
 

@@ -200,11 +200,18 @@ def _distill_and_evaluate(config, workdir: str, dataset, t_start: float, sink) -
                                          num_models=int(d.eval_models))
     log(phase="final_eval", set="distilled", **results["distilled"])
     if d.eval_random:
-        xr, yr = eval_lib.random_subset(dataset, len(ds), seed=config.seed)
-        results["random"] = evaluator.run(xr, yr, float(d.lr_init), jax.random.fold_in(key, 1),
+        # Same number of training images; with multi-formation (factor > 1) also the same
+        # storage (as many full-size real images as stored ones), IDC's comparison.
+        sizes = {"random": len(ds)}
+        if ds.stored_images is not None and len(ds.stored_images) != len(ds):
+            sizes["random_stored"] = len(ds.stored_images)
+        for i, (name, size) in enumerate(sizes.items()):
+            xr, yr = eval_lib.random_subset(dataset, size, seed=config.seed)
+            results[name] = evaluator.run(xr, yr, float(d.lr_init),
+                                          jax.random.fold_in(key, 1 if i == 0 else 3),
                                           num_models=int(d.eval_models))
-        results["random"]["lr"] = float(d.lr_init)
-        log(phase="final_eval", set="random", **results["random"])
+            results[name]["lr"] = float(d.lr_init)
+            log(phase="final_eval", set=name, **results[name])
     if d.eval_full_epochs:
         results["full"] = eval_lib.full_data_baseline(
             config, dataset, jax.random.fold_in(key, 2), num_models=int(d.eval_full_models),
@@ -247,6 +254,8 @@ def write_report(workdir: str, summary: dict, config) -> None:
         f"| distilled | {summary['images']} | {_fmt(r.get('distilled'))} | {d.eval_models} |",
         f"| random real subset (stratified) | {summary['images']} | {_fmt(r.get('random'))} | "
         f"{d.eval_models} |",
+        *([f"| random real subset, same storage | {summary['stored_images']} | "
+           f"{_fmt(r['random_stored'])} | {d.eval_models} |"] if 'random_stored' in r else []),
         f"| full training set ({d.eval_full_epochs} epochs) | all | {_fmt(r.get('full'))} | "
         f"{d.eval_full_models} |",
         "",
