@@ -60,6 +60,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.decay_factor = 0.2
     c.train.loop = "auto"  # auto | scan | python
     c.train.unroll = 1
+    # float32 | bfloat16: the forward/backward dtype of real-data training, the DP inner loop
+    # and MTT's student (weights, masks, optimiser state, loss and metrics stay float32).
+    c.train.compute_dtype = "float32"
     c.train.eval_batch_size = 2000
 
     c.prune = ml_collections.ConfigDict()

@@ -73,7 +73,8 @@ def build_setup(config, dataset, *, metrics_path: str | None = None,
                if stream is None and config.data.get("augment", "none") == "crop_flip" else None)
     trainer = train_lib.Trainer(model, tx, batch_size=config.train.batch_size, num_train=n,
                                 loop=loop, unroll=config.train.unroll, mesh=mesh,
-                                eval_batch_size=config.train.eval_batch_size, augment=augment)
+                                eval_batch_size=config.train.eval_batch_size, augment=augment,
+                                compute_dtype=config.train.get("compute_dtype", "float32"))
 
     def log_epoch(**kw):
         if log is not None:

@@ -40,11 +40,13 @@ class Recipe:
     decay_factor: float = 0.1
     cutmix_prob: float = 0.0      # probability that a batch is CutMix-ed (0 = off)
     cutmix_beta: float = 1.0      # Beta(beta, beta) of the mixing ratio
+    compute_dtype: str = "float32"  # forward/backward dtype (train.compute_dtype)
 
     @classmethod
-    def from_dp(cls, dp_cfg, lr: float) -> "Recipe":
+    def from_dp(cls, dp_cfg, lr: float, compute_dtype: str = "float32") -> "Recipe":
         """The recipe of a ``dp`` config section, at step size ``lr``."""
         return cls(lr=float(lr), steps=int(dp_cfg.steps), epochs=int(dp_cfg.get("epochs", 0)),
+                   compute_dtype=compute_dtype,
                    batch_size=int(dp_cfg.batch_size), momentum=float(dp_cfg.momentum),
                    weight_decay=float(dp_cfg.weight_decay), decay_at=tuple(dp_cfg.decay_at),
                    decay_factor=float(dp_cfg.decay_factor),
@@ -104,7 +106,7 @@ def batch_at(key: jax.Array, t, n: int, batch_size: int) -> jax.Array:
 
 
 def inner_step(model, tx, *, batch_size: int, augment: Optional[Callable] = None,
-               cutmix: Optional[tuple] = None) -> Callable:
+               cutmix: Optional[tuple] = None, compute_dtype: str = "float32") -> Callable:
     """One step on a small in-memory set: ``step(state, x, y, key, t)`` (see module doc).
 
     ``cutmix``: ``(prob, beta, num_classes)`` to CutMix each augmented batch.
@@ -112,20 +114,21 @@ def inner_step(model, tx, *, batch_size: int, augment: Optional[Callable] = None
     def step(state, x, y, key, t):
         idx = batch_at(key, t, x.shape[0], batch_size)
         aug_key = jax.random.fold_in(jax.random.fold_in(key, 1), t)
+        kw = dict(model=model, tx=tx, compute_dtype=compute_dtype)
         if cutmix is None:
-            return train_lib.train_step(state, x[idx], y[idx], aug_key, model=model, tx=tx,
-                                        augment=augment)
+            return train_lib.train_step(state, x[idx], y[idx], aug_key, augment=augment, **kw)
         xb = x[idx] if augment is None else augment(aug_key, x[idx])
         prob, beta, num_classes = cutmix
         xb, yb = cutmix_batch(jax.random.fold_in(jax.random.fold_in(key, 2), t), xb, y[idx],
                               num_classes, prob=prob, beta=beta)
-        return train_lib.train_step(state, xb, yb, aug_key, model=model, tx=tx)
+        return train_lib.train_step(state, xb, yb, aug_key, **kw)
     return step
 
 
 def make_inner_loop(model, tx, *, num_steps: int, batch_size: int,
                     augment: Optional[Callable] = None, unroll: int = 1,
-                    chunk: int = 0, cutmix: Optional[tuple] = None) -> Callable:
+                    chunk: int = 0, cutmix: Optional[tuple] = None,
+                    compute_dtype: str = "float32") -> Callable:
     """Training on a small set as one compiled program (``lax.scan`` over :func:`inner_step`).
 
     The returned function is pure, so ``jax.vmap`` over ``key`` (and over ``variables``) runs
@@ -137,7 +140,8 @@ def make_inner_loop(model, tx, *, num_steps: int, batch_size: int,
       ``fn(variables, mask, x, y, key) -> (state, metrics)`` where ``metrics`` holds
       per-step arrays of length ``num_steps``.
     """
-    step = inner_step(model, tx, batch_size=batch_size, augment=augment, cutmix=cutmix)
+    step = inner_step(model, tx, batch_size=batch_size, augment=augment, cutmix=cutmix,
+                      compute_dtype=compute_dtype)
 
     def fn(variables, mask, x, y, key):
         def body(state, t):
@@ -156,7 +160,7 @@ def make_inner_loop(model, tx, *, num_steps: int, batch_size: int,
 
 def make_inner_python(model, tx, *, num_steps: int, batch_size: int,
                       augment: Optional[Callable] = None, chunk: int = 0,
-                      cutmix: Optional[tuple] = None) -> Callable:
+                      cutmix: Optional[tuple] = None, compute_dtype: str = "float32") -> Callable:
     """:func:`make_inner_loop` for several seeds, driven from Python one jitted chunk at a time.
 
     The program is ``chunk`` (default 1) unrolled steps vmapped over the seeds; Python calls
@@ -168,7 +172,8 @@ def make_inner_python(model, tx, *, num_steps: int, batch_size: int,
       the state and on the ``(seeds, num_steps)`` metrics.
     """
     c = chunk if chunk and num_steps % chunk == 0 else 1
-    step = inner_step(model, tx, batch_size=batch_size, augment=augment, cutmix=cutmix)
+    step = inner_step(model, tx, batch_size=batch_size, augment=augment, cutmix=cutmix,
+                      compute_dtype=compute_dtype)
 
     def steps(state, x, y, key, t0):
         ms = []
@@ -207,14 +212,16 @@ def make_inner_train(model, recipe: Recipe, n: int, augment, *, loop: str = "sca
         if recipe.cutmix_prob > 0 else None
     if loop == "python":
         run = make_inner_python(model, tx, num_steps=steps, batch_size=recipe.batch_size,
-                                augment=augment, chunk=chunk, cutmix=mix)
+                                augment=augment, chunk=chunk, cutmix=mix,
+                                compute_dtype=recipe.compute_dtype)
 
         def run_python(variables, mask, x, y, keys):
             state, metrics = run(variables, mask, x, y, keys)
             return state.params, metrics["loss"][:, -1]
         return run_python
     body = make_inner_loop(model, tx, num_steps=steps, batch_size=recipe.batch_size,
-                           augment=augment, unroll=unroll, chunk=chunk, cutmix=mix)
+                           augment=augment, unroll=unroll, chunk=chunk, cutmix=mix,
+                           compute_dtype=recipe.compute_dtype)
 
     def fn(variables, mask, x, y, keys):
         state, metrics = jax.vmap(body, in_axes=(None, None, None, None, 0))(
@@ -230,7 +237,7 @@ def setup_inner_train(setup, dp_cfg, lr: float, n: int) -> Callable:
     """DP's (or the subset control's) inner loop for ``setup``'s model on ``n`` images at
     step size ``lr``, from the ``dp`` section; cached per (model, shape, recipe, loop form)."""
     from dp_jax.data.augment import make_augment
-    recipe = Recipe.from_dp(dp_cfg, lr)
+    recipe = Recipe.from_dp(dp_cfg, lr, compute_dtype=setup.trainer.compute_dtype)
     loop = dp_cfg.get("loop", "scan")
     if loop == "auto":
         like = jax.eval_shape(setup.init_fn, jax.random.key(0))["params"]

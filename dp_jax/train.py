@@ -112,24 +112,51 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def to_compute(tree: PyTree, compute_dtype: str) -> PyTree:
+    """``tree``'s floating leaves in ``compute_dtype`` (a no-op for float32)."""
+    if compute_dtype == "float32":
+        return tree
+    dt = jnp.dtype(compute_dtype)
+    return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        tree)
+
+
+def to_float32(tree: PyTree) -> PyTree:
+    """``tree``'s floating leaves in float32 (what is stored between steps)."""
+    return jax.tree.map(lambda a: a.astype(jnp.float32)
+                        if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 def train_step(state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array, *,
                model, tx: optax.GradientTransformation,
-               augment: Optional[Callable] = None) -> tuple[TrainState, dict]:
-    """One masked SGD step on the minibatch ``(x, y)``; pure, jit it with static model/tx."""
+               augment: Optional[Callable] = None,
+               compute_dtype: str = "float32") -> tuple[TrainState, dict]:
+    """One masked SGD step on the minibatch ``(x, y)``; pure, jit it with static model/tx.
+
+    ``compute_dtype="bfloat16"``: the forward and backward pass run in bfloat16 on bfloat16
+    copies of the weights and inputs; parameters, masks, optimiser state, BatchNorm statistics,
+    the loss and the metrics stay float32 (the gradient is cast back through the copy).
+    """
     if augment is not None:
         x = augment(key, x)
     has_bn = bool(state.batch_stats)
 
     def loss_fn(params):
-        v = _variables(masks_lib.apply(params, state.mask), state.batch_stats)
+        v = to_compute(_variables(masks_lib.apply(params, state.mask), state.batch_stats),
+                       compute_dtype)
+        xc = to_compute(x, compute_dtype)
         # On CPU, stride-1 convolutions go through dp_jax.models.convs: same values, and their
         # gradients lower to kernels XLA:CPU runs fast (also inside a rolled lax.scan).
         with fast_convs(jax.default_backend() == "cpu"):
             if has_bn:
-                logits, new_vars = model.apply(v, x, train=True, mutable=["batch_stats"])
-                new_bs = new_vars["batch_stats"]
+                logits, new_vars = model.apply(v, xc, train=True, mutable=["batch_stats"])
+                new_bs = to_float32(new_vars["batch_stats"])
             else:
-                logits, new_bs = model.apply(v, x, train=True), state.batch_stats
+                logits, new_bs = model.apply(v, xc, train=True), state.batch_stats
+        logits = logits.astype(jnp.float32)
         loss = cross_entropy(logits, y)
         return loss, (logits, new_bs)
 
@@ -171,11 +198,17 @@ class Trainer:
       unroll: ``lax.scan`` unroll factor for the ``'scan'`` loop.
       augment: optional ``augment(key, x) -> x`` applied inside the step.
       mesh: optional ``Mesh`` with a ``'data'`` axis; batches are sharded over it.
+      compute_dtype: ``float32`` or ``bfloat16`` (see :func:`train_step`); evaluation is float32.
     """
 
     def __init__(self, model, tx, *, batch_size: int, num_train: int, loop: str = "scan",
                  unroll: int = 1, augment: Optional[Callable] = None,
-                 mesh: Optional[Mesh] = None, eval_batch_size: int = 1000):
+                 mesh: Optional[Mesh] = None, eval_batch_size: int = 1000,
+                 compute_dtype: str = "float32"):
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"train.compute_dtype must be one of {COMPUTE_DTYPES}, "
+                             f"got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
         if batch_size > num_train:
             raise ValueError(f"train.batch_size={batch_size} is larger than the training set "
                              f"({num_train} examples)")
@@ -187,7 +220,8 @@ class Trainer:
         self.loop = loop
         self.unroll = max(int(unroll), 1)
         self.eval_batch_size = int(eval_batch_size)
-        step = functools.partial(train_step, model=model, tx=tx, augment=augment)
+        step = functools.partial(train_step, model=model, tx=tx, augment=augment,
+                                 compute_dtype=compute_dtype)
         B = self.batch_size
 
         def batch_at(x, y, perm, i):

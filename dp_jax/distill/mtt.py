@@ -59,6 +59,7 @@ import optax
 
 from dp_jax import masks as masks_lib
 from dp_jax import rng, small_set
+from dp_jax import train as train_lib
 from dp_jax.data.augment import make_augment
 from dp_jax.distill import common, synthetic
 from dp_jax.distill.experts import Trajectories, distill_key
@@ -91,12 +92,17 @@ def segment_length(num_steps: int) -> int:
     return max(1, math.isqrt(max(num_steps - 1, 0)) + 1)
 
 
-def make_student_step(model, *, batch_size: int, augment: Optional[Callable]) -> Callable:
+def make_student_step(model, *, batch_size: int, augment: Optional[Callable],
+                      compute_dtype: str = "float32") -> Callable:
     """One student SGD step ``step(theta, x, y, log_lr, mask, key, k, bn) -> theta'`` (pure).
 
     ``x, y`` are the whole synthetic set; the step picks its minibatch and augmentation from
     ``(key, k)``. ``bn`` is the BatchNorm ``batch_stats`` collection (``{}`` if none).
+    ``compute_dtype``: the forward/backward dtype (``train.compute_dtype``); the parameters
+    and the update stay float32.
     """
+    cast = functools.partial(train_lib.to_compute, compute_dtype=compute_dtype)
+
     def step(theta, x, y, log_lr, mask, key, k, bn):
         idx = small_set.batch_at(key, k, x.shape[0], batch_size)
         xb, yb = x[idx], y[idx]
@@ -105,11 +111,12 @@ def make_student_step(model, *, batch_size: int, augment: Optional[Callable]) ->
 
         def ce(th):
             if bn:
-                logits, _ = model.apply({"params": th, "batch_stats": bn}, xb, train=True,
-                                        mutable=["batch_stats"])
+                logits, _ = model.apply(cast({"params": th, "batch_stats": bn}), cast(xb),
+                                        train=True, mutable=["batch_stats"])
             else:
-                logits = model.apply({"params": th}, xb, train=True)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+                logits = model.apply(cast({"params": th}), cast(xb), train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), yb).mean()
 
         g = jax.grad(ce)(theta)
         lr = jnp.exp(log_lr)
@@ -129,11 +136,13 @@ class TrajectoryMatcher:
       loop: ``'scan'`` or ``'python'`` (resolve ``'auto'`` with :func:`resolve_loop`).
       unroll: ``lax.scan`` unroll factor of the ``scan`` loop.
       fast_conv: trace the student with :func:`dp_jax.models.convs.fast_convs`.
+      compute_dtype: the student's forward/backward dtype (``train.compute_dtype``).
     """
 
     def __init__(self, model, *, num_steps: int, batch_size: int,
                  augment: Optional[Callable] = None, memory: str = "remat",
-                 loop: str = "python", unroll: int = 1, fast_conv: bool = True):
+                 loop: str = "python", unroll: int = 1, fast_conv: bool = True,
+                 compute_dtype: str = "float32"):
         if memory not in MEMORY_MODES:
             raise ValueError(f"distill.memory must be one of {MEMORY_MODES}, got {memory!r}")
         if loop not in ("scan", "python"):
@@ -143,7 +152,8 @@ class TrajectoryMatcher:
         self.num_steps, self.memory, self.loop = int(num_steps), memory, loop
         self.unroll = max(int(unroll), 1)
         self.fast_conv = bool(fast_conv)
-        self._step = make_student_step(model, batch_size=batch_size, augment=augment)
+        self._step = make_student_step(model, batch_size=batch_size, augment=augment,
+                                       compute_dtype=compute_dtype)
         if loop == "scan":
             self._vg = jax.jit(jax.value_and_grad(self._scan_loss, argnums=(0, 1)))
         else:
@@ -285,12 +295,13 @@ def apply_updates(images, log_lr, opt_img, opt_lr, g_images, g_log_lr, *, tx_img
 # ------------------------------------------------------------------ the method the loop runs
 
 @functools.lru_cache(maxsize=8)
-def _matcher(model, num_steps, batch, dsa, memory, loop, unroll, fast_conv):
+def _matcher(model, num_steps, batch, dsa, memory, loop, unroll, fast_conv, compute_dtype):
     # Cached so that repeated distillations in one process (resumes, tests, several pruning
     # runs) reuse the compiled student steps.
     augment = make_augment("dsa", strategy=dsa[0], all_ops=dsa[1]) if dsa else None
     return TrajectoryMatcher(model, num_steps=num_steps, batch_size=batch, augment=augment,
-                             memory=memory, loop=loop, unroll=unroll, fast_conv=fast_conv)
+                             memory=memory, loop=loop, unroll=unroll, fast_conv=fast_conv,
+                             compute_dtype=compute_dtype)
 
 
 def build_method(config, dataset, traj: Trajectories, *,
@@ -310,7 +321,8 @@ def build_method(config, dataset, traj: Trajectories, *,
     batch = int(d.batch_syn) or n_train
     matcher = _matcher(model, int(d.syn_steps), batch,
                        (d.dsa_strategy, bool(d.dsa_all_ops)) if d.dsa else None, d.memory,
-                       resolve_loop(d.loop, traj.like), int(d.unroll), bool(d.fast_conv))
+                       resolve_loop(d.loop, traj.like), int(d.unroll), bool(d.fast_conv),
+                       config.train.get("compute_dtype", "float32"))
     tx_img = common.sgd(float(d.lr_img), float(d.momentum_img))
     tx_lr = common.sgd(float(d.lr_lr), float(d.momentum_lr))
     k_mtt = jax.random.fold_in(distill_key(config), rng.DISTILL_MTT)
