@@ -38,7 +38,7 @@ from dp_jax import train as train_lib
 from dp_jax import validate as validate_lib
 from dp_jax import workdir as workdir_lib
 from dp_jax.data import load_dataset
-from dp_jax.data import pipeline
+from dp_jax.data import crops, pipeline
 from dp_jax.models import create_model, init_variables
 from dp_jax.progress import Progress
 
@@ -69,7 +69,7 @@ def build_setup(config, dataset, *, metrics_path: str | None = None,
     loop = train_lib.resolve_loop(config.train.loop, shape_vars["params"], model,
                                   dataset.image_shape)
     # In memory, crop+flip runs on the device inside the step; a stream augments on the host.
-    augment = (pipeline.device_crop_flip
+    augment = (crops.device_crop_flip
                if stream is None and config.data.get("augment", "none") == "crop_flip" else None)
     trainer = train_lib.Trainer(model, tx, batch_size=config.train.batch_size, num_train=n,
                                 loop=loop, unroll=config.train.unroll, mesh=mesh,

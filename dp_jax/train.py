@@ -33,6 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dp_jax import masks as masks_lib
+from dp_jax import precision
 from dp_jax.models.convs import fast_convs, only_fast_convs
 
 PyTree = Any
@@ -112,24 +113,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def to_compute(tree: PyTree, compute_dtype: str) -> PyTree:
-    """``tree``'s floating leaves in ``compute_dtype`` (a no-op for float32)."""
-    if compute_dtype == "float32":
-        return tree
-    dt = jnp.dtype(compute_dtype)
-    return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                        tree)
-
-
-def to_float32(tree: PyTree) -> PyTree:
-    """``tree``'s floating leaves in float32 (what is stored between steps)."""
-    return jax.tree.map(lambda a: a.astype(jnp.float32)
-                        if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
 def train_step(state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array, *,
                model, tx: optax.GradientTransformation,
                augment: Optional[Callable] = None,
@@ -145,18 +128,18 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array, *,
     has_bn = bool(state.batch_stats)
 
     def loss_fn(params):
-        v = to_compute(_variables(masks_lib.apply(params, state.mask), state.batch_stats),
+        v = precision.to_compute(_variables(masks_lib.apply(params, state.mask), state.batch_stats),
                        compute_dtype)
-        xc = to_compute(x, compute_dtype)
+        xc = precision.to_compute(x, compute_dtype)
         # On CPU, stride-1 convolutions go through dp_jax.models.convs: same values, and their
         # gradients lower to kernels XLA:CPU runs fast (also inside a rolled lax.scan).
         with fast_convs(jax.default_backend() == "cpu"):
             if has_bn:
                 logits, new_vars = model.apply(v, xc, train=True, mutable=["batch_stats"])
-                new_bs = to_float32(new_vars["batch_stats"])
+                new_bs = precision.from_compute(new_vars["batch_stats"], compute_dtype)
             else:
                 logits, new_bs = model.apply(v, xc, train=True), state.batch_stats
-        logits = logits.astype(jnp.float32)
+        logits = precision.from_compute(logits, compute_dtype)
         loss = cross_entropy(logits, y)
         return loss, (logits, new_bs)
 
@@ -205,8 +188,8 @@ class Trainer:
                  unroll: int = 1, augment: Optional[Callable] = None,
                  mesh: Optional[Mesh] = None, eval_batch_size: int = 1000,
                  compute_dtype: str = "float32"):
-        if compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"train.compute_dtype must be one of {COMPUTE_DTYPES}, "
+        if compute_dtype not in precision.COMPUTE_DTYPES:
+            raise ValueError(f"train.compute_dtype must be one of {precision.COMPUTE_DTYPES}, "
                              f"got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
         if batch_size > num_train:

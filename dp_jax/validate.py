@@ -11,7 +11,7 @@ import math
 import jax
 
 from dp_jax import masks as masks_lib
-from dp_jax import methods
+from dp_jax import methods, precision
 from dp_jax import train as train_lib
 from dp_jax.data import DATA_SCHEMES, preprocess
 from dp_jax.models import MODELS, create_model, init_variables
@@ -90,8 +90,8 @@ def _validate_train(config) -> None:
     _need(0 < t.decay_factor <= 1, "train.decay_factor", "a number in (0, 1]", t.decay_factor)
     _need(t.loop in train_lib.LOOPS, "train.loop", " | ".join(train_lib.LOOPS), t.loop)
     _need(t.unroll >= 1, "train.unroll", "an integer >= 1", t.unroll)
-    _need(t.get("compute_dtype", "float32") in train_lib.COMPUTE_DTYPES, "train.compute_dtype",
-          " | ".join(train_lib.COMPUTE_DTYPES), t.get("compute_dtype"))
+    _need(t.get("compute_dtype", "float32") in precision.COMPUTE_DTYPES, "train.compute_dtype",
+          " | ".join(precision.COMPUTE_DTYPES), t.get("compute_dtype"))
     if config.parallel.data_parallel:
         n = jax.device_count()
         _need(t.batch_size % n == 0, "train.batch_size",

@@ -101,11 +101,11 @@ def test_host_shards_are_disjoint_and_form_the_global_batch(mock, hosts):
 
 
 def test_crop_flip_matches_a_loop_reference():
-    from dp_jax.data import pipeline
+    from dp_jax.data import crops
     rng = np.random.default_rng(0)
     images = rng.integers(1, 256, size=(5, 6, 7, 3), dtype=np.uint8)  # no zeros: padding shows
-    offsets, flips = pipeline.crop_flip_params(rng, 5, pad=2)
-    out = pipeline.crop_flip(images, offsets, flips, pad=2)
+    offsets, flips = crops.crop_flip_params(rng, 5, pad=2)
+    out = crops.crop_flip(images, offsets, flips, pad=2)
     assert out.shape == images.shape and out.dtype == np.uint8
     for i in range(5):
         padded = np.pad(images[i], ((2, 2), (2, 2), (0, 0)))
@@ -130,21 +130,21 @@ def test_augmented_batches_have_the_right_shape_and_range(mock):
 
 
 def test_random_resized_crop_boxes_stay_inside():
-    from dp_jax.data import pipeline
+    from dp_jax.data import crops
     rng = np.random.default_rng(1)
     for h, w in [(50, 80), (80, 50), (7, 300), (300, 7), (16, 16)]:
-        for u in pipeline.rrc_params(rng, 50):
-            top, left, ch, cw = pipeline.rrc_box(h, w, u)
+        for u in crops.rrc_params(rng, 50):
+            top, left, ch, cw = crops.rrc_box(h, w, u)
             assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch and cw
     img = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
-    assert pipeline.random_resized_crop(img, 16, pipeline.rrc_params(rng, 1)[0]).shape == (16, 16, 3)
+    assert crops.random_resized_crop(img, 16, crops.rrc_params(rng, 1)[0]).shape == (16, 16, 3)
 
 
 def test_device_crop_flip_returns_a_crop_of_the_padded_batch():
     import jax
-    from dp_jax.data import pipeline
+    from dp_jax.data import crops
     x = np.random.default_rng(2).normal(size=(6, 4, 5, 2)).astype(np.float32)
-    out = np.asarray(jax.jit(pipeline.device_crop_flip, static_argnames="pad")(
+    out = np.asarray(jax.jit(crops.device_crop_flip, static_argnames="pad")(
         jax.random.key(0), x, pad=1))
     assert out.shape == x.shape
     for i in range(6):

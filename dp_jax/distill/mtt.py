@@ -59,7 +59,7 @@ import optax
 
 from dp_jax import masks as masks_lib
 from dp_jax import rng, small_set
-from dp_jax import train as train_lib
+from dp_jax import precision
 from dp_jax.data.augment import make_augment
 from dp_jax.distill import common, synthetic
 from dp_jax.distill.experts import Trajectories, distill_key
@@ -101,7 +101,7 @@ def make_student_step(model, *, batch_size: int, augment: Optional[Callable],
     ``compute_dtype``: the forward/backward dtype (``train.compute_dtype``); the parameters
     and the update stay float32.
     """
-    cast = functools.partial(train_lib.to_compute, compute_dtype=compute_dtype)
+    cast = functools.partial(precision.to_compute, compute_dtype=compute_dtype)
 
     def step(theta, x, y, log_lr, mask, key, k, bn):
         idx = small_set.batch_at(key, k, x.shape[0], batch_size)
@@ -116,7 +116,7 @@ def make_student_step(model, *, batch_size: int, augment: Optional[Callable],
             else:
                 logits = model.apply(cast({"params": th}), cast(xb), train=True)
             return optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(jnp.float32), yb).mean()
+                precision.from_compute(logits, compute_dtype), yb).mean()
 
         g = jax.grad(ce)(theta)
         lr = jnp.exp(log_lr)
