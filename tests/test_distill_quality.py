@@ -46,6 +46,7 @@ def test_pairs_read_the_right_rows_and_the_fit_is_least_squares(tmp_path):
     sets = quality.collect([f"a={a},{pa}", f"b={b},{pb}", f"real={a}#random,{pr}:subset_n100"],
                            [0.893, 0.956])
     np.testing.assert_allclose(sets[0]["masks"][0.893], [0.85, 0.87])  # dp rows, both seeds
+    np.testing.assert_allclose(quality.mask_accuracy(pa, 0.893, seeds=[1]), [0.87])
     assert sets[2]["set"] == (0.60, 0.02)  # the random-subset baseline of set a
     x = np.array([0.70, 0.80, 0.60])
     y = np.array([0.81, 0.85, 0.79])  # seed means at 95.6 %

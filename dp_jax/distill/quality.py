@@ -2,7 +2,7 @@ r"""Does the distilled set's quality decide Distilled Pruning's? (docs/paper.md,
 
   python -m dp_jax.distill.quality --out=DIR --sparsities=0.893,0.956 \
       mtt=runs/distill_mtt,runs/dp_mtt  gm=runs/distill_gm,runs/dp_gm \
-      real=runs/distill_gm#random,runs/prune:subset_n100
+      real=runs/distill_gm#random,runs/prune:subset_n100 [--seeds=0,1]
 
 Each argument ``NAME=SET,PRUNING`` pairs a set's own quality with the masks found on it:
 ``SET`` is a distillation workdir (its ``summary.json``: the accuracy of fresh networks trained
@@ -40,14 +40,16 @@ def set_accuracy(spec: str) -> tuple[float, float]:
     return float(res["accuracy_mean"]), float(res.get("accuracy_std", 0.0))
 
 
-def mask_accuracy(spec: str, sparsity: float, tol: float = 0.005) -> np.ndarray:
-    """Per-seed test accuracies of ``workdir[:label]``'s round at ``sparsity`` (± ``tol``)."""
+def mask_accuracy(spec: str, sparsity: float, tol: float = 0.005,
+                  seeds: Sequence[int] | None = None) -> np.ndarray:
+    """Per-seed test accuracies of ``workdir[:label]``'s round at ``sparsity`` (± ``tol``),
+    of ``seeds`` only if given."""
     workdir, _, label = spec.partition(":")
     path = os.path.join(workdir, "rounds.jsonl")
     if not os.path.exists(path):
         raise ValueError(f"{workdir}: no rounds.jsonl (not a pruning workdir)")
     rows = [r for r in io.read_jsonl(path) if r["method"] == (label or "dp")
-            and abs(r["sparsity"] - sparsity) <= tol]
+            and abs(r["sparsity"] - sparsity) <= tol and (seeds is None or r["seed"] in seeds)]
     if not rows:
         raise ValueError(f"{spec}: no round of run '{label or 'dp'}' at sparsity {sparsity}")
     return np.array([r["test_accuracy"] for r in rows])
@@ -60,7 +62,8 @@ def fit(x: np.ndarray, y: np.ndarray) -> dict:
     return {"slope": float(slope), "intercept": float(intercept), "r": r}
 
 
-def collect(pairs: Sequence[str], sparsities: Sequence[float]) -> list[dict]:
+def collect(pairs: Sequence[str], sparsities: Sequence[float],
+            seeds: Sequence[int] | None = None) -> list[dict]:
     """Every ``NAME=SET,PRUNING`` pair resolved (all validated before anything is written)."""
     out = []
     for p in pairs:
@@ -69,7 +72,7 @@ def collect(pairs: Sequence[str], sparsities: Sequence[float]) -> list[dict]:
         if not name or not set_spec or not prune_spec:
             raise ValueError(f"{p!r}: expected NAME=SET_WORKDIR[#random],PRUNE_WORKDIR[:LABEL]")
         out.append({"name": name, "set": set_accuracy(set_spec),
-                    "masks": {s: mask_accuracy(prune_spec, s) for s in sparsities}})
+                    "masks": {s: mask_accuracy(prune_spec, s, seeds=seeds) for s in sparsities}})
     return out
 
 
@@ -122,11 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("pairs", nargs="+", help="NAME=SET_WORKDIR[#random],PRUNE_WORKDIR[:LABEL]")
     ap.add_argument("--sparsities", default="0.893,0.956")
+    ap.add_argument("--seeds", default="", help="only these seeds, e.g. 0,1 (default: all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     try:
         sparsities = [float(s) for s in args.sparsities.split(",") if s]
-        sets = collect(args.pairs, sparsities)
+        seeds = [int(v) for v in args.seeds.split(",") if v] or None
+        sets = collect(args.pairs, sparsities, seeds)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
