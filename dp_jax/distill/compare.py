@@ -24,6 +24,18 @@ from dp_jax import workdir as workdir_lib
 from dp_jax.curves import save_figure
 
 
+def _set_settings(workdir: str) -> dict:
+    """The ``distill`` settings that made the workdir's set: the set's own record (right also
+    for a set evaluated from ``distill.path``), else the workdir's config."""
+    path = os.path.join(workdir, "distilled.npz")
+    if os.path.exists(path):
+        from dp_jax.distill.distilled import load_distilled
+        recorded = load_distilled(path).meta.get("distill")
+        if recorded:
+            return recorded
+    return io.read_json(os.path.join(workdir, "config.json")).get("distill", {})
+
+
 def load_run(workdir: str) -> dict:
     """The facts of one finished distillation workdir; ValueError naming what is missing."""
     path = os.path.join(workdir, "summary.json")
@@ -32,7 +44,7 @@ def load_run(workdir: str) -> dict:
     s = io.read_json(path)
     if s.get("task") != "distill" or "results" not in s:
         raise ValueError(f"{path}: not a distillation summary (task={s.get('task')!r})")
-    d = io.read_json(os.path.join(workdir, "config.json")).get("distill", {})
+    d = _set_settings(workdir)
     c = s.get("cost", {})
     experts_wall, experts_cpu = c.get("expert_wall_s", 0.0), c.get("expert_cpu_s")
     curve = [(experts_wall + r["distill_wall_s"], r["accuracy_mean"], r.get("accuracy_std", 0.0),
@@ -44,7 +56,8 @@ def load_run(workdir: str) -> dict:
     if final:
         curve.append((budget, final["accuracy_mean"], final.get("accuracy_std", 0.0),
                       int(d.get("iterations", 0))))
-    return {"label": os.path.basename(os.path.normpath(workdir)), "method": s.get("method"),
+    return {"label": os.path.basename(os.path.normpath(workdir)),
+            "method": d.get("method", s.get("method")),
             "model": s.get("model", {}).get("name"), "images": s.get("images"),
             "ipc": s.get("ipc"), "factor": s.get("factor"), "iterations": d.get("iterations"),
             "distilled": final, "random": s["results"].get("random", {}),
