@@ -43,8 +43,8 @@ def part_commands(backend: str, quick: bool, torch: bool) -> dict[str, list[str]
     cpu = backend == "cpu"
     threads = "1" if cpu else "2"
     no_torch = [] if torch else ["--no-torch"]
-    if cpu and quick:
-        train = ["--loops", "python", "--repeats", "3", "--budget-s", "15"]
+    if cpu and quick:  # both loop forms (the scan is LeNet's fast one), capped per runner
+        train = ["--loops", "scan,python", "--repeats", "3", "--budget-s", "10"]
     elif cpu:
         train = ["--loops", "scan,python", "--repeats", "5", "--budget-s", "60"]
     else:
@@ -57,7 +57,7 @@ def part_commands(backend: str, quick: bool, torch: bool) -> dict[str, list[str]
                    "--threads", threads, "--batch", "32" if cpu else "256",
                    "--steps", ("2" if quick else "5") if cpu else "20"],
         "dp_inner": ["dp_inner_loop.py", "--threads", threads,
-                     "--steps", ("100" if quick else "300") if cpu else "1000",
+                     "--steps", ("50" if quick else "300") if cpu else "1000",
                      "--repeats", "2" if quick else "3", "--seeds", "4"] + no_torch,
         "mtt": ["mtt_memory.py", "--widths", "32" if quick else "32,128",
                 "--steps", "20,40" if quick else "20,30,40", "--threads", threads,
