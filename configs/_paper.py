@@ -45,7 +45,8 @@ def ensure_fields(c: ml_collections.ConfigDict) -> None:
         "data": dict(image_size=placeholder(int), augment="none", pipeline="memory",
                      classes=(), label_cache=placeholder(str), eval_split=placeholder(str)),
         "parallel": dict(multihost=False, coordinator_address=placeholder(str),
-                         num_processes=placeholder(int), process_id=placeholder(int)),
+                         num_processes=placeholder(int), process_id=placeholder(int),
+                         vmap_seeds="auto"),
     }
     for section, fields in extra.items():
         for name, value in fields.items():

@@ -27,12 +27,13 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dp_jax import compile_time
+from dp_jax import dense as dense_lib
 from dp_jax import distributed
 from dp_jax import io
-from dp_jax import masks as masks_lib
 from dp_jax import methods
 from dp_jax import prune as prune_lib
 from dp_jax import rng
+from dp_jax import seed_groups
 from dp_jax import small_set
 from dp_jax import train as train_lib
 from dp_jax import validate as validate_lib
@@ -95,64 +96,6 @@ def build_setup(config, dataset, *, metrics_path: str | None = None,
         on_empty_layer=config.prune.on_empty_layer, init_fn=init_jit, log_epoch=log_epoch,
         num_classes=dataset.num_classes, layer_rates=validate_lib.layer_rates(config.prune),
         min_per_layer=int(config.prune.min_per_layer))
-
-
-def dense_run(setup: prune_lib.Setup, workdir: str, seed: int, rewind_steps) -> dict:
-    """Train (or restore) the seed's dense network; keeps the weights at each rewind step.
-
-    A rewind step the checkpoint does not hold yet (a method added to a finished workdir)
-    is recomputed by retraining the dense run up to it -- the same steps, so the same
-    weights -- and added to the checkpoint.
-    """
-    seed_key = jax.random.key(seed)
-    variables = setup.init_fn(jax.random.fold_in(seed_key, rng.INIT))
-    mask = masks_lib.ones_like(variables["params"])
-    steps = sorted({int(k) for k in rewind_steps if k > 0})
-    ckpt = io.RoundCheckpointer(workdir_lib.checkpoints_dir(workdir, workdir_lib.DENSE, seed))
-    trained_like = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    data_key = jax.random.fold_in(seed_key, rng.DATA)
-    try:
-        last = ckpt.latest()
-        if last is not None:
-            payload = ckpt.restore_payload(last)
-            have = sorted(int(k) for k in payload.get("snapshot_steps", steps))
-            like = {"trained": trained_like, "snapshots": {str(k): trained_like for k in have}}
-            arrays, payload = ckpt.restore(last, like)
-            snaps = {int(k): v for k, v in arrays["snapshots"].items()}
-            missing = [k for k in steps if k not in snaps]
-            if missing:
-                snaps.update(_retrain_snapshots(setup, variables, mask, data_key, missing))
-                keep = sorted(snaps)
-                ckpt.save(last + 1, {"trained": arrays["trained"],
-                                     "snapshots": {str(k): snaps[k] for k in keep}},
-                          dict(payload, snapshot_steps=keep))
-            return {"variables": variables, "trained": arrays["trained"], "snapshots": snaps,
-                    "record": payload["record"]}
-        t0, c0 = time.time(), compile_time.seconds()
-        state, ev, snaps, tm = prune_lib.train_and_eval(
-            setup, variables, mask, data_key, snapshot_steps=steps,
-            log={"run": "dense", "seed": seed, "round": 0})
-        trained = {"params": state.params, "batch_stats": state.batch_stats}
-        record = prune_lib.make_record(
-            methods.DENSE, seed, 0, mask, ev, setup.num_steps * setup.trainer.batch_size,
-            time.time() - t0, train_accuracy=tm.get("accuracy"),
-            compile_s=compile_time.seconds() - c0)
-        ckpt.save(0, {"trained": trained, "snapshots": {str(k): snaps[k] for k in steps}},
-                  {"record": record, "snapshot_steps": steps})
-        return {"variables": variables, "trained": trained, "snapshots": snaps, "record": record}
-    finally:
-        ckpt.close()
-
-
-def _retrain_snapshots(setup, variables, mask, data_key, steps) -> dict:
-    """The dense run's weights at ``steps``, by training it again from init up to them."""
-    if setup.stream is not None:
-        raise ValueError(f"rewind steps {steps} were added to a streamed run; the dense "
-                         "training cannot be replayed from the stream: use a new workdir")
-    state = train_lib.create_state(variables, mask, setup.tx)
-    _, snaps = setup.trainer.train(state, setup.x_train, setup.y_train, data_key, max(steps),
-                                   snapshot_steps=steps)
-    return {k: snaps[k] for k in steps}
 
 
 def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
@@ -247,20 +190,36 @@ def _run_all(config, workdir, dataset, specs, t_start, sink) -> dict:
         for label in [workdir_lib.DENSE] + [s.label for s in specs]:
             workdir_lib.check_run_identity(workdir, label, seed, workdir_lib.run_fields(
                 cfg, label, seed, small_set=label in small))
+    on_round = lambda r: (progress.update(r), _merge_rounds(workdir))  # noqa: E731
+    rewind = [s.rewind_step for s in specs]
+    params = jax.eval_shape(setup.init_fn, jax.random.key(0))["params"]
+    vmapped = seed_groups.enabled(config.parallel.get("vmap_seeds", "auto"), len(seeds), params,
+                                  stream=setup.stream is not None,
+                                  data_parallel=bool(config.parallel.data_parallel))
+
+    def timed(name, fn, *args, **kw):
         t0 = time.time()
-        dense = dense_run(setup, workdir, seed, [s.rewind_step for s in specs])
-        phases["dense_s"] += time.time() - t0
+        out = fn(*args, **kw)
+        phases[name] = phases.get(name, 0.0) + time.time() - t0
+        return out
+
+    if vmapped:
+        denses = timed("dense_s", dense_lib.dense_runs, setup, workdir, seeds, rewind)
+        for spec in specs:
+            timed(f"{spec.label}_s", run_method_seeds, setup, workdir, spec, seeds, denses,
+                  on_round, config=config, distilled=distilled)
+            distributed.sync(f"dp_jax-{spec.label}")
+    for seed in [] if vmapped else seeds:
+        dense = timed("dense_s", dense_lib.dense_run, setup, workdir, seed, rewind)
         logging.info("seed %d dense test accuracy %.4f", seed, dense["record"]["test_accuracy"])
         for spec in specs:
-            t0 = time.time()
-            run_method(setup, workdir, spec, seed, dense,
-                       on_round=lambda r: (progress.update(r), _merge_rounds(workdir)),
-                       config=config, distilled=distilled)
-            phases[f"{spec.label}_s"] = phases.get(f"{spec.label}_s", 0.0) + time.time() - t0
+            timed(f"{spec.label}_s", run_method, setup, workdir, spec, seed, dense,
+                  on_round=on_round, config=config, distilled=distilled)
             # Process 0 wrote this run's files; other hosts read them (reinit, summary) after it.
             distributed.sync(f"dp_jax-{spec.label}-seed{seed}")
     progress.close()
-    summary = summarize(workdir, phases, time.time() - t_start, data_source(dataset))
+    summary = summarize(workdir, phases, time.time() - t_start, data_source(dataset),
+                        vmap_seeds=vmapped)
     if distributed.is_main_process():
         from dp_jax import report  # matplotlib is imported only when reporting
         report.write_report(workdir)
@@ -290,6 +249,16 @@ def prepare_distilled(config, workdir, dataset, setup, progress=None, *, sink=No
     return (x, y, inner, float(dset.lr)), dict(dset.cost)
 
 
+def _plan(setup, workdir, spec, seed, dense, config, distilled):
+    """The method's plan for one seed's run."""
+    method = methods.get(spec.name)
+    if method.needs_distilled and distilled is None:
+        raise ValueError(f"{spec.label} needs a distilled set")
+    ctx = methods.Context(setup=setup, workdir=workdir, seed=seed, seed_key=rng.seed_key(seed),
+                          dense=dense, config=config, distilled=distilled)
+    return method.plan(spec, ctx)
+
+
 def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, config=None,
                distilled=None) -> list:
     """Run (or resume) one method for one seed; returns its records.
@@ -297,21 +266,28 @@ def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, co
     ``distilled`` is ``(x, y, inner_train, lr)`` for methods that need the distilled set
     (see :func:`prepare_distilled`).
     """
-    method = methods.get(spec.name)
-    if method.needs_distilled and distilled is None:
-        raise ValueError(f"{spec.label} needs a distilled set")
-    seed_key = jax.random.key(seed)
-    ctx = methods.Context(setup=setup, workdir=workdir, seed=seed, seed_key=seed_key,
-                          dense=dense, config=config, distilled=distilled)
-    plan = method.plan(spec, ctx)
+    plan = _plan(setup, workdir, spec, seed, dense, config, distilled)
     run = prune_lib.Run(workdir, spec, seed, keep=config.checkpoint.keep)
     try:
-        return prune_lib.run_rounds(setup, run, dense, seed_key=seed_key,
+        return prune_lib.run_rounds(setup, run, dense, seed_key=rng.seed_key(seed),
                                     next_mask=plan.next_mask, start_point=plan.start_point,
                                     search_examples=plan.search_examples,
                                     uses_trained=plan.uses_trained, on_round=on_round)
     finally:
         run.close()
+
+
+def run_method_seeds(setup, workdir, spec, seeds, denses, on_round=lambda r: None, *,
+                     config=None, distilled=None) -> list:
+    """:func:`run_method` for every seed, each round's trainings as one vmapped program."""
+    plans = [_plan(setup, workdir, spec, s, d, config, distilled) for s, d in zip(seeds, denses)]
+    runs = [prune_lib.Run(workdir, spec, s, keep=config.checkpoint.keep) for s in seeds]
+    try:
+        return seed_groups.run_rounds_seeds(setup, runs, denses, plans, width=len(seeds),
+                                            on_round=on_round)
+    finally:
+        for r in runs:
+            r.close()
 
 
 def _merge_rounds(workdir: str) -> list:
@@ -323,7 +299,8 @@ def _merge_rounds(workdir: str) -> list:
     return rows
 
 
-def summarize(workdir: str, phases: dict, wall_s: float, source: str = "") -> dict:
+def summarize(workdir: str, phases: dict, wall_s: float, source: str = "", *,
+              vmap_seeds: bool = False) -> dict:
     """Write summary.json: final figures per method, dense accuracy and compute per phase."""
     rows = _merge_rounds(workdir)
     by_method: dict[str, Any] = {}
@@ -350,6 +327,7 @@ def summarize(workdir: str, phases: dict, wall_s: float, source: str = "") -> di
         }
     summary = {"methods": methods, "phases_s": phases, "wall_s": wall_s, "data_source": source,
                "compile_s": compile_time.seconds(), "compile_cache": compile_time.cache_counts(),
-               "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend()}
+               "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
+               "vmap_seeds": bool(vmap_seeds)}
     io.write_json(workdir_lib.summary_path(workdir), summary)
     return summary

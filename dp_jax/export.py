@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from dp_jax import __version__
+from dp_jax import dense
 from dp_jax import io
 from dp_jax import masks as masks_lib
 from dp_jax import methods
@@ -90,9 +91,8 @@ def start_point(setup: prune_lib.Setup, workdir: str, spec, seed: int, rnd: int)
     elif start == ("reinit",):
         v, step, desc = setup.init_fn(rng.key_for(seed, rng.REINIT)), 0, {"kind": "reinit"}
     else:
-        from dp_jax import experiment
         step = int(start[1])
-        v = experiment.dense_run(setup, workdir, seed, [step])["snapshots"][step]
+        v = dense.dense_run(setup, workdir, seed, [step])["snapshots"][step]
         desc = {"kind": "rewind"}
     desc.update(step=step, seed=seed)
     return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}, step, desc

@@ -231,6 +231,27 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
     Returns:
       The run's records, rounds 0..R.
     """
+    mask, trained, records, start = begin_rounds(run, dense, on_round)
+    data_key = jax.random.fold_in(seed_key, rng.DATA)
+    for rnd in range(start, setup.rounds + 1):
+        t0, c0 = time.time(), compile_time.seconds()
+        mask = jax.block_until_ready(next_mask(rnd, mask, trained))
+        t_mask = time.time() - t0
+        variables, start_step = start_point(rnd)
+        state, ev, _, tm = train_and_eval(
+            setup, variables, mask, data_key, start_step=start_step,
+            log={"run": run.spec.label, "seed": run.seed, "round": rnd})
+        trained = _trained(state)
+        finish_round(run, rnd, mask, trained, ev, tm, records, t_mask=t_mask,
+                     train_s=time.time() - t0 - t_mask, compile_s=compile_time.seconds() - c0,
+                     search_examples=search_examples(rnd), uses_trained=uses_trained(rnd))
+        on_round(records[-1])
+    return records
+
+
+def begin_rounds(run: Run, dense: dict, on_round: Callable[[dict], None]):
+    """Resume ``run`` (or commit its round 0, the dense network): ``(mask, trained, records,
+    next_round)``; every finished round's record goes to ``on_round``."""
     dense_mask = masks_lib.ones_like(dense["variables"]["params"])
     like = {"mask": dense_mask, "trained": dense["trained"]}
     start, arrays, records = run.resume(like)
@@ -248,31 +269,23 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
         io.write_jsonl(run.rounds_path, records)
         for rec in records:  # count the finished rounds in the progress display
             on_round(rec)
-    mask, trained = arrays["mask"], arrays["trained"]
-    data_key = jax.random.fold_in(seed_key, rng.DATA)
-    for rnd in range(start, setup.rounds + 1):
-        t0, c0 = time.time(), compile_time.seconds()
-        mask = jax.block_until_ready(next_mask(rnd, mask, trained))
-        t_mask = time.time() - t0
-        variables, start_step = start_point(rnd)
-        state, ev, _, tm = train_and_eval(
-            setup, variables, mask, data_key, start_step=start_step,
-            log={"run": run.spec.label, "seed": run.seed, "round": rnd})
-        trained = _trained(state)
-        prev = records[-1]
-        # Search time: computing this mask, plus the previous training when the mask
-        # was derived from its weights (IMP); DP's search is its inner loop alone.
-        search_s = prev.get("search_s", 0.0) + t_mask + (
-            prev.get("train_s", prev["wall_s"]) if uses_trained(rnd) else 0.0)
-        rec = make_record(run.spec, run.seed, rnd, mask, ev,
-                          prev["train_examples"] + search_examples(rnd),
-                          time.time() - t0, train_accuracy=tm.get("accuracy"),
-                          mask_s=t_mask, train_s=time.time() - t0 - t_mask, search_s=search_s,
-                          compile_s=compile_time.seconds() - c0)
-        records.append(rec)
-        run.commit(rnd, mask, {"mask": mask, "trained": trained}, records)
-        on_round(rec)
-    return records
+    return arrays["mask"], arrays["trained"], records, start
+
+
+def finish_round(run: Run, rnd: int, mask: PyTree, trained: dict, ev: dict, tm: dict,
+                 records: list, *, t_mask: float, train_s: float, compile_s: float,
+                 search_examples: int, uses_trained: bool, **extra) -> None:
+    """Append round ``rnd``'s record to ``records`` and commit the round."""
+    prev = records[-1]
+    # Search time: computing this mask, plus the previous training when the mask
+    # was derived from its weights (IMP); DP's search is its inner loop alone.
+    search_s = prev.get("search_s", 0.0) + t_mask + (
+        prev.get("train_s", prev["wall_s"]) if uses_trained else 0.0)
+    rec = make_record(run.spec, run.seed, rnd, mask, ev, prev["train_examples"] + search_examples,
+                      t_mask + train_s, train_accuracy=tm.get("accuracy"), mask_s=t_mask,
+                      train_s=train_s, search_s=search_s, compile_s=compile_s, **extra)
+    records.append(rec)
+    run.commit(rnd, mask, {"mask": mask, "trained": trained}, records)
 
 
 def switch_round(sparsity: float, fraction: float) -> int:

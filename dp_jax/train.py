@@ -225,12 +225,21 @@ class Trainer:
             return step(state, _constrain(xb, mesh), _constrain(yb, mesh),
                         jax.random.fold_in(key, state.step))
 
-        self._step = jax.jit(one, donate_argnums=0)
+        def perm(key, e):
+            return jax.random.permutation(jax.random.fold_in(key, e), self.num_train)
+
         self._step_batch = jax.jit(one_batch, donate_argnums=0)
-        self._segment = jax.jit(segment, static_argnames="length", donate_argnums=0)
-        self._perm = jax.jit(lambda key, e: jax.random.permutation(
-            jax.random.fold_in(key, e), self.num_train))
         self._eval = jax.jit(functools.partial(_eval_batch, model=model))
+        # One run, and S runs as one program (every argument but the data gains a seed axis).
+        self._programs = {
+            False: (jax.jit(perm), jax.jit(segment, static_argnames="length", donate_argnums=0),
+                    jax.jit(one, donate_argnums=0)),
+            True: (jax.jit(jax.vmap(perm, in_axes=(0, None))),
+                   jax.jit(_vmapped_segment(segment), static_argnames="length",
+                           donate_argnums=0),
+                   jax.jit(jax.vmap(one, in_axes=(0, None, None, 0, None, 0)),
+                           donate_argnums=0)),
+        }
 
     def train(self, state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array,
               num_steps: int, *, snapshot_steps: Iterable[int] = (),
@@ -249,8 +258,30 @@ class Trainer:
           ``(state, snapshots)`` with
           ``snapshots = {step: {"params": ..., "batch_stats": ...}}``.
         """
+        return self._train(state, x, y, key, num_steps, snapshot_steps, on_epoch, False)
+
+    def train_seeds(self, states: TrainState, x: jax.Array, y: jax.Array, keys: jax.Array,
+                    num_steps: int, *, snapshot_steps: Iterable[int] = (),
+                    on_epoch: Optional[Callable[[int, list], None]] = None):
+        """:meth:`train` for S runs as one vmapped program.
+
+        ``states`` and ``keys`` carry a leading seed axis (:func:`stack`); every run must be
+        at the same step. Run ``i`` follows exactly the trajectory :meth:`train` gives it
+        alone (same batches, same keys); the data are shared, not copied. ``on_epoch``
+        receives the list of the runs' mean metrics. Returns stacked ``(states, snapshots)``.
+        """
+        steps = np.asarray(jax.device_get(states.step))
+        if steps.ndim != 1 or np.any(steps != steps[0]):
+            raise ValueError(f"train_seeds needs runs at one step, got steps {steps.tolist()}")
+        if self.mesh is not None:
+            raise ValueError("seeds as one program (parallel.vmap_seeds) do not combine "
+                             "with parallel.data_parallel")
+        return self._train(states, x, y, keys, num_steps, snapshot_steps, on_epoch, True)
+
+    def _train(self, state, x, y, key, num_steps, snapshot_steps, on_epoch, seeds: bool):
+        perm_fn, segment_fn, step_fn = self._programs[seeds]
         S = self.steps_per_epoch
-        t = int(state.step)
+        t = int(state.step[0] if seeds else state.step)
         state = self._replicate(state)
         snaps = {}
         wanted = sorted({int(s) for s in snapshot_steps if t <= int(s) <= num_steps})
@@ -262,22 +293,25 @@ class Trainer:
             end = min((epoch + 1) * S, num_steps)
             cut = [s for s in wanted if t < s < end]
             stop = cut[0] if cut else end
-            perm = self._perm(key, epoch)
+            perm = perm_fn(key, epoch)
             if self.loop == "scan":
-                state, m = self._segment(state, x, y, perm, jnp.int32(t - epoch * S), key,
-                                         length=stop - t)
-                epoch_metrics.append(m)
+                state, m = segment_fn(state, x, y, perm, jnp.int32(t - epoch * S), key,
+                                      length=stop - t)
+                epoch_metrics.append(m)  # (steps,), or (seeds, steps)
             else:
                 for i in range(t - epoch * S, stop - epoch * S):
-                    state, m = self._step(state, x, y, perm, jnp.int32(i), key)
-                    epoch_metrics.append(jax.tree.map(lambda v: v[None], m))
+                    state, m = step_fn(state, x, y, perm, jnp.int32(i), key)
+                    epoch_metrics.append(jax.tree.map(lambda v: v[..., None], m))
             t = stop
             if t in wanted:
                 snaps[t] = _snapshot(state)
             if t % S == 0 or t == num_steps:
                 if on_epoch is not None and epoch_metrics:
-                    stacked = jax.tree.map(lambda *v: jnp.concatenate(v), *epoch_metrics)
-                    on_epoch(epoch, check_finite(stacked, epoch * S, t))
+                    stacked = jax.tree.map(lambda *v: jnp.concatenate(v, -1), *epoch_metrics)
+                    if seeds:
+                        on_epoch(epoch, [check_finite(m, epoch * S, t) for m in unstack(stacked)])
+                    else:
+                        on_epoch(epoch, check_finite(stacked, epoch * S, t))
                 epoch_metrics = []
         return state, snaps
 
@@ -367,6 +401,24 @@ class Trainer:
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         totals = jax.device_get(totals)
         return {"accuracy": float(totals["correct"] / n), "loss": float(totals["loss"] / n)}
+
+
+def _vmapped_segment(segment):
+    """``segment`` vmapped over the state, the permutation and the key (data shared)."""
+    def fn(state, x, y, perm, start, key, length):
+        return jax.vmap(lambda s, p, k: segment(s, x, y, p, start, k, length))(state, perm, key)
+    return fn
+
+
+def stack(trees: list) -> PyTree:
+    """Stack pytrees of one structure on a new leading (seed) axis."""
+    return jax.tree.map(lambda *v: jnp.stack(v), *trees)
+
+
+def unstack(tree: PyTree) -> list:
+    """The per-seed pytrees of a stacked one (inverse of :func:`stack`)."""
+    n = jax.tree.leaves(tree)[0].shape[0]
+    return [jax.tree.map(lambda v, i=i: v[i], tree) for i in range(n)]
 
 
 def _snapshot(state: TrainState) -> dict:

@@ -11,7 +11,7 @@ import math
 import jax
 
 from dp_jax import masks as masks_lib
-from dp_jax import methods, precision
+from dp_jax import methods, precision, seed_groups
 from dp_jax import train as train_lib
 from dp_jax.data import DATA_SCHEMES, preprocess
 from dp_jax.models import MODELS, create_model, init_variables
@@ -92,6 +92,12 @@ def _validate_train(config) -> None:
     _need(t.unroll >= 1, "train.unroll", "an integer >= 1", t.unroll)
     _need(t.get("compute_dtype", "float32") in precision.COMPUTE_DTYPES, "train.compute_dtype",
           " | ".join(precision.COMPUTE_DTYPES), t.get("compute_dtype"))
+    vmap = config.parallel.get("vmap_seeds", "auto")
+    _need(vmap in seed_groups.MODES, "parallel.vmap_seeds", " | ".join(seed_groups.MODES), vmap)
+    _need(vmap != "on" or not (config.parallel.data_parallel or
+                               config.data.get("pipeline", "memory") == "stream"),
+          "parallel.vmap_seeds", "auto | off with data.pipeline='stream' or "
+          "parallel.data_parallel=True", vmap)
     if config.parallel.data_parallel:
         n = jax.device_count()
         _need(t.batch_size % n == 0, "train.batch_size",

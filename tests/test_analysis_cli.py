@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from dp_jax import experiment
+from dp_jax import dense, experiment
 
 from conftest import load_config_module
 
@@ -131,7 +131,7 @@ def test_retrained_dense_snapshot_matches_the_checkpoint(workdir):
     workdir, _ = workdir
     cfg = ml_collections.ConfigDict(io.read_json(os.path.join(workdir, "config.json")))
     setup = experiment.build_setup(cfg, load_dataset(cfg.data, seed=cfg.seed))
-    saved = experiment.dense_run(setup, workdir, 0, [3])["snapshots"][3]
+    saved = dense.dense_run(setup, workdir, 0, [3])["snapshots"][3]
     root = jax.random.key(0)
     init = setup.init_fn(jax.random.fold_in(root, rng.INIT))
     again = instability.dense_snapshots(setup.trainer, setup.tx, init, setup.x_train,

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from dp_jax import experiment
+from dp_jax import dense
 from dp_jax import io
 from dp_jax import masks as masks_lib
 from dp_jax import methods
@@ -142,11 +143,11 @@ class _SeedState:
         rewind = sorted({sp.rewind_step for sp in ctx.specs.values() if sp.rewind_step > 0})
         if any(k in rewind for k in ks) and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
             # The dense run's own snapshots: exactly what the pruning runs rewound to.
-            dense = experiment.dense_run(s, ctx.workdir, seed, rewind)
+            got = dense.dense_run(s, ctx.workdir, seed, rewind)
             # Restored arrays are committed to a device, fresh ones are not; jit keys
             # its cache on that, so mixing them would recompile every program.
             self.snapshots.update({int(k): jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), v)
-                                   for k, v in dense["snapshots"].items()})
+                                   for k, v in got["snapshots"].items()})
         missing = [k for k in ks if k not in self.snapshots]
         if missing:
             ctx.log(f"seed {seed}: training the dense net to step {max(missing)} for "

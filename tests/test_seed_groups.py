@@ -1,0 +1,124 @@
+"""Seeds as one program (``parallel.vmap_seeds``): the same runs as seeds one after another.
+
+Every test runs the real experiment entry twice on generated data, once with the seeds
+vmapped and once sequentially, and compares the run directories' records, masks and trained
+weights.
+"""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from dp_jax import experiment, io, seed_groups
+from dp_jax.prune import TIMINGS
+
+from conftest import assert_rejected, make_distilled
+
+# Fields only the vmapped run writes, besides the timings.
+_OWN = TIMINGS + ("vmapped_seeds",)
+
+
+def _records(wd):
+    rows = io.read_jsonl(os.path.join(wd, "rounds.jsonl"))
+    return {(r["method"], r["seed"], r["round"]): r for r in rows}
+
+
+def _masks(wd, run, rnd):
+    with np.load(os.path.join(wd, "runs", run, "masks", f"round_{rnd:03d}.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _compare(wd_on, wd_off, runs, rounds, *, atol):
+    on, off = _records(wd_on), _records(wd_off)
+    assert sorted(on) == sorted(off)
+    for key in on:
+        a, b = on[key], off[key]
+        assert a.get("vmapped_seeds") == 2 and "vmapped_seeds" not in b
+        for field in ("sparsity", "remaining_weights", "train_examples", "rewind_step"):
+            assert a[field] == b[field], (key, field)
+        assert abs(a["test_loss"] - b["test_loss"]) <= atol, key
+        assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.02, key
+    for run in runs:
+        for rnd in range(rounds + 1):
+            ma, mb = _masks(wd_on, run, rnd), _masks(wd_off, run, rnd)
+            assert sorted(ma) == sorted(mb)
+            assert all(np.array_equal(ma[k], mb[k]) for k in ma), (run, rnd)
+
+
+def _run_both(config, tmp_path):
+    config.seeds = 2
+    config.parallel.vmap_seeds = "on"
+    on = experiment.run(config, str(tmp_path / "on"))
+    config.parallel.vmap_seeds = "off"
+    off = experiment.run(config, str(tmp_path / "off"))
+    assert on["vmap_seeds"] and not off["vmap_seeds"]
+    return str(tmp_path / "on"), str(tmp_path / "off")
+
+
+def test_vmapped_seeds_equal_sequential_mlp(tiny_config, tmp_path):
+    tiny_config.prune.method = "imp,imp:k=3,random,reinit:of=imp_k0,snip,dp"
+    tiny_config.distill.path = make_distilled(tiny_config, str(tmp_path / "syn.npz"))
+    tiny_config.dp.steps = 10
+    on, off = _run_both(tiny_config, tmp_path)
+    runs = [f"{m}-seed{s}" for m in ("imp_k0", "imp_k3", "random", "reinit_imp_k0", "snip", "dp")
+            for s in (0, 1)]
+    _compare(on, off, runs, tiny_config.prune.rounds, atol=1e-4)
+    # The seeds differ: each slot of the program trained its own seed.
+    r = _records(on)
+    assert r[("imp_k0", 0, 2)]["test_loss"] != r[("imp_k0", 1, 2)]["test_loss"]
+
+
+def test_vmapped_seeds_equal_sequential_batchnorm_convnet(tiny_config, tmp_path):
+    tiny_config.model.name = "convnet"
+    tiny_config.model.width = 4
+    tiny_config.model.depth = 2
+    tiny_config.model.norm = "batch"
+    tiny_config.prune.method = "imp,imp:k=3"
+    on, off = _run_both(tiny_config, tmp_path)
+    _compare(on, off, [f"{m}-seed{s}" for m in ("imp_k0", "imp_k3") for s in (0, 1)],
+             tiny_config.prune.rounds, atol=1e-4)
+
+
+def test_seed_behind_after_a_kill_catches_up_exactly(tiny_config, tmp_path):
+    """Seed 1 lost its last round (as after a kill): it reruns in a padded group, and every
+    record and mask equals the uninterrupted run's."""
+    tiny_config.seeds = 2
+    tiny_config.parallel.vmap_seeds = "on"
+    tiny_config.prune.method = "imp"
+    wd = str(tmp_path / "wd")
+    experiment.run(tiny_config, wd)
+    ref = _records(wd)
+    last = tiny_config.prune.rounds
+    ref_mask = _masks(wd, "imp_k0-seed1", last)
+    run_dir = os.path.join(wd, "runs", "imp_k0-seed1")
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", str(last)))
+    os.remove(os.path.join(run_dir, "masks", f"round_{last:03d}.npz"))
+    os.remove(os.path.join(wd, "summary.json"))
+    experiment.run(tiny_config, wd)
+    got = _records(wd)
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMINGS}  # noqa: E731
+    assert {k: strip(v) for k, v in got.items()} == {k: strip(v) for k, v in ref.items()}
+    assert all(np.array_equal(ref_mask[k], v) for k, v in
+               _masks(wd, "imp_k0-seed1", last).items())
+
+
+def test_auto_rule_and_rejections(tiny_config, tmp_path):
+    mlp = {"dense": {"kernel": jax.ShapeDtypeStruct((4, 3), np.float32)}}
+    conv = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 1, 4), np.float32)}, **mlp}
+    cpu = jax.default_backend() == "cpu"
+    kw = dict(stream=False, data_parallel=False)
+    assert seed_groups.enabled("auto", 2, mlp, **kw)
+    assert seed_groups.enabled("auto", 2, conv, **kw) is (not cpu)
+    assert not seed_groups.enabled("auto", 1, mlp, **kw)
+    assert not seed_groups.enabled("auto", 2, mlp, stream=False, data_parallel=True)
+    assert seed_groups.enabled("on", 2, conv, **kw)
+    with pytest.raises(ValueError, match="does not combine"):
+        seed_groups.enabled("on", 2, mlp, stream=True, data_parallel=False)
+    assert_rejected(tiny_config, "parallel.vmap_seeds", "yes", "parallel.vmap_seeds",
+                    tmp_path / "a")
+    tiny_config.parallel.data_parallel = True
+    assert_rejected(tiny_config, "parallel.vmap_seeds", "on", "parallel.vmap_seeds",
+                    tmp_path / "b")
