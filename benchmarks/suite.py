@@ -12,7 +12,9 @@ memory are its own; a part that fails is reported as failed and the suite goes o
             with PyTorch's figures of the same step.
   resnet    resnet_throughput.py: ResNet-18 at IDC width 32 on 32x32x3, one device.
   dp_inner  dp_inner_loop.py: Distilled Pruning's inner loop (100 images, batch 100, with and
-            without DSA) vs PyTorch; S seeds as one vmapped program vs sequential.
+            without DSA) vs PyTorch; S inner seeds as one vmapped program vs sequential.
+  seeds     seeds_vmap.py: S seeds' real-data training as one vmapped program vs sequential
+            (what parallel.vmap_seeds=auto is set from).
   mtt       mtt_memory.py: one MTT iteration of ConvNet-3 width 32 at N = 20 and 40: time and
             peak memory per memory mode, PyTorch's create_graph unroll beside it.
   hvp       hvp_rate.py: Hessian-vector products per second (one and eight at a time).
@@ -35,7 +37,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("peak", "train", "resnet", "dp_inner", "mtt", "hvp", "alpha")
+PARTS = ("peak", "train", "resnet", "dp_inner", "seeds", "mtt", "hvp", "alpha")
 
 
 def part_commands(backend: str, quick: bool, torch: bool) -> dict[str, list[str]]:
@@ -59,6 +61,9 @@ def part_commands(backend: str, quick: bool, torch: bool) -> dict[str, list[str]
         "dp_inner": ["dp_inner_loop.py", "--threads", threads,
                      "--steps", ("50" if quick else "300") if cpu else "1000",
                      "--repeats", "2" if quick else "3", "--seeds", "4"] + no_torch,
+        "seeds": ["seeds_vmap.py", "--threads", threads, "--seeds", "4",
+                  "--steps", ("20" if quick else "100") if cpu else "200",
+                  "--repeats", "2" if quick else "3"],
         "mtt": ["mtt_memory.py", "--widths", "32" if quick else "32,128",
                 "--steps", "20,40" if quick else "20,30,40", "--threads", threads,
                 "--modes", "unroll,remat" if quick else "unroll,remat,constant",

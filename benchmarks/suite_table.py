@@ -71,6 +71,18 @@ def _dp_rows(res: dict) -> list[str]:
     return rows
 
 
+def _seed_rows(res: dict) -> list[str]:
+    rows = []
+    for name, m in _result(res, "seeds").get("models", {}).items():
+        v, q = m.get("vmapped", {}), m.get("sequential", {})
+        rows.append(f"| {m.get('seeds')} seeds' training as one program, {name} "
+                    f"({m.get('loop')}) | {_f(v.get('items_per_s'))} img/s | "
+                    f"{_f(q.get('items_per_s'))} img/s (sequential) | "
+                    f"{_f(m.get('speedup'), '{:.2f}x')} | — | {_util(v)} | "
+                    f"{_f(v.get('compile_s'), '{:.1f}')} |")
+    return rows
+
+
 def _mtt_rows(res: dict) -> list[str]:
     pts = _result(res, "mtt").get("points", [])
     torch = {(p["width"], p["N"]): p for p in pts if p.get("series") == "torch"
@@ -120,7 +132,7 @@ def markdown(res: dict) -> str:
     lines[0] += "."
     lines += ["", "| figure | dp_jax | PyTorch | ratio | % of peak | CPU util | compile s |",
               "|---|---|---|---|---|---|---|"]
-    lines += _train_rows(res, peak) + _dp_rows(res) + _mtt_rows(res) + _analysis_rows(res)
+    lines += _train_rows(res, peak) + _dp_rows(res) + _seed_rows(res) + _mtt_rows(res) + _analysis_rows(res)
     failed = [f"- **{n} failed**: {r.get('error', '')[-300:]}" for n, r in res["parts"].items()
               if not r.get("ok")]
     return "\n".join(lines + ([""] + failed if failed else []))

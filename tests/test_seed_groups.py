@@ -21,6 +21,46 @@ from conftest import assert_rejected, make_distilled
 _OWN = TIMINGS + ("vmapped_seeds",)
 
 
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_train_seeds_follows_each_seeds_own_trajectory_and_compiles_once(loop):
+    import optax
+    from dp_jax import masks, train
+    from dp_jax.models import create_model, init_variables
+    import ml_collections
+    model = create_model(ml_collections.ConfigDict(dict(name="lenet_300_100")), num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (64, 4, 4, 1))
+    y = jax.numpy.arange(64) % 3
+    tx = optax.sgd(0.05, momentum=0.9)
+    tr = train.Trainer(model, tx, batch_size=16, num_train=64, loop=loop)
+    vs = [init_variables(model, jax.random.key(s), (4, 4, 1)) for s in range(3)]
+    keys = [jax.random.key(10 + s) for s in range(3)]
+    for r in range(2):  # new masks each "round": the vmapped programs are not retraced
+        ms = [masks.prune(masks.random_scores(v["params"], jax.random.key(r + 5 * i)),
+                          masks.ones_like(v["params"]), 0.4) for i, v in enumerate(vs)]
+        logged = []
+        got, snaps = tr.train_seeds(
+            train.stack([train.create_state(v, m, tx) for v, m in zip(vs, ms)]), x, y,
+            jax.numpy.stack(keys), 10, snapshot_steps=[3],
+            on_epoch=lambda e, m: logged.append((e, m)))
+        for i in range(3):
+            alone, snap = tr.train(train.create_state(vs[i], ms[i], tx), x, y, keys[i], 10,
+                                   snapshot_steps=[3])
+            for a, b in zip(jax.tree.leaves(train.unstack(got)[i].params),
+                            jax.tree.leaves(alone.params)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            for a, b in zip(jax.tree.leaves(train.unstack(snaps[3])[i]), jax.tree.leaves(snap[3])):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            p = train.unstack(got)[i].params  # pruned weights stay exactly zero
+            for a, b in zip(jax.tree.leaves(masks.apply(p, ms[i])), jax.tree.leaves(p)):
+                np.testing.assert_array_equal(a, b)
+        assert [e for e, _ in logged] == [0, 1, 2] and len(logged[0][1]) == 3
+        sizes = [f._cache_size() for f in tr._programs[True]]
+        if r == 0:
+            first = sizes  # one program per segment length (scan) or one step (python)
+    assert sizes == first
+    assert sizes[2 if loop == "python" else 1] == (1 if loop == "python" else 4)
+
+
 def _records(wd):
     rows = io.read_jsonl(os.path.join(wd, "rounds.jsonl"))
     return {(r["method"], r["seed"], r["round"]): r for r in rows}

@@ -139,7 +139,7 @@ def test_it_learns_and_compiles_once():
                            masks.ones_like(v["params"]), 0.3)
         state, _ = tr.train(train.create_state(v, mask, tx), x, y, jax.random.key(r), 48,
                             on_epoch=lambda e, m: losses.append(m["loss"]))
-    assert tr._step._cache_size() == 1
+    assert tr._programs[False][2]._cache_size() == 1  # the jitted step
     assert losses[5] < 0.7 * losses[0]
 
 
@@ -197,6 +197,7 @@ def test_inner_loop_vmaps_over_seeds():
                  chunked.params, single.params)
 
 
+@pytest.mark.slow  # ~60 s compiling DSA twice; the CutMix loop-form test covers the same path
 def test_python_driven_inner_loop_takes_the_scan_steps():
     # The Python-driven form (the fast one for conv nets on CPU) must train exactly as the
     # one-program scan: same minibatches, augmentations and updates, per seed.
@@ -240,7 +241,7 @@ def test_auto_loop_picks_scan_for_stride1_conv_nets_on_cpu():
                       (dict(name="resnet18", width=4), "python"),
                       (dict(name="lenet_300_100"), "scan")):
         model = create_model(ml_collections.ConfigDict(cfg), num_classes=10)
-        for _ in range(2):
-            v = init_variables(model, jax.random.key(0), (8, 8, 1))
+        for _ in range(2):  # shapes suffice: no init program is compiled
+            v = jax.eval_shape(lambda k: init_variables(model, k, (8, 8, 1)), jax.random.key(0))
             assert train.resolve_loop("auto", v["params"], model, (8, 8, 1)) == want, cfg
         assert train.resolve_loop("python", v["params"], model, (8, 8, 1)) == "python"
