@@ -70,7 +70,7 @@ def dense_runs(setup: prune_lib.Setup, workdir: str, seeds: list, rewind_steps) 
         wall, comp = (time.time() - t0) / len(todo), (compile_time.seconds() - c0) / len(todo)
         for s, (v, _, _), (trained, ev, snaps, tm) in zip(todo, starts, results):
             out[s] = _save(setup, workdir, s, v, trained, ev, tm, snaps, steps, wall_s=wall,
-                           compile_s=comp, vmapped_seeds=len(seeds))
+                           compile_s=comp)
     return [out[s] for s in seeds]
 
 
@@ -106,13 +106,13 @@ def restore(setup: prune_lib.Setup, workdir: str, seed: int, steps: list):
         ckpt.close()
 
 
-def _save(setup, workdir, seed, variables, trained, ev, tm, snaps, steps, *, wall_s, compile_s,
-          **extra) -> dict:
+def _save(setup, workdir, seed, variables, trained, ev, tm, snaps, steps, *, wall_s,
+          compile_s) -> dict:
     """Checkpoint a freshly trained dense run; returns it as :func:`dense_run` does."""
     record = prune_lib.make_record(
         methods.DENSE, seed, 0, masks_lib.ones_like(variables["params"]), ev,
         setup.num_steps * setup.trainer.batch_size, wall_s, train_accuracy=tm.get("accuracy"),
-        compile_s=compile_s, **extra)
+        compile_s=compile_s)
     ckpt = _checkpointer(workdir, seed)
     try:
         ckpt.save(0, {"trained": trained, "snapshots": {str(k): snaps[k] for k in steps}},

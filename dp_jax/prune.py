@@ -274,7 +274,7 @@ def begin_rounds(run: Run, dense: dict, on_round: Callable[[dict], None]):
 
 def finish_round(run: Run, rnd: int, mask: PyTree, trained: dict, ev: dict, tm: dict,
                  records: list, *, t_mask: float, train_s: float, compile_s: float,
-                 search_examples: int, uses_trained: bool, **extra) -> None:
+                 search_examples: int, uses_trained: bool) -> None:
     """Append round ``rnd``'s record to ``records`` and commit the round."""
     prev = records[-1]
     # Search time: computing this mask, plus the previous training when the mask
@@ -283,7 +283,7 @@ def finish_round(run: Run, rnd: int, mask: PyTree, trained: dict, ev: dict, tm: 
         prev.get("train_s", prev["wall_s"]) if uses_trained else 0.0)
     rec = make_record(run.spec, run.seed, rnd, mask, ev, prev["train_examples"] + search_examples,
                       t_mask + train_s, train_accuracy=tm.get("accuracy"), mask_s=t_mask,
-                      train_s=train_s, search_s=search_s, compile_s=compile_s, **extra)
+                      train_s=train_s, search_s=search_s, compile_s=compile_s)
     records.append(rec)
     run.commit(rnd, mask, {"mask": mask, "trained": trained}, records)
 

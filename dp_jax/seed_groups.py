@@ -2,7 +2,8 @@
 
 Round r of one method is trained for every seed at once (:meth:`dp_jax.train.Trainer.train_seeds`);
 masks are still searched seed by seed (each method's own plan), and every seed keeps its own
-keys, checkpoints and records, so the run directory is the one sequential seeds write. Run i
+keys, checkpoints and records, so the run directory is the one sequential seeds write (only
+summary.json's ``vmap_seeds`` says how it was computed). Run i
 of the group follows the trajectory it follows alone; the values agree to float tolerance (the
 batched kernels sum in another order).
 
@@ -116,6 +117,6 @@ def run_rounds_seeds(setup: prune_lib.Setup, runs: list, denses: list, plans: li
                 runs[i], rnd, at[i][0], trained, ev, tm, at[i][2], t_mask=t_mask[i],
                 train_s=share, compile_s=compile_share,
                 search_examples=plans[i].search_examples(rnd),
-                uses_trained=plans[i].uses_trained(rnd), vmapped_seeds=width)
+                uses_trained=plans[i].uses_trained(rnd))
             on_round(at[i][2][-1])
     return [a[2] for a in at]
