@@ -260,6 +260,8 @@ def usage() -> str:
 
 def main() -> None:
     """Console-script entry: dispatch ``sys.argv[1]`` to its subcommand."""
+    from dp_jax import hugepages
+    hugepages.reexec()  # before anything allocates (dp_jax/hugepages.py)
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())

@@ -73,6 +73,8 @@ def run():
     A leading subcommand is honoured too, so that the ``dp-jax`` script of an install made
     before dp_jax.cli existed (it calls this function) still dispatches.
     """
+    from dp_jax import hugepages
+    hugepages.reexec()  # before anything allocates (dp_jax/hugepages.py)
     if len(sys.argv) > 1 and sys.argv[1] == "run":
         sys.argv = sys.argv[:1] + sys.argv[2:]
     elif len(sys.argv) > 1 and sys.argv[1] in cli.COMMANDS:

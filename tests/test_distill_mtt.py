@@ -119,9 +119,13 @@ def test_masked_student_ignores_pruned_coordinates():
 
 def test_fast_convs_equal_lax_convs_to_second_order():
     with jax.enable_x64(True):
-        # 1 input channel: patch products; 6: canonical lax convolutions.
+        # 1 input channel: patch products; 6: canonical lax convolutions; WIDE_CHANNELS: a lax
+        # forward with patch-product adjoints.
+        wide = convs.WIDE_CHANNELS
+        assert not convs._patch_adjoints(6) and convs._patch_adjoints(wide)
         for cin, pad in ((1, ((3, 3), (3, 3))), (1, ((0, 2), (1, 0))), (6, ((1, 1), (1, 1))),
-                         (6, ((0, 2), (1, 0)))):
+                         (6, ((0, 2), (1, 0))), (wide, ((1, 1), (1, 1))),
+                         (wide, ((0, 2), (1, 0)))):
             x = jax.random.normal(jax.random.key(0), (2, 7, 6, cin), jnp.float64)
             w = jax.random.normal(jax.random.key(1), (3, 3, cin, 4), jnp.float64)
             def f(conv):

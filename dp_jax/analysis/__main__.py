@@ -74,4 +74,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from dp_jax import hugepages
+    hugepages.reexec()  # before anything allocates (dp_jax/hugepages.py)
     app.run(main)

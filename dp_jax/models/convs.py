@@ -14,7 +14,8 @@ differentiation and each lowered to a canonical NHWC/HWIO convolution:
 
 ``wgrad`` runs as a convolution with the input channels as batch and the examples as
 features (the standard weight-gradient formulation, which XLA:CPU executes well). Layers with at
-most ``SMALL_CHANNELS`` input channels use patch matrix products instead. Values equal
+most ``SMALL_CHANNELS`` input channels use patch matrix products instead, and so do the two
+adjoints of layers with at least ``WIDE_CHANNELS``. Values equal
 ``lax.conv_general_dilated``'s up to float rounding; only the lowering changes.
 
 ``fast_convs()`` routes every eligible ``flax.linen.Conv`` (stride 1, no dilation, one group,
@@ -38,6 +39,14 @@ _DN = ("NHWC", "HWIO", "NHWC")
 # net) run as patch matrix products: XLA:CPU's convolution paths are slow for them (measured
 # 1-3 GFLOP/s for the 1-channel layer of ConvNet-32 and its transposes).
 SMALL_CHANNELS = 4
+# The adjoints (input and kernel gradients) of layers with at least this many input channels
+# run as patch matrix products too: for ConvNet-3 width 64 and 128 a training step is 1.3x and
+# 1.8x faster so; at width 32 XLA's convolutions are faster (docs/performance.md).
+WIDE_CHANNELS = 64
+
+
+def _patch_adjoints(ci: int) -> bool:
+    return ci <= SMALL_CHANNELS or ci >= WIDE_CHANNELS
 
 
 def _lax_conv(x, w, pad):
@@ -73,7 +82,7 @@ def _conv_t(dy, w, pad):
     # Adjoint in x: correlate dy with the spatially flipped kernel, in/out channels swapped.
     kh, kw, ci, co = w.shape
     tpad = _transpose_pad(pad, kh, kw)
-    if ci <= SMALL_CHANNELS:
+    if _patch_adjoints(ci):
         # Few output channels: one matrix product for every kernel tap, then shifted sums.
         b, h, wd, _ = dy.shape
         z = (dy.reshape(-1, co) @ w.reshape(kh * kw * ci, co).T).reshape(b, h, wd, kh * kw * ci)
@@ -94,7 +103,7 @@ def _wgrad(x, dy, pad):
     ci = x.shape[-1]
     kh = x.shape[1] + pad[0][0] + pad[0][1] - dy.shape[1] + 1
     kw = x.shape[2] + pad[1][0] + pad[1][1] - dy.shape[2] + 1
-    if ci <= SMALL_CHANNELS:
+    if _patch_adjoints(ci):
         p = _patches(x, kh, kw, pad).reshape(-1, kh * kw * ci)
         return (p.T @ dy.reshape(-1, dy.shape[-1])).reshape(kh, kw, ci, dy.shape[-1])
     xt = jnp.transpose(x, (3, 1, 2, 0))     # (Cin, H, W, B): Cin as batch, B as feature
