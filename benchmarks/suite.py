@@ -20,6 +20,10 @@ memory are its own; a part that fails is reported as failed and the suite goes o
   hvp       hvp_rate.py: Hessian-vector products per second (one and eight at a time).
   alpha     instability_alpha_sweep.py: the linear-interpolation sweep, vmapped vs a loop.
 
+Every part runs under glibc's transparent huge pages for malloc (``--malloc=hugetlb``, the
+default: how dp_jax's commands run, dp_jax/hugepages.py; PyTorch gets the same), or stock
+(``--malloc=stock``).
+
 Sizes scale with the backend: on CPU one thread per framework (both pinned to one core), few
 steps with ``--quick`` (designed for <= 15 minutes on a 2-core CPU); on GPU/TPU larger batches
 and step counts (designed for <= 8 minutes with ``--quick``). Each figure carries its thread
@@ -46,7 +50,7 @@ def part_commands(backend: str, quick: bool, torch: bool) -> dict[str, list[str]
     threads = "1" if cpu else "2"
     no_torch = [] if torch else ["--no-torch"]
     if cpu and quick:  # both loop forms (the scan is LeNet's fast one), capped per runner
-        train = ["--loops", "scan,python", "--repeats", "3", "--budget-s", "10"]
+        train = ["--loops", "scan,python", "--repeats", "3", "--budget-s", "6"]
     elif cpu:
         train = ["--loops", "scan,python", "--repeats", "5", "--budget-s", "60"]
     else:
@@ -58,17 +62,21 @@ def part_commands(backend: str, quick: bool, torch: bool) -> dict[str, list[str]
         "resnet": ["resnet_throughput.py", "--width", "32", "--devices", "1",
                    "--threads", threads, "--batch", "32" if cpu else "256",
                    "--steps", ("2" if quick else "5") if cpu else "20"],
+        # CPU --quick: the figures of the last full runs at a fraction of the steps (the vmapped
+        # ConvNet seeds and DSA dominated a 27-minute quick suite).
         "dp_inner": ["dp_inner_loop.py", "--threads", threads,
-                     "--steps", ("50" if quick else "300") if cpu else "1000",
-                     "--repeats", "2" if quick else "3", "--seeds", "4"] + no_torch,
-        "seeds": ["seeds_vmap.py", "--threads", threads, "--seeds", "4",
-                  "--steps", ("20" if quick else "100") if cpu else "200",
-                  "--repeats", "2" if quick else "3"],
+                     "--steps", ("30" if quick else "300") if cpu else "1000",
+                     "--repeats", "1" if quick and cpu else "2" if quick else "3",
+                     "--seeds", "2" if quick and cpu else "4"] + no_torch,
+        "seeds": ["seeds_vmap.py", "--threads", threads, "--seeds", "2" if quick and cpu else "4",
+                  "--steps", ("8" if quick else "100") if cpu else "200",
+                  "--repeats", "1" if quick and cpu else "2" if quick else "3"],
         "mtt": ["mtt_memory.py", "--widths", "32" if quick else "32,128",
                 "--steps", "20,40" if quick else "20,30,40", "--threads", threads,
                 "--modes", "unroll,remat" if quick else "unroll,remat,constant",
                 "--iters", "1" if quick else "2", "--torch", "yes" if torch else "no"],
-        "hvp": ["hvp_rate.py", "--threads", threads, "--repeats", "2" if quick else "5"],
+        "hvp": ["hvp_rate.py", "--threads", threads, "--repeats", "2" if quick else "5"]
+        + (["--examples", "250"] if quick and cpu else []),
         "alpha": ["instability_alpha_sweep.py", "--repeats", "2" if quick else "5",
                   "--batch_sizes", "2000" if quick else "10000,2000,250"],
     }
@@ -126,6 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--json-out", default="")
     p.add_argument("--md-out", default="")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="per part")
+    p.add_argument("--malloc", default="hugetlb", choices=("hugetlb", "stock"),
+                   help="hugetlb: every part (both frameworks) under GLIBC_TUNABLES="
+                        "glibc.malloc.hugetlb=1, as dp_jax's commands run (dp_jax/hugepages.py)")
     args = p.parse_args(argv)
     parts = [s for s in args.parts.split(",") if s]
     unknown = sorted(set(parts) - set(PARTS))
@@ -135,10 +146,13 @@ def main(argv=None) -> int:
     backend = detect_backend()
     cmds = part_commands(backend, args.quick, torch)
     env = dict(os.environ)
+    if args.malloc == "hugetlb" and "glibc.malloc.hugetlb" not in env.get("GLIBC_TUNABLES", ""):
+        env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""),
+                                                     "glibc.malloc.hugetlb=1") if t)
     if backend != "cpu":
         env.setdefault("JAX_PLATFORMS", backend)
     t0 = time.perf_counter()
-    res = {"benchmark": "suite", "backend": backend, "quick": args.quick,
+    res = {"benchmark": "suite", "backend": backend, "quick": args.quick, "malloc": args.malloc,
            "torch": torch or "not installed / --no-torch: PyTorch figures skipped", "parts": {}}
     for name in parts:
         res["parts"][name] = run_part(name, cmds[name], env, args.timeout_s)

@@ -121,7 +121,8 @@ def markdown(res: dict) -> str:
     """The suite's markdown table (figures missing from a failed part are absent)."""
     peak = res.get("peak_gflops")
     pk = _result(res, "peak")
-    lines = [f"Backend `{res['backend']}`{' (quick)' if res.get('quick') else ''}, suite wall "
+    lines = [f"Backend `{res['backend']}`{' (quick)' if res.get('quick') else ''}, malloc "
+             f"{res.get('malloc', 'stock')}, suite wall "
              f"{res['wall_s'] / 60:.1f} min. Matmul peak measured in this run: jax f32 "
              f"{_f(peak)} GFLOP/s"]
     host = pk.get("host_blas", {})

@@ -135,8 +135,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.data_parallel = False  # shard batches over all devices ('data' mesh axis)
-    # seeds > 1: train the seeds as one vmapped program. auto = on for accelerators and for
-    # MLPs on CPU, off for conv nets on CPU (slower there, docs/performance.md).
+    # seeds > 1: train the seeds as one vmapped program. auto = on for accelerators, off on CPU
+    # (no faster for MLPs, 4x slower for conv nets there: docs/performance.md).
     c.parallel.vmap_seeds = "auto"  # auto | on | off
     # One process per host, joined by jax.distributed (dp_jax/distributed.py documents the
     # coordinator settings; Cloud TPU, SLURM and Open MPI need none).

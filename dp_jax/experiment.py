@@ -192,8 +192,7 @@ def _run_all(config, workdir, dataset, specs, t_start, sink) -> dict:
                 cfg, label, seed, small_set=label in small))
     on_round = lambda r: (progress.update(r), _merge_rounds(workdir))  # noqa: E731
     rewind = [s.rewind_step for s in specs]
-    params = jax.eval_shape(setup.init_fn, jax.random.key(0))["params"]
-    vmapped = seed_groups.enabled(config.parallel.get("vmap_seeds", "auto"), len(seeds), params,
+    vmapped = seed_groups.enabled(config.parallel.get("vmap_seeds", "auto"), len(seeds),
                                   stream=setup.stream is not None,
                                   data_parallel=bool(config.parallel.data_parallel))
 
