@@ -2,8 +2,9 @@
 
 ``run(config, workdir)`` is what ``main.py`` (and the notebook) call. It validates
 the config, trains each seed's dense network once (shared by every method of
-that seed: round 0, IMP's first training and its rewind points), runs each
-method's rounds, and writes the run-directory contract (README "Run directory"; every
+that seed: round 0, IMP's first training and its rewind points; dp_jax.dense), runs each
+method's rounds (seed after seed, or all seeds as one program with
+``parallel.vmap_seeds``: dp_jax.seed_groups), and writes the run-directory contract (README "Run directory"; every
 path is owned by dp_jax.workdir):
 config.json, metrics.jsonl, rounds.jsonl, runs/<label>-seed<s>/{masks,checkpoints},
 summary.json, report.md and plots/.
@@ -202,20 +203,26 @@ def _run_all(config, workdir, dataset, specs, t_start, sink) -> dict:
         phases[name] = phases.get(name, 0.0) + time.time() - t0
         return out
 
-    if vmapped:
+    if vmapped:  # each method's rounds for all seeds at once (dp_jax/seed_groups.py)
         denses = timed("dense_s", dense_lib.dense_runs, setup, workdir, seeds, rewind)
+        for seed, dense in zip(seeds, denses):
+            logging.info("seed %d dense test accuracy %.4f", seed,
+                         dense["record"]["test_accuracy"])
         for spec in specs:
             timed(f"{spec.label}_s", run_method_seeds, setup, workdir, spec, seeds, denses,
                   on_round, config=config, distilled=distilled)
             distributed.sync(f"dp_jax-{spec.label}")
-    for seed in [] if vmapped else seeds:
-        dense = timed("dense_s", dense_lib.dense_run, setup, workdir, seed, rewind)
-        logging.info("seed %d dense test accuracy %.4f", seed, dense["record"]["test_accuracy"])
-        for spec in specs:
-            timed(f"{spec.label}_s", run_method, setup, workdir, spec, seed, dense,
-                  on_round=on_round, config=config, distilled=distilled)
-            # Process 0 wrote this run's files; other hosts read them (reinit, summary) after it.
-            distributed.sync(f"dp_jax-{spec.label}-seed{seed}")
+    else:
+        for seed in seeds:
+            dense = timed("dense_s", dense_lib.dense_run, setup, workdir, seed, rewind)
+            logging.info("seed %d dense test accuracy %.4f", seed,
+                         dense["record"]["test_accuracy"])
+            for spec in specs:
+                timed(f"{spec.label}_s", run_method, setup, workdir, spec, seed, dense,
+                      on_round=on_round, config=config, distilled=distilled)
+                # Process 0 wrote this run's files; other hosts read them (reinit, summary)
+                # after it.
+                distributed.sync(f"dp_jax-{spec.label}-seed{seed}")
     progress.close()
     summary = summarize(workdir, phases, time.time() - t_start, data_source(dataset),
                         vmap_seeds=vmapped)
