@@ -16,7 +16,8 @@ memory are its own; a part that fails is reported as failed and the suite goes o
   seeds     seeds_vmap.py: S seeds' real-data training as one vmapped program vs sequential
             (what parallel.vmap_seeds=auto is set from).
   mtt       mtt_memory.py: one MTT iteration of ConvNet-3 width 32 at N = 20 and 40: time and
-            peak memory per memory mode, PyTorch's create_graph unroll beside it.
+            peak memory per memory mode, PyTorch's create_graph unroll beside it (10 images
+            per class; 5 with --quick on CPU).
   hvp       hvp_rate.py: Hessian-vector products per second (one and eight at a time).
   alpha     instability_alpha_sweep.py: the linear-interpolation sweep, vmapped vs a loop.
 
@@ -74,7 +75,8 @@ def part_commands(backend: str, quick: bool, torch: bool) -> dict[str, list[str]
         "mtt": ["mtt_memory.py", "--widths", "32" if quick else "32,128",
                 "--steps", "20,40" if quick else "20,30,40", "--threads", threads,
                 "--modes", "unroll,remat" if quick else "unroll,remat,constant",
-                "--iters", "1" if quick else "2", "--torch", "yes" if torch else "no"],
+                "--iters", "1" if quick else "2", "--torch", "yes" if torch else "no"]
+        + (["--ipc", "5"] if quick and cpu else []),  # 50 images: half the iteration time
         "hvp": ["hvp_rate.py", "--threads", threads, "--repeats", "2" if quick else "5"]
         + (["--examples", "250"] if quick and cpu else []),
         "alpha": ["instability_alpha_sweep.py", "--repeats", "2" if quick else "5",
