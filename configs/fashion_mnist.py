@@ -172,8 +172,8 @@ def _apply_variant(c: ml_collections.ConfigDict, variant: str) -> None:
             c.train.epochs = 10
             c.prune.rounds = 7
             c.prune.fraction = 0.36
-            c.prune.method = ("imp,imp:k=200,dp,dp_imp,subset:n=100,snip,grasp,synflow,"
-                              "random")
+            c.prune.method = ("imp,imp:k=200,dp,dp_imp,subset:n=100,snip:oneshot,grasp:oneshot,"
+                              "synflow,random")
         elif name == "conv":
             c.model.name = "convnet"
             c.model.width = 32
