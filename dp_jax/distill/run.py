@@ -63,7 +63,14 @@ def _buffer_dir(config, workdir: str) -> str:
     return config.distill.buffer_dir or workdir_lib.experts_dir(workdir)
 
 
-NO_EXPERTS = {"examples": 0, "wall_s": 0.0, "cpu_s": 0.0}  # gm and dm train none
+def _no_experts() -> dict:
+    """The expert cost of gm and dm, which train none (a fresh dict: callers may add to it)."""
+    return {"examples": 0, "wall_s": 0.0, "cpu_s": 0.0}
+
+
+# The evaluation key of each random-subset control, by name: the keys are fixed per purpose
+# (0 = the distilled set, 2 = the full-data baseline), so adding a control changes no other.
+_RANDOM_EVAL_KEYS = {"random": 1, "random_stored": 3}
 
 
 def build_method(config, dataset, workdir: str, *, mask=None, log=lambda **kw: None):
@@ -71,9 +78,9 @@ def build_method(config, dataset, workdir: str, *, mask=None, log=lambda **kw: N
     first, gm and dm need none (cost 0)."""
     d = config.distill
     if d.method == "gm":
-        return gm_lib.build_method(config, dataset, mask=mask), NO_EXPERTS
+        return gm_lib.build_method(config, dataset, mask=mask), _no_experts()
     if d.method == "dm":
-        return dm_lib.build_method(config, dataset, mask=mask), NO_EXPERTS
+        return dm_lib.build_method(config, dataset, mask=mask), _no_experts()
     buf_dir = _buffer_dir(config, workdir)
     buf = experts_lib.train_experts(config, dataset, buf_dir, log=log)
     traj = experts_lib.load_trajectories(config, dataset, buf_dir)
@@ -205,10 +212,10 @@ def _distill_and_evaluate(config, workdir: str, dataset, t_start: float, sink) -
         sizes = {"random": len(ds)}
         if ds.stored_images is not None and len(ds.stored_images) != len(ds):
             sizes["random_stored"] = len(ds.stored_images)
-        for i, (name, size) in enumerate(sizes.items()):
+        for name, size in sizes.items():
             xr, yr = eval_lib.random_subset(dataset, size, seed=config.seed)
             results[name] = evaluator.run(xr, yr, float(d.lr_init),
-                                          jax.random.fold_in(key, 1 if i == 0 else 3),
+                                          jax.random.fold_in(key, _RANDOM_EVAL_KEYS[name]),
                                           num_models=int(d.eval_models))
             results[name]["lr"] = float(d.lr_init)
             log(phase="final_eval", set=name, **results[name])
