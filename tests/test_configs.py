@@ -171,14 +171,30 @@ def test_stability_config_validates(variant):
         load_config_module("stability_fashion_mnist").get_config("bogus")
 
 
-@pytest.mark.parametrize("variant", ["", "lr02", "resnet", "wide", "smoke"])
-def test_rewind_config_validates(variant):
+_STUDY = {"imp_k0", "imp_k100", "dp", "dp_imp_k0", "subset_n100", "snip_oneshot",
+          "grasp_oneshot", "synflow", "random"}
+
+
+@pytest.mark.parametrize("variant,labels,epochs", [
+    ("", {"imp_k0", "imp_k39"}, 15), ("lr02", {"imp_k0", "imp_k39"}, 15),
+    ("resnet", {"imp_k0", "imp_k39"}, 15), ("wide", {"imp_k0", "imp_k39"}, 15),
+    ("full", {"imp_k0", "imp_k100"}, 5), ("full,study", _STUDY, 5),
+    ("smoke", {"imp_k0", "imp_k5"}, 2)])
+def test_rewind_config_validates(variant, labels, epochs):
     c = load_config_module("rewind_fashion_mnist").get_config(variant)
-    labels = {s.label for s in validate.validate_static(c)}
-    assert labels == ({"imp_k0", "imp_k5"} if variant == "smoke" else {"imp_k0", "imp_k39"})
-    assert c.train.epochs == (2 if variant == "smoke" else 15)
+    assert {s.label for s in validate.validate_static(c)} == labels
+    assert c.train.epochs == epochs
+    assert c.data.train_size == (0 if "full" in variant else 500 if variant == "smoke" else 5000)
     with pytest.raises(ValueError, match="allowed: lr02"):
         load_config_module("rewind_fashion_mnist").get_config("bogus")
+
+
+def test_converged_lenet_variant_is_the_study_contrast():
+    """fashion_mnist:converged: 10-epoch trainings, 7 rounds of 36 % to the default's 95.6 %."""
+    c = load_config_module("fashion_mnist").get_config("converged")
+    assert {s.label for s in validate.validate_static(c)} == (_STUDY - {"imp_k100"}) | {"imp_k200"}
+    assert c.train.epochs == 10
+    assert abs(1 - (1 - c.prune.fraction) ** c.prune.rounds - 0.956) < 1e-3
 
 
 def test_rewind_smoke_runs_both_rewind_points(tmp_path):
