@@ -12,8 +12,8 @@ Variants (``--config=configs/fashion_mnist.py:VARIANT``):
   conv    a small ConvNet (width 32) on a 10k-example subset.
   converged
           the claims study's contrast setting (docs/claims.md): every training 10 epochs (dense
-          89.8 % against 90.1 % at 20 epochs and 89.0 % at 3), 7 rounds of 36 % (95.6 %), and
-          every method of the study, one seed per workdir (~35 min per seed on one core;
+          89.6 % over 3 seeds; one 20-epoch run 90.1 %), 7 rounds of 36 % (95.6 %), and every
+          method of the study, one seed per workdir (~25 min per seed on one core;
           merge the seeds with ``python -m dp_jax.report W0 W1 W2 --out=W``):
 
             python -m dp_jax.main --config=configs/fashion_mnist.py:converged \
