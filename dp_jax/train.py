@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dp_jax import masks as masks_lib
 from dp_jax import precision
 from dp_jax.models.convs import fast_convs, only_fast_convs
+from dp_jax.train_outputs import check_finite, snapshot
 from dp_jax.train_stream import StreamTraining
 
 PyTree = Any
@@ -287,7 +288,7 @@ class Trainer(StreamTraining):
         snaps = {}
         wanted = sorted({int(s) for s in snapshot_steps if t <= int(s) <= num_steps})
         if t in wanted:
-            snaps[t] = _snapshot(state)
+            snaps[t] = snapshot(state)
         epoch_metrics = []
         while t < num_steps:
             epoch = t // S
@@ -305,7 +306,7 @@ class Trainer(StreamTraining):
                     epoch_metrics.append(jax.tree.map(lambda v: v[..., None], m))
             t = stop
             if t in wanted:
-                snaps[t] = _snapshot(state)
+                snaps[t] = snapshot(state)
             if t % S == 0 or t == num_steps:
                 if on_epoch is not None and epoch_metrics:
                     stacked = jax.tree.map(lambda *v: jnp.concatenate(v, -1), *epoch_metrics)
@@ -361,11 +362,6 @@ def unstack(tree: PyTree) -> list:
     return [jax.tree.map(lambda v, i=i: v[i], tree) for i in range(n)]
 
 
-def _snapshot(state: TrainState) -> dict:
-    # Copies, because the next step donates (and so invalidates) the state's buffers.
-    return jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
-
-
 def _eval_batch(params, batch_stats, mask, x, y, w, *, model):
     logits = model.apply(_variables(masks_lib.apply(params, mask), batch_stats), x, train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
@@ -391,22 +387,6 @@ def resolve_loop(loop: str, params: PyTree, model=None, image_shape=None) -> str
     if model is not None and image_shape is not None and only_fast_convs(model, image_shape):
         return "scan"
     return "python"
-
-
-class TrainingDivergedError(RuntimeError):
-    """Raised when the loss becomes NaN/inf; names the step range."""
-
-
-def check_finite(metrics: dict, first_step: int, last_step: int) -> dict:
-    """Mean of per-step metrics; raises TrainingDivergedError on NaN/inf loss."""
-    host = jax.device_get(metrics)
-    loss = np.asarray(host["loss"])
-    if not np.all(np.isfinite(loss)):
-        bad = first_step + int(np.flatnonzero(~np.isfinite(loss))[0])
-        raise TrainingDivergedError(
-            f"loss is not finite at step {bad} (steps {first_step}-{last_step}); "
-            "lower train.lr or check the data")
-    return {k: float(np.mean(v)) for k, v in host.items()}
 
 
 def total_steps(epochs: int, num_train: int, batch_size: int) -> int:

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dp_jax.train_outputs import check_finite, snapshot
+
 PyTree = Any
 
 
@@ -34,12 +36,11 @@ class StreamTraining:
         ``key`` only seeds the step's own randomness. Always a Python loop over one jitted
         step (the host feeds each step). Returns ``(state, snapshots)`` as :meth:`train`.
         """
-        from dp_jax import train as train_lib  # the module that defines Trainer on top of this
         S = self.steps_per_epoch
         t = int(state.step)
         state = self._replicate(state)
         wanted = sorted({int(s) for s in snapshot_steps if t <= int(s) <= num_steps})
-        snaps = {t: train_lib._snapshot(state)} if t in wanted else {}
+        snaps = {t: snapshot(state)} if t in wanted else {}
         epoch_metrics, first = [], t
         try:
             for batch in batches:
@@ -52,11 +53,11 @@ class StreamTraining:
                 epoch_metrics.append(jax.tree.map(lambda v: v[None], m))
                 t += 1
                 if t in wanted:
-                    snaps[t] = train_lib._snapshot(state)
+                    snaps[t] = snapshot(state)
                 if t % S == 0 or t == num_steps:
                     if on_epoch is not None and epoch_metrics:
                         stacked = jax.tree.map(lambda *v: jnp.concatenate(v), *epoch_metrics)
-                        on_epoch((t - 1) // S, train_lib.check_finite(stacked, first, t))
+                        on_epoch((t - 1) // S, check_finite(stacked, first, t))
                     epoch_metrics, first = [], t
         finally:
             if hasattr(batches, "close"):

@@ -26,7 +26,7 @@ from dp_jax.distill.config import distill_defaults
 from dp_jax.distill.run import distill_into
 from dp_jax.models import apply_features, create_model, init_variables
 from dp_jax.models.convs import fast_convs
-from dp_jax.train import TrainingDivergedError
+from dp_jax.train_outputs import TrainingDivergedError
 
 from conftest import ROOT, load_config_module
 

@@ -12,6 +12,7 @@ import pytest
 from dp_jax import masks
 from dp_jax import small_set
 from dp_jax import train
+from dp_jax.train_outputs import TrainingDivergedError
 from dp_jax.models import create_model, init_variables
 
 
@@ -163,7 +164,7 @@ def test_divergence_is_reported_with_steps():
     x = x.at[3].set(jnp.nan)
     v = init_variables(model, jax.random.key(0), (4, 4, 1))
     tr = train.Trainer(model, optax.sgd(0.1), batch_size=64, num_train=64)
-    with pytest.raises(train.TrainingDivergedError, match="step 0"):
+    with pytest.raises(TrainingDivergedError, match="step 0"):
         tr.train(train.create_state(v, masks.ones_like(v["params"]), optax.sgd(0.1)),
                  x, y, jax.random.key(0), 2, on_epoch=lambda e, m: None)
 

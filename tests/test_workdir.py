@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dp_jax import experiment, io, workdir
-from dp_jax.train import TrainingDivergedError
+from dp_jax.train_outputs import TrainingDivergedError
 
 from conftest import assert_rejected, make_distilled
 

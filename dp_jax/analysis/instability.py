@@ -33,6 +33,7 @@ from dp_jax import masks as masks_lib
 from dp_jax import rng
 from dp_jax import train as train_lib
 from dp_jax.analysis import family
+from dp_jax.train_outputs import TrainingDivergedError
 
 PyTree = Any
 
@@ -144,7 +145,7 @@ class CopyTrainer:
                 acc = np.stack([h[1] for h in host])
             if not np.all(np.isfinite(loss)):
                 bad = t + int(np.flatnonzero(~np.all(np.isfinite(loss), axis=1))[0])
-                raise train_lib.TrainingDivergedError(
+                raise TrainingDivergedError(
                     f"a copy's loss is not finite at step {bad} (steps {t}-{stop}); "
                     "lower train.lr or check the data")
             last = {"loss": loss.mean(0).tolist(), "accuracy": acc.mean(0).tolist()}

@@ -33,7 +33,7 @@ from dp_jax import workdir as workdir_lib
 from dp_jax.distill import mtt, synthetic
 from dp_jax.distill.common import Method
 from dp_jax.distill.experts import Trajectories, distill_key
-from dp_jax.train import TrainingDivergedError
+from dp_jax.train_outputs import TrainingDivergedError
 
 PyTree = Any
 DISTILL_PHASES = ("distill", "distill_eval")

@@ -17,7 +17,7 @@ from dp_jax import prune as prune_lib
 from dp_jax import rng
 from dp_jax import small_set
 from dp_jax.methods import base
-from dp_jax.train import TrainingDivergedError
+from dp_jax.train_outputs import TrainingDivergedError
 
 
 def small_set_next_mask(setup, inner, variables: dict, x, y, key, num_inner_seeds: int):
