@@ -1,7 +1,8 @@
 """Merging the results of several workdirs (e.g. a sweep's seeds) into one report.
 
-Merged workdirs must share every result-deciding setting except the seed; a (method, seed)
-run found in several must hold the same records, and is counted once.
+Merged workdirs must share every result-deciding setting except the seed (the ``dp`` and
+``distill`` sections only where runs read them); a (method, seed) run found in several must
+hold the same records, and is counted once.
 """
 
 from __future__ import annotations
@@ -30,8 +31,28 @@ def method_costs(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _reads_small_set(workdir: str) -> bool:
+    """Whether any run of ``workdir`` read the ``dp``/``distill`` sections (per its
+    runs/<run>/identity.json; a run without one counts as reading them)."""
+    for label, seed in workdir_lib.list_runs(workdir):
+        path = os.path.join(workdir_lib.run_dir(workdir, label, seed), "identity.json")
+        if not os.path.exists(path) or any(k.startswith(workdir_lib.SMALL_SET)
+                                           for k in io.read_json(path)):
+            return True
+    return False
+
+
+def _field_diff(a: dict, b: dict) -> list[str]:
+    return [f"{k} ({a.get(k, '<unset>')!r} vs {b.get(k, '<unset>')!r})"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
 def _check_settings(configs: dict[str, dict]) -> None:
-    """Refuse workdirs whose result-deciding settings differ (seeds aside), naming the fields."""
+    """Refuse workdirs whose result-deciding settings differ (seeds aside), naming the fields.
+
+    The ``dp``/``distill`` sections are compared only among workdirs whose runs read them: a
+    workdir of IMP and random runs merges with a DP workdir whatever its distillation settings.
+    """
     if len(configs) < 2:
         return
     if not all(configs.values()):
@@ -39,13 +60,16 @@ def _check_settings(configs: dict[str, dict]) -> None:
                          + " has no config.json to compare")
     ident = {d: {k: v for k, v in workdir_lib.identity_fields(c).items() if k != "seed"}
              for d, c in configs.items()}
-    (d0, a), *rest = ident.items()
-    for d, b in rest:
-        diff = [f"{k} ({a.get(k, '<unset>')!r} vs {b.get(k, '<unset>')!r})"
-                for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
-        if diff:
-            raise ValueError(f"cannot merge {d0} and {d}: their settings differ in "
-                             f"{', '.join(diff)}; only seeds may differ")
+    split = {d: ({k: v for k, v in f.items() if not k.startswith(workdir_lib.SMALL_SET)},
+                 {k: v for k, v in f.items() if k.startswith(workdir_lib.SMALL_SET)})
+             for d, f in ident.items()}
+    small = [d for d in configs if _reads_small_set(d)]
+    for part, dirs in ((0, list(configs)), (1, small)):
+        for d in dirs[1:]:
+            diff = _field_diff(split[dirs[0]][part], split[d][part])
+            if diff:
+                raise ValueError(f"cannot merge {dirs[0]} and {d}: their settings differ in "
+                                 f"{', '.join(diff)}; only seeds may differ")
 
 
 def gather(workdirs: Sequence[str]) -> dict:

@@ -275,6 +275,22 @@ def test_merge_refuses_differing_settings_and_records(wd, tmp_path, capsys):
         assert err.startswith("error: ") and all(n in err for n in needles), err
 
 
+def test_merge_compares_distillation_settings_only_where_runs_read_them(wd, tmp_path):
+    a, b = _split(wd, 0, str(tmp_path / "a")), _split(wd, 1, str(tmp_path / "b"))
+    cfg = io.read_json(workdir_lib.config_path(b))
+    cfg["distill"]["iterations"] += 1  # none of wd's runs (IMP, random) reads distill.*
+    io.write_json(workdir_lib.config_path(b), cfg)
+    assert "(n=2)" in report.write_report(str(tmp_path / "m"), sources=[a, b])
+    # Once a run of each workdir has read the section, the difference decides its results.
+    for d, its_cfg in ((a, io.read_json(workdir_lib.config_path(a))), (b, cfg)):
+        label, seed = workdir_lib.list_runs(d)[0]
+        path = os.path.join(workdir_lib.run_dir(d, label, seed), "identity.json")
+        io.write_json(path, dict(io.read_json(path),
+                                 **{"distill.iterations": its_cfg["distill"]["iterations"]}))
+    with pytest.raises(ValueError, match=r"settings differ in distill\.iterations"):
+        report.write_report(str(tmp_path / "m2"), sources=[a, b])
+
+
 def test_tables_use_the_sample_std_with_n(wd):
     rows = [dict(method="imp_k0", round=0, seed=s, sparsity=0.0, test_accuracy=acc,
                  train_examples=0, wall_s=1.0) for s, acc in enumerate([0.90, 0.94])]
