@@ -24,14 +24,17 @@ Variants (``:VARIANT[,VARIANT]``; the probes of docs/claims.md, in the order the
   full     the whole 60,000-image training set (not the 5,000 subset) for 5 epochs (2,345 steps),
            6 rounds (93.1 %), IMP rewound to k = 100 (4 % of training): on the subset sparsity
            itself helps (IMP at init gains accuracy as it prunes). The setting found: IMP at
-           k = 0 falls behind k = 100 from 89.3 % on (docs/claims.md). ~3.3 min per training on
-           one core, ~45 min per seed.
+           k = 0 falls behind k = 100 from 89.3 % on (docs/claims.md). 70-100 s per training
+           on one core (2.8-3.5 min on a slower machine), 7-10 min per seed and method.
   study    with ``full``: every method of the claims study (DP on a set distilled from experts
            trained on a 5,000-image subset; DP then IMP; the random-subset control; SNIP, GraSP,
-           SynFlow, random); ~3.5 hours per seed on one core:
+           SynFlow, random); ~80 min per seed on one core. Seeds can run one workdir each (in
+           parallel, one per core) with method subsets, merged by ``dp_jax.report``:
 
              python -m dp_jax.main --config=configs/rewind_fashion_mnist.py:full,study \
-                 --workdir=runs/rewind_study --config.seeds=3
+                 --workdir=runs/rewind_study_s0 --config.seed=0   # and seeds 1, 2
+             python -m dp_jax.report runs/rewind_study_s0 runs/rewind_study_s1 \
+                 runs/rewind_study_s2 --out=runs/rewind_study
   smoke    tiny sizes of the same code path, for tests (500 images, 2 epochs, 2 rounds).
 """
 
