@@ -236,9 +236,10 @@ def cost_section(summary: dict, agg: dict[str, list[dict]]) -> list[str]:
             parts.append(f"| {pretty(m)} / DP | {ex:,.1f}x | {i_wall / d_wall:,.1f}x |")
             parts.append(f"| {pretty(m)} / (DP + distillation + experts) | {ex_all:,.2f}x | "
                          f"{i_wall / max(d_wall + distill_wall, 1e-9):,.2f}x |")
-        parts += ["", f"Distillation: {phases.get('distill_examples', 0):,} examples, "
+        parts += ["", f"Distillation: {round(phases.get('distill_examples', 0)):,} examples, "
                   f"{phases.get('distill_wall_s', 0):.0f} s; experts: "
-                  f"{phases.get('expert_examples', 0):,} examples, {phases.get('expert_wall_s', 0):.0f} s."]
+                  f"{round(phases.get('expert_examples', 0)):,} examples, "
+                  f"{phases.get('expert_wall_s', 0):.0f} s."]
     parts += ["", f"Total wall time: {summary.get('wall_s', 0):.0f} s on "
               f"{summary.get('backend', '?')}.", ""]
     return parts

@@ -99,10 +99,11 @@ def gather(workdirs: Sequence[str]) -> dict:
             if origin[(r["method"], r["seed"])] == d]
     summary = {}
     if all(s.get("methods") for s in summaries):
-        # Phases are per workdir (one distillation each): their mean is the cost of one.
+        # Phases are per workdir (one distillation each): their mean over the workdirs that
+        # ran the phase is the cost of one (a workdir without DP distils nothing).
         phases = [s.get("phases_s", {}) for s in summaries]
         summary = {"methods": method_costs(rows), "backend": summaries[0].get("backend", "?"),
-                   "phases_s": {k: float(np.mean([p.get(k, 0) for p in phases]))
+                   "phases_s": {k: float(np.mean([p[k] for p in phases if k in p]))
                                 for k in sorted({k for p in phases for k in p})},
                    "wall_s": float(sum(s.get("wall_s", 0) for s in summaries))}
     seeds = {d: sorted({s for (_, s), o in origin.items() if o == d}) for d in workdirs}

@@ -291,6 +291,17 @@ def test_merge_compares_distillation_settings_only_where_runs_read_them(wd, tmp_
         report.write_report(str(tmp_path / "m2"), sources=[a, b])
 
 
+def test_merged_phase_costs_average_only_the_workdirs_that_ran_them(wd, tmp_path):
+    from dp_jax import report_merge
+    a, b = _split(wd, 0, str(tmp_path / "a")), _split(wd, 1, str(tmp_path / "b"))
+    for d, phases in ((a, {"dense_s": 10.0, "distill_examples": 120000, "distill_wall_s": 90.0}),
+                      (b, {"dense_s": 20.0})):  # b ran no method that distils
+        io.write_json(workdir_lib.summary_path(d),
+                      dict(io.read_json(workdir_lib.summary_path(d)), phases_s=phases))
+    merged = report_merge.gather([a, b])["summary"]["phases_s"]
+    assert merged == {"dense_s": 15.0, "distill_examples": 120000.0, "distill_wall_s": 90.0}
+
+
 def test_tables_use_the_sample_std_with_n(wd):
     rows = [dict(method="imp_k0", round=0, seed=s, sparsity=0.0, test_accuracy=acc,
                  train_examples=0, wall_s=1.0) for s, acc in enumerate([0.90, 0.94])]
