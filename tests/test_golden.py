@@ -1,8 +1,10 @@
-"""Regression: the smoke experiment's records (minus timings) and every mask equal, bit for bit,
-the digest committed in tests/fixtures/golden_smoke.json (made by tests/scripts/golden_smoke.py
-before the method registry replaced the per-method code paths)."""
+"""Regression: every mask of the smoke experiment equals, bit for bit, the digest committed in
+tests/fixtures/golden_smoke.json (made by tests/scripts/golden_smoke.py before the method
+registry replaced the per-method code paths), and so do its records (minus timings) — except
+the float32 losses, which another CPU's kernels may sum in another order (seen: 3e-7 relative)."""
 
 import json
+import math
 import os
 import sys
 
@@ -19,4 +21,11 @@ def test_smoke_outputs_are_bit_identical_to_fixture(tmp_path):
     assert sorted(got["masks"]) == sorted(want["masks"])
     for name in want["masks"]:
         assert got["masks"][name] == want["masks"][name], name
-    assert got["records"] == want["records"]
+    assert len(got["records"]) == len(want["records"])
+    for g, w in zip(got["records"], want["records"]):
+        assert sorted(g) == sorted(w)
+        for key, value in w.items():
+            if key.endswith("_loss"):
+                assert math.isclose(g[key], value, rel_tol=1e-5), (w["method"], w["round"], key)
+            else:  # masks, counts, sparsities and accuracies: exact
+                assert g[key] == value, (w["method"], w["round"], key)
