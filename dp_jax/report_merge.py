@@ -35,7 +35,7 @@ def _reads_small_set(workdir: str) -> bool:
     """Whether any run of ``workdir`` read the ``dp``/``distill`` sections (per its
     runs/<run>/identity.json; a run without one counts as reading them)."""
     for label, seed in workdir_lib.list_runs(workdir):
-        path = os.path.join(workdir_lib.run_dir(workdir, label, seed), "identity.json")
+        path = workdir_lib.identity_path(workdir, label, seed)
         if not os.path.exists(path) or any(k.startswith(workdir_lib.SMALL_SET)
                                            for k in io.read_json(path)):
             return True

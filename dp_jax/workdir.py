@@ -251,11 +251,16 @@ def run_fields(config: dict, label: str, seed: int, *, small_set: bool) -> dict:
     return dict(fields, run=label, seed=int(seed))
 
 
+def identity_path(workdir: str, label: str, seed: int) -> str:
+    """The fields that made one (method, seed) run: ``runs/<run>/identity.json``."""
+    return os.path.join(run_dir(workdir, label, seed), "identity.json")
+
+
 def check_run_identity(workdir: str, label: str, seed: int, fields: dict) -> None:
     """Record a run's fields in ``runs/<run>/identity.json``, or refuse a run directory that
     an earlier identity file says was made by other settings."""
     from dp_jax import io
-    path = os.path.join(run_dir(workdir, label, seed), "identity.json")
+    path = identity_path(workdir, label, seed)
     if os.path.exists(path):
         old = io.read_json(path)
         diff = [f"{k}: {old.get(k)!r} -> {fields.get(k)!r}" for k in sorted(set(old) | set(fields))

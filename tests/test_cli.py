@@ -284,7 +284,7 @@ def test_merge_compares_distillation_settings_only_where_runs_read_them(wd, tmp_
     # Once a run of each workdir has read the section, the difference decides its results.
     for d, its_cfg in ((a, io.read_json(workdir_lib.config_path(a))), (b, cfg)):
         label, seed = workdir_lib.list_runs(d)[0]
-        path = os.path.join(workdir_lib.run_dir(d, label, seed), "identity.json")
+        path = workdir_lib.identity_path(d, label, seed)
         io.write_json(path, dict(io.read_json(path),
                                  **{"distill.iterations": its_cfg["distill"]["iterations"]}))
     with pytest.raises(ValueError, match=r"settings differ in distill\.iterations"):

@@ -236,7 +236,7 @@ def test_a_run_directory_from_other_settings_is_refused(tiny_config, tmp_path):
     src = "npz:" + os.path.abspath(c.data.name[len("npz:"):])
     assert io.read_json(os.path.join(wd, "config.json"))["data_source"] == src
     assert io.read_json(os.path.join(wd, "summary.json"))["data_source"] == src
-    path = os.path.join(workdir.run_dir(wd, "imp_k0", 0), "identity.json")
+    path = workdir.identity_path(wd, "imp_k0", 0)
     fields = io.read_json(path)
     assert fields["train.lr"] == c.train.lr and fields["run"] == "imp_k0"
     assert not any(k.startswith(("dp.", "distill.")) for k in fields)  # IMP reads neither
