@@ -5,7 +5,7 @@
 The inner loop trains a masked network on a 100-image distilled set (10 classes x 10)
 for ``--steps`` SGD steps (momentum 0.9, wd 5e-4, batch 100, without augmentation so
 that both sides do the same work; the DSA variant of ours is reported beside it).
-Ours is the loop form DP picks (``--loop auto``): ``dp_jax.small_set.make_inner_loop`` (one
+Ours is the loop form DP picks (``--loop auto``): ``dp_jax.training.small_set.make_inner_loop`` (one
 ``lax.scan``, jitted once) for LeNet, ``make_inner_python`` (one jitted step driven from
 Python) for the ConvNet on CPU; the reference is the eager PyTorch loop of the original code with
 masked weights. Also: S=4 inner seeds in one vmapped program vs 4 sequential calls.
@@ -46,7 +46,8 @@ def ours(name, steps, repeats, seeds, threads, loop):
     import ml_collections
     import optax
 
-    from dp_jax import masks, small_set, train
+    from dp_jax import masks
+    from dp_jax.training import small_set, trainer as train
     from dp_jax.data.augment import make_augment
     from dp_jax.models import create_model, init_variables
 

@@ -29,7 +29,8 @@ def bench(name: str, examples: int, repeats: int) -> dict:
     import jax.numpy as jnp
     import ml_collections
 
-    from dp_jax import compile_time, masks
+    from dp_jax.system import compile_time
+    from dp_jax import masks
     from dp_jax.analysis.hessian import HessianEngine
     from dp_jax.models import create_model, init_variables
 

@@ -3,7 +3,7 @@
     python benchmarks/resnet_throughput.py [--width 64] [--batch 256] [--steps 2]
                                            [--devices 1,8] [--threads 2]
 
-Measures ``dp_jax.train.train_step`` -- the masked SGD step of every experiment (momentum 0.9,
+Measures ``dp_jax.training.trainer.train_step`` -- the masked SGD step of every experiment (momentum 0.9,
 coupled weight decay 5e-4, BatchNorm in training mode) -- on 32x32x3 inputs at batch 256, jitted
 with the batch sharded over a ``data`` mesh axis and the state replicated, as
 ``parallel.data_parallel=True`` runs it.
@@ -59,7 +59,8 @@ def worker(args) -> dict:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from dp_jax import masks, train
+    from dp_jax import masks
+    from dp_jax.training import trainer as train
     from dp_jax.models import create_model, init_variables
 
     devices = jax.devices()[:n]

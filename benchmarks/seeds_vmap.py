@@ -3,8 +3,8 @@ r"""S seeds' real-data training as one vmapped program vs S runs one after anoth
   python benchmarks/seeds_vmap.py [--models lenet_300_100,convnet32] [--seeds 4] [--steps 100]
       [--repeats 3] [--threads 1] [--loop auto]
 
-What ``parallel.vmap_seeds`` chooses between: :meth:`dp_jax.train.Trainer.train_seeds` (S states
-stacked, one program) against S calls of :meth:`dp_jax.train.Trainer.train`, on 28x28x1 inputs,
+What ``parallel.vmap_seeds`` chooses between: :meth:`dp_jax.training.trainer.Trainer.train_seeds` (S states
+stacked, one program) against S calls of :meth:`dp_jax.training.trainer.Trainer.train`, on 28x28x1 inputs,
 batch 128, SGD with momentum, a half-pruned mask. The ``speedup`` of each model is the figure
 ``auto`` is set from (docs/performance.md). Compilation (the first call) is reported apart.
 One JSON object on stdout.
@@ -31,8 +31,9 @@ def bench(name: str, seeds: int, steps: int, repeats: int, loop: str) -> dict:
     import ml_collections
     import optax
 
-    from dp_jax import compile_time, masks
-    from dp_jax import train as train_lib
+    from dp_jax.system import compile_time
+    from dp_jax import masks
+    from dp_jax.training import trainer as train_lib
     from dp_jax.models import create_model, init_variables
 
     model = create_model(ml_collections.ConfigDict(MODEL_CFG[name]), num_classes=10)

@@ -22,7 +22,7 @@ memory are its own; a part that fails is reported as failed and the suite goes o
   alpha     instability_alpha_sweep.py: the linear-interpolation sweep, vmapped vs a loop.
 
 Every part runs under glibc's transparent huge pages for malloc (``--malloc=hugetlb``, the
-default: how dp_jax's commands run, dp_jax/hugepages.py; PyTorch gets the same), or stock
+default: how dp_jax's commands run, dp_jax/system/hugepages.py; PyTorch gets the same), or stock
 (``--malloc=stock``).
 
 Sizes scale with the backend: on CPU one thread per framework (both pinned to one core), few
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout-s", type=float, default=1800.0, help="per part")
     p.add_argument("--malloc", default="hugetlb", choices=("hugetlb", "stock"),
                    help="hugetlb: every part (both frameworks) under GLIBC_TUNABLES="
-                        "glibc.malloc.hugetlb=1, as dp_jax's commands run (dp_jax/hugepages.py)")
+                        "glibc.malloc.hugetlb=1, as dp_jax's commands run (dp_jax/system/hugepages.py)")
     args = p.parse_args(argv)
     parts = [s for s in args.parts.split(",") if s]
     unknown = sorted(set(parts) - set(PARTS))

@@ -4,9 +4,9 @@
                                           [--steps N] [--threads 1|2] [--repeats R]
 
 What is measured (per model, images/s at batch 128, 28x28x1 inputs, 10 classes):
-  * ours: ``dp_jax.train.Trainer.train`` -- the code path every experiment uses -- with a full
+  * ours: ``dp_jax.training.trainer.Trainer.train`` -- the code path every experiment uses -- with a full
     (all-True) mask pytree, SGD momentum 0.9 + coupled weight decay 5e-4 from
-    ``dp_jax.train.make_optimizer``, the dataset resident on the device, for both loop forms
+    ``dp_jax.training.trainer.make_optimizer``, the dataset resident on the device, for both loop forms
     (``scan``: one compiled program per segment; ``python``: a jitted step per iteration);
   * torch: the same model and optimiser in PyTorch (NCHW, eager), masked the usual way
     (forward with ``weight * mask``, gradients masked, weights re-masked after the step), the
@@ -134,7 +134,7 @@ class JaxRunner:
         import jax
         import ml_collections
         from dp_jax import masks as masks_lib
-        from dp_jax import train as train_lib
+        from dp_jax.training import trainer as train_lib
         from dp_jax.models import create_model, init_variables
 
         self.jax = jax

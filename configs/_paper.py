@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from dp_jax.config_files import load_module
+from dp_jax.config.files import load_module
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,7 +24,7 @@ REAL_DATA = dict(optimizer="sgd", momentum=0.9, nesterov=False, schedule="multis
                  decay_at=(2 / 3, 5 / 6), decay_factor=0.2)
 
 # Training on a distilled set (docs/paper.md "Architectures and recipes"); field names of
-# dp_jax.small_set.Recipe. lr=0 means "the step size learned by distillation".
+# dp_jax.training.small_set.Recipe. lr=0 means "the step size learned by distillation".
 DP_INNER = dict(lr=0.0, momentum=0.9, weight_decay=5e-4, decay_at=(2 / 3, 5 / 6),
                 decay_factor=0.2, steps=1000)
 

@@ -47,13 +47,13 @@ import os
 
 import ml_collections
 
-from dp_jax.config_files import load_module
+from dp_jax.config.files import load_module
 
 
 P = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_paper.py"))
 NAMES = ("smoke", "hybrid", "paper")
 KEYS = {"width": int, "seeds": int, "set": str}
-# The paper's training on a distilled set (IDC's recipe): dp_jax.small_set.Recipe fields.
+# The paper's training on a distilled set (IDC's recipe): dp_jax.training.small_set.Recipe fields.
 PAPER_INNER = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=64, epochs=300,
                    decay_at=(2 / 3, 5 / 6), decay_factor=0.2, cutmix_prob=0.5, cutmix_beta=1.0,
                    augment="dsa")

@@ -45,7 +45,7 @@ import os
 
 import ml_collections
 
-from dp_jax.config_files import load_module
+from dp_jax.config.files import load_module
 
 
 P = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_paper.py"))

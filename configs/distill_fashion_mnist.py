@@ -24,7 +24,7 @@ import os
 
 import ml_collections
 
-from dp_jax.config_files import load_module
+from dp_jax.config.files import load_module
 from dp_jax.distill import distill_defaults
 
 

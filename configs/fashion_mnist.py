@@ -134,7 +134,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = "all"
 
-    # Where metrics go besides metrics.jsonl (dp_jax/metrics_log.py): TensorBoard event files
+    # Where metrics go besides metrics.jsonl (dp_jax/rundir/metrics.py): TensorBoard event files
     # under <workdir>/tb, and optionally Weights & Biases (offline unless WANDB_MODE says so).
     c.metrics = ml_collections.ConfigDict()
     c.metrics.tensorboard = True
@@ -146,7 +146,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # seeds > 1: train the seeds as one vmapped program. auto = on for accelerators, off on CPU
     # (no faster for MLPs, 4x slower for conv nets there: docs/performance.md).
     c.parallel.vmap_seeds = "auto"  # auto | on | off
-    # One process per host, joined by jax.distributed (dp_jax/distributed.py documents the
+    # One process per host, joined by jax.distributed (dp_jax/system/distributed.py documents the
     # coordinator settings; Cloud TPU, SLURM and Open MPI need none).
     c.parallel.multihost = False
     c.parallel.coordinator_address = placeholder(str)

@@ -43,7 +43,7 @@ import os
 
 import ml_collections
 
-from dp_jax.config_files import load_module
+from dp_jax.config.files import load_module
 
 
 P = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_paper.py"))
@@ -56,7 +56,7 @@ IMAGENET100_CLASSES = tuple(range(0, 1000, 10))
 
 def streaming_supported() -> bool:
     """True once the Trainer can consume ``dp_jax.data.pipeline`` (docs/paper_scale.md)."""
-    from dp_jax import train  # pylint: disable=import-outside-toplevel
+    from dp_jax.training import trainer as train  # pylint: disable=import-outside-toplevel
     return hasattr(train.Trainer, "train_stream")
 
 

@@ -29,7 +29,7 @@ Variants (``:VARIANT[,VARIANT]``; the probes of docs/claims.md, in the order the
   study    with ``full``: every method of the claims study (DP on a set distilled from experts
            trained on a 5,000-image subset; DP then IMP; the random-subset control; SNIP, GraSP,
            SynFlow, random); ~80 min per seed on one core. Seeds can run one workdir each (in
-           parallel, one per core) with method subsets, merged by ``dp_jax.report``:
+           parallel, one per core) with method subsets, merged by ``dp_jax.reports.pruning``:
 
              python -m dp_jax.main --config=configs/rewind_fashion_mnist.py:full,study \
                  --workdir=runs/rewind_study_s0 --config.seed=0   # and seeds 1, 2
@@ -42,7 +42,7 @@ import os
 
 import ml_collections
 
-from dp_jax.config_files import load_module
+from dp_jax.config.files import load_module
 
 
 def _stability_config() -> ml_collections.ConfigDict:

@@ -36,7 +36,7 @@ import os
 
 import ml_collections
 
-from dp_jax.config_files import load_module
+from dp_jax.config.files import load_module
 
 
 def _base_config() -> ml_collections.ConfigDict:

@@ -13,6 +13,8 @@ mask never depends on sort stability or on the backend.
 
 from __future__ import annotations
 
+import math
+
 import os
 import tempfile
 import warnings
@@ -80,6 +82,24 @@ def _rank_keep(scores: np.ndarray, alive: np.ndarray, n_prune: int) -> np.ndarra
 def layer_names(tree: PyTree) -> list[str]:
     """Names of the prunable layers of a params-shaped tree (paths without ``/kernel``)."""
     return [k[:-len("/kernel")] if k.endswith("/kernel") else k for k in prunable_leaves(tree)]
+
+
+def parse_layer_rates(text) -> dict:
+    """``prune.layer_rates`` (``'Dense_2=0.5,Conv_0=0.8'``) as ``{layer: rate}``; a ValueError
+    names the field and the allowed values."""
+    out = {}
+    for item in [t.strip() for t in str(text or "").split(",") if t.strip()]:
+        name, eq, value = item.partition("=")
+        try:
+            rate = float(value) if eq else float("nan")
+        except ValueError:
+            rate = float("nan")
+        if not (name.strip() and math.isfinite(rate) and 0 < rate <= 1):
+            raise ValueError(f"config.prune.layer_rates={text!r} is invalid; allowed: "
+                             "comma-separated LAYER=RATE with rates in (0, 1] (multiples of "
+                             "prune.fraction)")
+        out[name.strip()] = rate
+    return out
 
 
 def resolve_layer_rates(rates: dict[str, float], tree: PyTree) -> dict[str, float]:

@@ -33,7 +33,7 @@ DATASETS = {
 
 def load_config(spec: str):
     """``path[:variant]`` -> ConfigDict, as ``--config`` would."""
-    from dp_jax import config_files
+    from dp_jax.config import files as config_files
     return config_files.load_config(spec)
 
 

@@ -8,15 +8,15 @@ import time
 import numpy as np
 import pytest
 
-from dp_jax import config_files
+from dp_jax.config import files as config_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
     """The tests share JAX's persistent compilation cache with the command lines they start
-    (dp_jax/compile_cache.py; DP_JAX_COMPILE_CACHE=off disables it)."""
-    from dp_jax import compile_cache
+    (dp_jax/system/compile_cache.py; DP_JAX_COMPILE_CACHE=off disables it)."""
+    from dp_jax.system import compile_cache
     compile_cache.enable()
 
 
@@ -108,7 +108,7 @@ def kill_then_resume(cmd, workdir, marker, env, timeout=180):
 
 def assert_rejected(config, field, value, match, workdir):
     """Setting ``field`` (``section.name``) to ``value`` fails with ``match`` and writes nothing."""
-    from dp_jax import experiment
+    from dp_jax.tasks import prune as experiment
     section, name = field.split(".")
     config[section][name] = value
     with pytest.raises(ValueError, match=match):

@@ -18,7 +18,7 @@ import pytest
 
 from dp_jax import masks as masks_lib
 from dp_jax import rng
-from dp_jax import train as train_lib
+from dp_jax.training import trainer as train_lib
 from dp_jax.analysis import family, hessian, instability, landscape
 
 
@@ -427,7 +427,7 @@ def test_family_combine_is_exact_at_unit_vectors():
 
 
 def test_replace_report_section():
-    from dp_jax.analysis import report
+    from dp_jax.reports import analysis as report
     base = "# Report\n\nbody\n"
     once = report.replace_section(base, "A")
     assert once.startswith(base.rstrip()) and "<!-- analysis -->\nA\n<!-- /analysis -->" in once
@@ -439,7 +439,7 @@ def test_replace_report_section():
 
 
 def test_aggregate_over_seeds_hand_computed():
-    from dp_jax.analysis.report import aggregate
+    from dp_jax.reports.analysis import aggregate
     rows = [dict(run="dp", seed=0, round=2, sparsity=0.51, barrier=0.010, loss_barrier=0.1,
                  top_eigenvalue=4.0, trace=100.0),
             dict(run="dp", seed=1, round=2, sparsity=0.51, barrier=0.030, loss_barrier=0.3,

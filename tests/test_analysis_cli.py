@@ -16,7 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from dp_jax import dense, experiment
+from dp_jax.pruning import dense
+from dp_jax.tasks import prune as experiment
 
 from conftest import load_config_module
 
@@ -110,7 +111,7 @@ def test_cli_writes_json_plots_and_report_section(workdir):
 
 
 def test_cli_rejects_bad_selection(workdir):
-    from dp_jax.analysis import run as run_lib
+    from dp_jax.tasks import analyze as run_lib
     workdir, _ = workdir
     with pytest.raises(ValueError, match="unknown run"):
         run_lib.run(workdir, runs=["nope"])
@@ -124,12 +125,13 @@ def test_retrained_dense_snapshot_matches_the_checkpoint(workdir):
     """The k-curve retrains the dense net; it must reach the weights IMP rewound to."""
     import jax
     import ml_collections
-    from dp_jax import io, rng
+    from dp_jax.storage import fileio
+    from dp_jax import rng
     from dp_jax.analysis import instability
     from dp_jax.data import load_dataset
 
     workdir, _ = workdir
-    cfg = ml_collections.ConfigDict(io.read_json(os.path.join(workdir, "config.json")))
+    cfg = ml_collections.ConfigDict(fileio.read_json(os.path.join(workdir, "config.json")))
     setup = experiment.build_setup(cfg, load_dataset(cfg.data, seed=cfg.seed))
     saved = dense.dense_run(setup, workdir, 0, [3])["snapshots"][3]
     root = jax.random.key(0)
@@ -142,14 +144,14 @@ def test_retrained_dense_snapshot_matches_the_checkpoint(workdir):
 
 
 def _hessian_settings(**kw):
-    from dp_jax.analysis import run as run_lib
+    from dp_jax.tasks import analyze as run_lib
     return run_lib.Settings(**dict(dict(hessian_examples=40, lanczos_steps=6, top_k=2,
                                         trace_probes=2, slq_probes=1), **kw))
 
 
 def test_hessian_reads_the_kept_checkpoint_and_trains_nothing(workdir, monkeypatch):
     from dp_jax.analysis import instability, resume
-    from dp_jax.analysis import run as run_lib
+    from dp_jax.tasks import analyze as run_lib
     workdir, _ = workdir
 
     def no_training(*a, **k):
@@ -161,9 +163,10 @@ def test_hessian_reads_the_kept_checkpoint_and_trains_nothing(workdir, monkeypat
     assert h["trained_weights"] == "kept checkpoint"
     # Those weights are the run's: evaluated, they give the recorded test accuracy.
     import ml_collections
-    from dp_jax import io, masks
+    from dp_jax.storage import fileio
+    from dp_jax import masks
     from dp_jax.data import load_dataset
-    cfg = ml_collections.ConfigDict(io.read_json(os.path.join(workdir, "config.json")))
+    cfg = ml_collections.ConfigDict(fileio.read_json(os.path.join(workdir, "config.json")))
     setup = experiment.build_setup(cfg, load_dataset(cfg.data, seed=cfg.seed))
     like = setup.init_fn(__import__("jax").random.key(0))
     w = resume.kept_trained(workdir, "imp_k0", 0, 1, {"params": like["params"],
@@ -175,7 +178,7 @@ def test_hessian_reads_the_kept_checkpoint_and_trains_nothing(workdir, monkeypat
 
 
 def test_analysis_resumes_per_mask(workdir, monkeypatch):
-    from dp_jax.analysis import run as run_lib
+    from dp_jax.tasks import analyze as run_lib
     workdir, _ = workdir
     sel = dict(analyses=["hessian"], runs=["imp_k3", "random"], rounds=[1])
     run_lib.run(workdir, settings=_hessian_settings(), **sel)

@@ -18,9 +18,12 @@ import jax
 import numpy as np
 import pytest
 
-from dp_jax import cli, eval_mask, export, io, report, rng
-from dp_jax import prune as prune_lib
-from dp_jax import workdir as workdir_lib
+from dp_jax import cli, rng
+from dp_jax.tasks import eval_mask, export
+from dp_jax.storage import fileio
+from dp_jax.reports import pruning as report
+from dp_jax.pruning import rounds as prune_lib
+from dp_jax.rundir import paths as workdir_lib
 
 from conftest import ROOT
 
@@ -57,7 +60,7 @@ def wd(toy_npz, tmp_path_factory):
 
 
 def _record(wd, label, seed, rnd):
-    rows = io.read_jsonl(workdir_lib.run_rounds_path(wd, label, seed))
+    rows = fileio.read_jsonl(workdir_lib.run_rounds_path(wd, label, seed))
     return next(r for r in rows if r["round"] == rnd)
 
 
@@ -187,7 +190,7 @@ def test_eval_mask_reproduces_the_recorded_accuracy(wd, toy_npz, tmp_path):
     out = _cli("eval-mask", *_smoke(toy_npz), f"--mask={mask}", f"--workdir={tmp_path}",
                "--seed=1")
     assert out.returncode == 0, out.stderr[-3000:]
-    res = io.read_json(eval_mask.result_path(str(tmp_path)))
+    res = fileio.read_json(eval_mask.result_path(str(tmp_path)))
     rec = _record(wd, "imp_k0", 1, 2)
     assert res["test_accuracy"] == rec["test_accuracy"] and res["test_loss"] == rec["test_loss"]
     assert res["sparsity"] == rec["sparsity"] and res["mask_sha256"] == eval_mask.sha256(mask)
@@ -224,9 +227,9 @@ def test_eval_mask_refuses_masks_that_do_not_fit(wd, toy_npz, tmp_path, wd_setup
 def _split(wd, seed, dest):
     """A one-seed workdir holding ``wd``'s seed ``seed``, as a one-seed-per-workdir sweep makes."""
     os.makedirs(workdir_lib.runs_dir(dest))
-    cfg = dict(io.read_json(workdir_lib.config_path(wd)), seed=seed, seeds=1)
-    io.write_json(workdir_lib.config_path(dest), cfg)
-    io.write_jsonl(workdir_lib.rounds_path(dest), [r for r in io.read_jsonl(
+    cfg = dict(fileio.read_json(workdir_lib.config_path(wd)), seed=seed, seeds=1)
+    fileio.write_json(workdir_lib.config_path(dest), cfg)
+    fileio.write_jsonl(workdir_lib.rounds_path(dest), [r for r in fileio.read_jsonl(
         workdir_lib.rounds_path(wd)) if r["seed"] == seed])
     shutil.copy(workdir_lib.summary_path(wd), workdir_lib.summary_path(dest))
     for label, s in workdir_lib.list_runs(wd):
@@ -256,16 +259,16 @@ def test_merged_one_seed_workdirs_equal_the_two_seed_report(wd, tmp_path):
 
 def test_merge_refuses_differing_settings_and_records(wd, tmp_path, capsys):
     a, b = _split(wd, 0, str(tmp_path / "a")), _split(wd, 1, str(tmp_path / "b"))
-    cfg = io.read_json(workdir_lib.config_path(b))
+    cfg = fileio.read_json(workdir_lib.config_path(b))
     cfg["train"]["lr"] = 0.1
-    io.write_json(workdir_lib.config_path(b), cfg)
+    fileio.write_json(workdir_lib.config_path(b), cfg)
     with pytest.raises(ValueError, match=r"settings differ in train\.lr \(0\.05 vs 0\.1\)"):
         report.write_report(str(tmp_path / "m"), sources=[a, b])
     c = _split(wd, 0, str(tmp_path / "c"))  # the same seed again: same records are fine
     assert "(n=1)" in report.write_report(str(tmp_path / "m"), sources=[a, c])
-    rows = io.read_jsonl(workdir_lib.rounds_path(c))
+    rows = fileio.read_jsonl(workdir_lib.rounds_path(c))
     rows[-1]["test_accuracy"] = 0.123
-    io.write_jsonl(workdir_lib.rounds_path(c), rows)
+    fileio.write_jsonl(workdir_lib.rounds_path(c), rows)
     for args, needles in (([a, c, f"--out={tmp_path / 'm'}"], ("both hold", "different records")),
                           ([a, c], ("need --out",))):
         with pytest.raises(SystemExit) as exit_:  # the subcommand's own entry, in-process
@@ -277,27 +280,27 @@ def test_merge_refuses_differing_settings_and_records(wd, tmp_path, capsys):
 
 def test_merge_compares_distillation_settings_only_where_runs_read_them(wd, tmp_path):
     a, b = _split(wd, 0, str(tmp_path / "a")), _split(wd, 1, str(tmp_path / "b"))
-    cfg = io.read_json(workdir_lib.config_path(b))
+    cfg = fileio.read_json(workdir_lib.config_path(b))
     cfg["distill"]["iterations"] += 1  # none of wd's runs (IMP, random) reads distill.*
-    io.write_json(workdir_lib.config_path(b), cfg)
+    fileio.write_json(workdir_lib.config_path(b), cfg)
     assert "(n=2)" in report.write_report(str(tmp_path / "m"), sources=[a, b])
     # Once a run of each workdir has read the section, the difference decides its results.
-    for d, its_cfg in ((a, io.read_json(workdir_lib.config_path(a))), (b, cfg)):
+    for d, its_cfg in ((a, fileio.read_json(workdir_lib.config_path(a))), (b, cfg)):
         label, seed = workdir_lib.list_runs(d)[0]
         path = workdir_lib.identity_path(d, label, seed)
-        io.write_json(path, dict(io.read_json(path),
+        fileio.write_json(path, dict(fileio.read_json(path),
                                  **{"distill.iterations": its_cfg["distill"]["iterations"]}))
     with pytest.raises(ValueError, match=r"settings differ in distill\.iterations"):
         report.write_report(str(tmp_path / "m2"), sources=[a, b])
 
 
 def test_merged_phase_costs_average_only_the_workdirs_that_ran_them(wd, tmp_path):
-    from dp_jax import report_merge
+    from dp_jax.reports import merge as report_merge
     a, b = _split(wd, 0, str(tmp_path / "a")), _split(wd, 1, str(tmp_path / "b"))
     for d, phases in ((a, {"dense_s": 10.0, "distill_examples": 120000, "distill_wall_s": 90.0}),
                       (b, {"dense_s": 20.0})):  # b ran no method that distils
-        io.write_json(workdir_lib.summary_path(d),
-                      dict(io.read_json(workdir_lib.summary_path(d)), phases_s=phases))
+        fileio.write_json(workdir_lib.summary_path(d),
+                      dict(fileio.read_json(workdir_lib.summary_path(d)), phases_s=phases))
     merged = report_merge.gather([a, b])["summary"]["phases_s"]
     assert merged == {"dense_s": 15.0, "distill_examples": 120000.0, "distill_wall_s": 90.0}
 

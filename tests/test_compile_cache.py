@@ -7,7 +7,9 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from dp_jax import compile_cache, compile_time, io, workdir
+from dp_jax.system import compile_cache, compile_time
+from dp_jax.storage import fileio
+from dp_jax.rundir import paths as workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +41,7 @@ def _run(tmp_path, wd, cache):
     env = dict(os.environ, JAX_PLATFORMS="cpu", **{compile_cache.ENV: cache})
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    return io.read_json(workdir.summary_path(wd))
+    return fileio.read_json(workdir.summary_path(wd))
 
 
 def test_a_second_process_reads_the_programs_from_the_cache(tmp_path):
@@ -51,7 +53,7 @@ def test_a_second_process_reads_the_programs_from_the_cache(tmp_path):
     warm = _run(tmp_path, str(tmp_path / "b"), cache)
     assert warm["compile_cache"]["hits"] == len(stored)  # every stored program was reused
     # The warm process loads its programs and ends with the same results.
-    rows_a = io.read_jsonl(workdir.rounds_path(str(tmp_path / "a")))
-    rows_b = io.read_jsonl(workdir.rounds_path(str(tmp_path / "b")))
+    rows_a = fileio.read_jsonl(workdir.rounds_path(str(tmp_path / "a")))
+    rows_b = fileio.read_jsonl(workdir.rounds_path(str(tmp_path / "b")))
     assert [r["test_accuracy"] for r in rows_a] == [r["test_accuracy"] for r in rows_b]
     assert all("compile_s" in r for r in rows_a)

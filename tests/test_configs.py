@@ -10,7 +10,8 @@ import warnings
 
 import pytest
 
-from dp_jax import experiment, io, validate
+from dp_jax.tasks import prune as experiment, settings as validate
+from dp_jax.storage import fileio
 
 from conftest import load_config_module
 
@@ -152,7 +153,7 @@ def test_smoke_runs_end_to_end(name, variant, keep_dp, tmp_path):
     wd = str(tmp_path / "wd")
     with tfds.testing.mock_data(num_examples=64):
         summary = experiment.run(c, wd)
-    rows = io.read_jsonl(os.path.join(wd, "rounds.jsonl"))
+    rows = fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))
     labels = {s.label for s in validate.validate_static(c)}
     assert {r["method"] for r in rows} == labels
     assert {r["round"] for r in rows} == {0, 1}
@@ -202,7 +203,7 @@ def test_rewind_smoke_runs_both_rewind_points(tmp_path):
     c = load_config_module("rewind_fashion_mnist").get_config("smoke")  # real Fashion-MNIST
     wd = str(tmp_path / "wd")
     experiment.run(c, wd)
-    rows = io.read_jsonl(os.path.join(wd, "rounds.jsonl"))
+    rows = fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))
     by = {(r["method"], r["round"]): r for r in rows}
     assert {m for m, _ in by} == {"imp_k0", "imp_k5"}
     assert by[("imp_k0", 0)]["test_accuracy"] == by[("imp_k5", 0)]["test_accuracy"]
@@ -226,7 +227,7 @@ def test_paper_variant_runs_an_imported_idc_set_end_to_end(tmp_path):
         experiment.run(c, wd)
     dset = load_distilled(out)
     assert dset.images.shape == (40, 8, 8, 3) and dset.factor == 2
-    rows = io.read_jsonl(os.path.join(wd, "rounds.jsonl"))
+    rows = fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))
     assert {r["method"] for r in rows} == {"dp", "subset"}
     dp1 = [r for r in rows if r["method"] == "dp" and r["round"] == 1][0]
     # 2 epochs over the 40 decoded images at batch 16 (2 batches per epoch).

@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from dp_jax import io
+from dp_jax.storage import fileio
 from dp_jax.data import apply_preprocessing, load_dataset
 from dp_jax.distill import check_compatible, load_distilled
 from dp_jax.distill import convert
@@ -348,7 +348,7 @@ def test_main_exit_status(tmp_path, toy_npz, capsys):
 # ---- end to end: an imported set drives Distilled Pruning -------------------------------------
 
 def test_imported_set_runs_distilled_pruning(tmp_path, toy_npz, tiny_config):
-    from dp_jax import experiment
+    from dp_jax.tasks import prune as experiment
     out = tmp_path / "distilled.npz"
     run(out, *MTT, f"--lr_file={fix('mtt_lr.pt')}", f"--dataset={tiny_config.data.name}")
     c = tiny_config
@@ -359,7 +359,7 @@ def test_imported_set_runs_distilled_pruning(tmp_path, toy_npz, tiny_config):
     c.dp.batch_size = 10
     wd = str(tmp_path / "wd")
     experiment.run(c, wd)
-    rows = [r for r in io.read_jsonl(os.path.join(wd, "rounds.jsonl")) if r["method"] == "dp"]
+    rows = [r for r in fileio.read_jsonl(os.path.join(wd, "rounds.jsonl")) if r["method"] == "dp"]
     assert sorted(r["round"] for r in rows) == [0, 1]
     assert [r["train_examples"] for r in sorted(rows, key=lambda r: r["round"])] == [0, 100]
 

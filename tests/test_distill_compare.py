@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dp_jax.distill import compare
+from dp_jax.reports import distill_compare as compare
 
 
 def _workdir(root, name, *, method, expert_wall, distill_wall, evals, final, random,

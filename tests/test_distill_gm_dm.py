@@ -17,16 +17,18 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dp_jax import distill, io, rng
-from dp_jax import workdir as workdir_lib
+from dp_jax import distill, rng
+from dp_jax.storage import fileio
+from dp_jax.rundir import paths as workdir_lib
 from dp_jax.data import load_dataset
 from dp_jax.data.augment import make_augment, siamese
 from dp_jax.distill import common, dm, gm
 from dp_jax.distill.config import distill_defaults
-from dp_jax.distill.run import distill_into
+from dp_jax.tasks import distill as distill_task
+from dp_jax.tasks.distill import distill_into
 from dp_jax.models import apply_features, create_model, init_variables
 from dp_jax.models.convs import fast_convs
-from dp_jax.train_outputs import TrainingDivergedError
+from dp_jax.training.outputs import TrainingDivergedError
 
 from conftest import ROOT, load_config_module
 
@@ -371,7 +373,7 @@ def test_bad_values_are_rejected_before_anything_is_written(tiny_npz, tmp_path, 
     c = _config(tiny_npz, method)
     c.distill[field] = value
     with pytest.raises(ValueError, match=match):
-        distill.run(c, str(tmp_path / "wd"))
+        distill_task.run(c, str(tmp_path / "wd"))
     assert not os.path.exists(tmp_path / "wd")
 
 
@@ -398,7 +400,7 @@ def _arrays(path):
 
 def _distill_rows(workdir):
     return [{k: v for k, v in r.items() if k != "wall_s"}
-            for r in io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            for r in fileio.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
             if r["phase"] == "distill"]
 
 
@@ -406,7 +408,7 @@ def _in_process(cfg, workdir):
     os.makedirs(workdir)
     metrics = os.path.join(workdir, "metrics.jsonl")
     distill_into(cfg, workdir, load_dataset(cfg.data, seed=cfg.seed),
-                 log=lambda **kw: io.append_jsonl(metrics, kw))
+                 log=lambda **kw: fileio.append_jsonl(metrics, kw))
     return _arrays(os.path.join(workdir, "distilled.npz"))
 
 
@@ -420,7 +422,7 @@ def _kill_mid_distillation(cmd, wd, env):
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    ckpt = io.RoundCheckpointer(workdir_lib.distill_checkpoints(wd))
+    ckpt = fileio.RoundCheckpointer(workdir_lib.distill_checkpoints(wd))
     latest = ckpt.latest()
     ckpt.close()
     assert latest < CLI["iterations"], "killed after the distillation had finished"
@@ -446,13 +448,13 @@ def test_deterministic_and_resumes_after_an_interruption(tiny_npz, tmp_path, met
     metrics = os.path.join(wd, "metrics.jsonl")
 
     def dying_log(**row):
-        io.append_jsonl(metrics, row)
+        fileio.append_jsonl(metrics, row)
         if row.get("iteration") == 5:
             raise Interrupted
     dataset = load_dataset(cfg.data, seed=cfg.seed)
     with pytest.raises(Interrupted):
         distill_into(cfg, wd, dataset, log=dying_log)
-    distill_into(cfg, wd, dataset, log=lambda **kw: io.append_jsonl(metrics, kw))
+    distill_into(cfg, wd, dataset, log=lambda **kw: fileio.append_jsonl(metrics, kw))
     got, _ = _arrays(os.path.join(wd, "distilled.npz"))
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=f"resumed: {k}")

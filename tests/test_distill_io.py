@@ -1,4 +1,4 @@
-"""Tests for dp_jax.distill.distilled: distilled.npz round trip, validation, compatibility."""
+"""Tests for dp_jax.distill.sets: distilled.npz round trip, validation, compatibility."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import pytest
 
 from dp_jax.data import Dataset, fit_preprocessing
 from dp_jax.distill import DistilledSet, check_compatible, load_distilled, save_distilled
-from dp_jax.distill.distilled import save_grid
+from dp_jax.distill.sets import save_grid
 
 
 def _prep(kind="zca"):

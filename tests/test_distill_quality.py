@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from dp_jax.distill import quality
+from dp_jax.reports import distill_quality as quality
 
 
 def _set(root, name, acc, random_acc):

@@ -12,7 +12,8 @@ import pytest
 from dp_jax import distill
 from dp_jax.data import load_dataset
 from dp_jax.distill import config as config_lib
-from dp_jax.distill.run import distill_into
+from dp_jax.tasks import distill as distill_task
+from dp_jax.tasks.distill import distill_into
 
 from conftest import load_config_module
 
@@ -26,7 +27,7 @@ def smoke_run(tiny_npz, tmp_path_factory):
     cfg = _get_config("smoke")
     cfg.data.name = f"npz:{tiny_npz}"
     workdir = str(tmp_path_factory.mktemp("run"))
-    summary = distill.run(cfg, workdir)
+    summary = distill_task.run(cfg, workdir)
     return cfg, workdir, summary
 
 
@@ -72,19 +73,19 @@ def test_ensure_distilled_precedence(smoke_run, tiny_npz, tmp_path):
     cfg, workdir, _ = smoke_run
     dataset = load_dataset(cfg.data, seed=cfg.seed)
     # An existing <workdir>/distilled.npz is loaded, not recomputed.
-    ds = distill.ensure_distilled(cfg, workdir, dataset)
+    ds = distill_task.ensure_distilled(cfg, workdir, dataset)
     assert ds.cost["distill_examples"] > 0
     # distill.path wins over the workdir.
     cfg2 = ml_collections.ConfigDict(cfg.to_dict())
     cfg2.distill.path = os.path.join(workdir, "distilled.npz")
-    ds2 = distill.ensure_distilled(cfg2, str(tmp_path), dataset)
+    ds2 = distill_task.ensure_distilled(cfg2, str(tmp_path), dataset)
     np.testing.assert_array_equal(ds.images, ds2.images)
     assert not os.path.exists(tmp_path / "distilled.npz")
     # ... and is checked against the dataset's preprocessing.
     other = ml_collections.ConfigDict(cfg2.to_dict())
     other.data.preprocess = "none"
     with pytest.raises(ValueError, match="different preprocessing"):
-        distill.ensure_distilled(other, str(tmp_path), load_dataset(other.data, seed=0))
+        distill_task.ensure_distilled(other, str(tmp_path), load_dataset(other.data, seed=0))
 
 
 def _mlp_config(npz, iterations, buffer_dir):
@@ -111,7 +112,7 @@ def test_multi_formation_is_also_compared_at_equal_storage(tiny_npz, tmp_path, m
     sizes, subset = [], evaluate.random_subset
     monkeypatch.setattr(evaluate, "random_subset",
                         lambda ds, size, seed: sizes.append(size) or subset(ds, size, seed=seed))
-    summary = distill.run(cfg, str(tmp_path / "wd"))
+    summary = distill_task.run(cfg, str(tmp_path / "wd"))
     assert sizes == [12, 3]
     r = summary["results"]
     assert set(r) == {"distilled", "random", "random_stored"}

@@ -6,7 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from dp_jax import distill, experiment, io
+from dp_jax import distill
+from dp_jax.tasks import prune as experiment
+from dp_jax.storage import fileio
 
 from conftest import make_distilled
 
@@ -24,7 +26,7 @@ def dp_config(tiny_config, tmp_path):
 
 
 def _rows(wd, label):
-    return sorted((r for r in io.read_jsonl(os.path.join(wd, "rounds.jsonl")) if r["method"] == label),
+    return sorted((r for r in fileio.read_jsonl(os.path.join(wd, "rounds.jsonl")) if r["method"] == label),
                   key=lambda r: r["round"])
 
 

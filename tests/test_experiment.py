@@ -8,13 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from dp_jax import experiment
-from dp_jax import io
+from dp_jax.tasks import prune as experiment
+from dp_jax.storage import fileio
 
 from conftest import ROOT, assert_rejected, kill_then_resume, load_config_module, make_distilled
 
 
-from dp_jax.prune import TIMINGS  # noqa: E402
+from dp_jax.pruning.rounds import TIMINGS  # noqa: E402
 
 
 def _strip(rows):
@@ -29,7 +29,7 @@ def test_end_to_end_contract(tiny_config, tmp_path):
     for f in ("config.json", "metrics.jsonl", "rounds.jsonl", "summary.json", "report.md",
               "plots/accuracy_vs_sparsity.png"):
         assert os.path.exists(os.path.join(wd, f)), f
-    rows = io.read_jsonl(os.path.join(wd, "rounds.jsonl"))
+    rows = fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))
     labels = {"imp_k0", "imp_k3", "random", "reinit_imp_k0"}
     assert {r["method"] for r in rows} == labels
     keys = {"method", "round", "sparsity", "test_accuracy", "test_loss", "train_examples",
@@ -60,9 +60,9 @@ def test_end_to_end_contract(tiny_config, tmp_path):
     # The toy task is learnable: the dense net beats chance clearly.
     assert rows[0]["test_accuracy"] > 0.3
     # Re-running a finished workdir trains nothing and leaves the results unchanged.
-    before = _strip(io.read_jsonl(os.path.join(wd, "rounds.jsonl")))
+    before = _strip(fileio.read_jsonl(os.path.join(wd, "rounds.jsonl")))
     experiment.run(tiny_config, wd)
-    assert _strip(io.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == before
+    assert _strip(fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == before
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -110,8 +110,8 @@ def test_resume_after_kill_matches_uninterrupted(toy_npz, tmp_path):
     # Kill mid-run: IMP finished, SynFlow (a registry method) after its first pruned round.
     kill_then_resume(_cli(wd, *overrides), str(wd),
                      str(wd / "runs" / "synflow-seed0" / "checkpoints" / "1"), env, timeout=120)
-    assert _strip(io.read_jsonl(str(wd / "rounds.jsonl"))) == \
-        _strip(io.read_jsonl(str(ref / "rounds.jsonl")))
+    assert _strip(fileio.read_jsonl(str(wd / "rounds.jsonl"))) == \
+        _strip(fileio.read_jsonl(str(ref / "rounds.jsonl")))
     for run in ("imp_k0-seed0", "random-seed0", "dp-seed0", "synflow-seed0"):
         for rnd in range(4):
             a = np.load(ref / "runs" / run / "masks" / f"round_{rnd:03d}.npz")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dp_jax import hugepages
+from dp_jax.system import hugepages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = ("import os, sys; from dp_jax import hugepages; print('start', flush=True); "

@@ -7,11 +7,12 @@ import shutil
 import numpy as np
 import pytest
 
-from dp_jax import experiment, integrity, io
+from dp_jax.tasks import prune as experiment
+from dp_jax.storage import fileio, integrity
 
 from conftest import make_distilled
 
-from dp_jax.prune import TIMINGS  # noqa: E402
+from dp_jax.pruning.rounds import TIMINGS  # noqa: E402
 RUN = os.path.join("runs", "imp_k0-seed0")
 
 
@@ -31,8 +32,8 @@ def _masks(wd):
 
 
 def _same(a, b):
-    assert _strip(io.read_jsonl(os.path.join(a, "rounds.jsonl"))) == \
-        _strip(io.read_jsonl(os.path.join(b, "rounds.jsonl")))
+    assert _strip(fileio.read_jsonl(os.path.join(a, "rounds.jsonl"))) == \
+        _strip(fileio.read_jsonl(os.path.join(b, "rounds.jsonl")))
     ma, mb = _masks(a), _masks(b)
     assert sorted(ma) == sorted(mb)
     for f in ma:
@@ -129,7 +130,7 @@ def test_edited_distilled_set_in_workdir_is_refused(tiny_config, tmp_path):
     # As distillation does when it writes the workdir's set: save it and record its checksum.
     import importlib
     from dp_jax import distill
-    distill_run = importlib.import_module("dp_jax.distill.run")  # the module, not run()
+    distill_run = importlib.import_module("dp_jax.tasks.distill")  # the module, not run()
     wd = tmp_path / "wd"
     ds = distill.load_distilled(syn)
     wd.mkdir()

@@ -12,7 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from dp_jax import experiment, io, masks, methods, prune
+from dp_jax.tasks import prune as experiment
+from dp_jax.storage import fileio
+from dp_jax import masks, methods
+from dp_jax.pruning import rounds as prune
 from dp_jax.methods import base
 
 from conftest import ROOT, assert_rejected, load_config_module, make_distilled
@@ -36,7 +39,7 @@ methods.register(InverseMagnitude())
 
 
 def _rows(wd, label):
-    return sorted((r for r in io.read_jsonl(os.path.join(wd, "rounds.jsonl"))
+    return sorted((r for r in fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))
                    if r["method"] == label), key=lambda r: r["round"])
 
 
@@ -58,7 +61,7 @@ def test_plugin_method_runs_through_the_cli(toy_npz, tmp_path):
            "--config.prune.method=inverse_magnitude,mag_init"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    init = io.read_jsonl(str(wd / "rounds.jsonl"))
+    init = fileio.read_jsonl(str(wd / "rounds.jsonl"))
     assert {r["method"] for r in init} == {"inverse_magnitude", "mag_init"}
     # Round 1 at 50 %: inverse keeps the smallest |w| of the init, mag_init the largest,
     # so the two masks share no weight.
@@ -166,7 +169,7 @@ def test_subset_uses_n_stratified_images_and_the_dp_inner_loop(tiny_config, tmp_
     c.dp.batch_size = 10
     c.dp.subset_lr = 0.05
     calls, built = [], []
-    from dp_jax import small_set
+    from dp_jax.training import small_set
     real = small_set.make_inner_train
 
     def spy(model, recipe, n, augment, **kw):

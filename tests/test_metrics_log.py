@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dp_jax import experiment, io, metrics_log, workdir
+from dp_jax.tasks import prune as experiment
+from dp_jax.storage import fileio
+from dp_jax.rundir import metrics as metrics_log, paths as workdir
 
 from conftest import assert_rejected
 
@@ -23,7 +25,7 @@ def test_event_files_hold_every_epoch_of_every_round(tiny_config, tmp_path):
     c.prune.rounds = 2
     wd = str(tmp_path / "wd")
     experiment.run(c, wd)
-    rows = io.read_jsonl(workdir.metrics_path(wd))
+    rows = fileio.read_jsonl(workdir.metrics_path(wd))
     for run, rnd in (("dense", 0), ("imp_k0", 1), ("imp_k0", 2)):
         want = [(r["epoch"], r["loss"]) for r in rows
                 if r.get("run") == run and r.get("round") == rnd]
@@ -45,7 +47,7 @@ def test_tensorboard_off_writes_no_event_files(tiny_config, tmp_path):
     wd = str(tmp_path / "wd")
     experiment.run(c, wd)
     assert not os.path.exists(os.path.join(wd, "tb"))
-    assert io.read_jsonl(workdir.metrics_path(wd))  # the record is written regardless
+    assert fileio.read_jsonl(workdir.metrics_path(wd))  # the record is written regardless
 
 
 def test_rows_map_to_tensorboard_runs_and_steps():
@@ -61,7 +63,7 @@ def test_rows_map_to_tensorboard_runs_and_steps():
 
 
 def test_distillation_events_and_loss_plot(tmp_path):
-    from dp_jax import curves
+    from dp_jax.reports import curves
     log = metrics_log.MetricsLog(str(tmp_path), type("S", (), {"tensorboard": True})())
     losses = [3.0, 2.0, 1.5]
     for i, v in enumerate(losses, 1):
@@ -72,7 +74,7 @@ def test_distillation_events_and_loss_plot(tmp_path):
     assert got == [(10, 3.0), (20, 2.0), (30, 1.5)]
     assert _scalars(str(tmp_path / "tb" / "distill"), "eval/accuracy_mean") == \
         [(30, pytest.approx(0.7))]
-    rows = io.read_jsonl(workdir.metrics_path(str(tmp_path)))
+    rows = fileio.read_jsonl(workdir.metrics_path(str(tmp_path)))
     assert curves.plot_distillation(rows, str(tmp_path / "d.png"))
     assert not curves.plot_distillation([r for r in rows if r["phase"] != "distill"],
                                         str(tmp_path / "none.png"))
@@ -80,7 +82,7 @@ def test_distillation_events_and_loss_plot(tmp_path):
 
 
 def test_curves_take_the_last_row_of_a_recomputed_epoch():
-    from dp_jax import curves
+    from dp_jax.reports import curves
     rows = [{"run": "imp_k0", "seed": 0, "round": 1, "epoch": e, "loss": v}
             for e, v in ((0, 9.0), (1, 8.0), (0, 2.0), (1, 1.0))]  # resumed: logged twice
     rows += [{"run": "imp_k0", "seed": 1, "round": 1, "epoch": e, "loss": v}

@@ -2,7 +2,7 @@
 
 The streaming pipeline (``dp_jax.data.pipeline``) is checked on TFDS mock data for
 determinism, per-epoch reshuffling, disjoint host shards and augmentation output;
-``dp_jax.distributed`` with 8 fake CPU devices (data-parallel experiment == 1 device)
+``dp_jax.system.distributed`` with 8 fake CPU devices (data-parallel experiment == 1 device)
 and with two real processes joined by ``jax.distributed`` over localhost.
 
 This file doubles as the worker script of those subprocess tests
@@ -189,11 +189,11 @@ def test_class_subset_and_eval_batches(mock, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# dp_jax.distributed in this process (single host)
+# dp_jax.system.distributed in this process (single host)
 
 def test_initialize_is_a_noop_without_multihost():
     import ml_collections
-    from dp_jax import distributed
+    from dp_jax.system import distributed
     cfg = ml_collections.ConfigDict({"parallel": {"data_parallel": False}})
     info = distributed.initialize(cfg)
     assert info["process_count"] == 1 and info["process_index"] == 0
@@ -280,7 +280,7 @@ def test_two_processes_feed_one_global_batch():
 def _experiment_supports_multihost() -> bool:
     # The experiment hooks (distributed.initialize, process-0 writes, replicated state) land
     # together with the Trainer's streaming support; see docs/paper_scale.md.
-    from dp_jax import train
+    from dp_jax.training import trainer as train
     return hasattr(train.Trainer, "train_stream")
 
 
@@ -303,9 +303,9 @@ def test_two_process_experiment_matches_one_process(tmp_path, toy_npz):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
         assert json.loads(out.strip().splitlines()[-1])["summary"] == ref["summary"]
-    from dp_jax import io
+    from dp_jax.storage import fileio
     keys = ("method", "round", "seed", "sparsity", "test_accuracy", "train_examples")
-    rows = [io.read_jsonl(str(tmp_path / d / "rounds.jsonl")) for d in ("mh", "ref")]
+    rows = [fileio.read_jsonl(str(tmp_path / d / "rounds.jsonl")) for d in ("mh", "ref")]
     assert [[{k: r[k] for k in keys} for r in rs] for rs in rows[:1]] == \
         [[{k: r[k] for k in keys} for r in rs] for rs in rows[1:]]
     for a, b in zip(*rows):  # timings differ; the computed values do not
@@ -317,7 +317,8 @@ def test_two_process_experiment_matches_one_process(tmp_path, toy_npz):
 
 def _experiment_worker(workdir: str, npz: str, methods: str, multihost: bool) -> dict:
     """The fashion_mnist smoke experiment on a generated dataset, data parallel."""
-    from dp_jax import config_files, experiment
+    from dp_jax.config import files as config_files
+    from dp_jax.tasks import prune as experiment
     c = config_files.load_config(os.path.join(ROOT, "configs", "fashion_mnist.py") + ":smoke")
     c.data.name, c.data.train_size = f"npz:{npz}", 0
     c.train.batch_size, c.train.eval_batch_size = 40, 64
@@ -331,7 +332,9 @@ def _experiment_worker(workdir: str, npz: str, methods: str, multihost: bool) ->
 def _mesh_worker(workdir: str, config_spec: str, data_name: str, methods: str) -> dict:
     """Run the smoke experiment on 1 device and data-parallel on 8; return both rounds."""
     import tensorflow_datasets as tfds
-    from dp_jax import config_files, experiment, io
+    from dp_jax.config import files as config_files
+    from dp_jax.tasks import prune as experiment
+    from dp_jax.storage import fileio
     path, _, variant = config_spec.partition(":")
     mod = config_files.load_module(os.path.join(ROOT, path))
     out = {}
@@ -349,7 +352,7 @@ def _mesh_worker(workdir: str, config_spec: str, data_name: str, methods: str) -
         with tfds.testing.mock_data(num_examples=64):
             experiment.run(c, wd)
         out[name] = [{k: r[k] for k in ("method", "seed", "round", "sparsity", "test_accuracy")}
-                     for r in io.read_jsonl(os.path.join(wd, "rounds.jsonl"))]
+                     for r in fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))]
     import jax
     return dict(out, devices=jax.device_count(), num_test=64)
 
@@ -361,7 +364,7 @@ def _process_step(single: bool) -> dict:
     import ml_collections
     import tensorflow_datasets as tfds
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from dp_jax import distributed
+    from dp_jax.system import distributed
     from dp_jax.data import pipeline
 
     if not single:

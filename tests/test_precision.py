@@ -8,7 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dp_jax import masks, small_set, train, validate
+from dp_jax import masks
+from dp_jax.training import small_set, trainer as train
+from dp_jax.tasks import settings as validate
 from dp_jax.distill import mtt
 from dp_jax.models import create_model, init_variables
 

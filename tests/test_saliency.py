@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from dp_jax import masks, saliency
+from dp_jax import masks
+from dp_jax.methods import saliency
 from dp_jax.models import create_model
-from dp_jax.train import cross_entropy
+from dp_jax.training.trainer import cross_entropy
 
 TRACES = {"n": 0}
 

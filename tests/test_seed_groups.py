@@ -12,15 +12,18 @@ import jax
 import numpy as np
 import pytest
 
-from dp_jax import experiment, io, seed_groups
-from dp_jax.prune import TIMINGS
+from dp_jax.tasks import prune as experiment
+from dp_jax.storage import fileio
+from dp_jax.pruning import seeds as seed_groups
+from dp_jax.pruning.rounds import TIMINGS
 
 from conftest import assert_rejected, make_distilled
 
 @pytest.mark.parametrize("loop", ["scan", "python"])
 def test_train_seeds_follows_each_seeds_own_trajectory_and_compiles_once(loop):
     import optax
-    from dp_jax import masks, train
+    from dp_jax import masks
+    from dp_jax.training import trainer as train
     from dp_jax.models import create_model, init_variables
     import ml_collections
     model = create_model(ml_collections.ConfigDict(dict(name="lenet_300_100")), num_classes=3)
@@ -58,7 +61,7 @@ def test_train_seeds_follows_each_seeds_own_trajectory_and_compiles_once(loop):
 
 
 def _records(wd):
-    rows = io.read_jsonl(os.path.join(wd, "rounds.jsonl"))
+    rows = fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))
     return {(r["method"], r["seed"], r["round"]): r for r in rows}
 
 

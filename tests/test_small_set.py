@@ -1,4 +1,4 @@
-"""Small-set training (dp_jax.small_set): CutMix against a NumPy reference, the recipe in
+"""Small-set training (dp_jax.training.small_set): CutMix against a NumPy reference, the recipe in
 epochs, loop forms taking identical steps, and DP's inner loop with the paper's recipe."""
 
 import jax
@@ -8,7 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from dp_jax import experiment, io, small_set, train, workdir
+from dp_jax.tasks import prune as experiment
+from dp_jax.storage import fileio
+from dp_jax.training import small_set, trainer as train
+from dp_jax.rundir import paths as workdir
 from dp_jax.data import cutmix as cutmix_lib
 from dp_jax.models import create_model, init_variables
 
@@ -125,7 +128,7 @@ def test_dp_with_the_paper_recipe_end_to_end(tiny_config, tmp_path):
     c.dp.cutmix_prob = 0.5
     wd = str(tmp_path / "wd")
     experiment.run(c, wd)
-    rows = io.read_jsonl(workdir.rounds_path(wd))
+    rows = fileio.read_jsonl(workdir.rounds_path(wd))
     # 5 epochs of 40 // 16 = 2 batches of 16, per inner seed.
     assert rows[-1]["train_examples"] == 5 * 2 * 16 * c.dp.inner_seeds
 

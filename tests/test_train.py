@@ -10,9 +10,9 @@ import optax
 import pytest
 
 from dp_jax import masks
-from dp_jax import small_set
-from dp_jax import train
-from dp_jax.train_outputs import TrainingDivergedError
+from dp_jax.training import small_set
+from dp_jax.training import trainer as train
+from dp_jax.training.outputs import TrainingDivergedError
 from dp_jax.models import create_model, init_variables
 
 

@@ -6,12 +6,14 @@ import os
 import numpy as np
 import pytest
 
-from dp_jax import experiment, io, workdir
-from dp_jax.train_outputs import TrainingDivergedError
+from dp_jax.tasks import prune as experiment
+from dp_jax.storage import fileio
+from dp_jax.rundir import paths as workdir
+from dp_jax.training.outputs import TrainingDivergedError
 
 from conftest import assert_rejected, make_distilled
 
-from dp_jax.prune import TIMINGS  # noqa: E402
+from dp_jax.pruning.rounds import TIMINGS  # noqa: E402
 
 
 def _strip(rows):
@@ -67,8 +69,8 @@ def test_more_rounds_seeds_methods_and_rewind_steps_extend_a_workdir(tiny_config
     assert _bytes(wd, "runs/imp_k0-seed0/masks/round_001.npz") == first
     fresh = str(tmp_path / "fresh")
     experiment.run(c, fresh)
-    assert _strip(io.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == \
-        _strip(io.read_jsonl(os.path.join(fresh, "rounds.jsonl")))
+    assert _strip(fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == \
+        _strip(fileio.read_jsonl(os.path.join(fresh, "rounds.jsonl")))
     for label in ("imp_k0", "imp_k3", "random"):
         for seed in (0, 1):
             for rnd in range(3):
@@ -211,19 +213,19 @@ def test_restart_changed_reruns_only_the_affected_runs(tiny_config, tmp_path):
     fresh = str(tmp_path / "fresh")
     experiment.run(c, fresh)
     assert _masks(wd, "dp") == _masks(fresh, "dp") != dp
-    assert _strip(io.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == \
-        _strip(io.read_jsonl(os.path.join(fresh, "rounds.jsonl")))
+    assert _strip(fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == \
+        _strip(fileio.read_jsonl(os.path.join(fresh, "rounds.jsonl")))
     # A field every run reads: everything moves and reruns, equal to a fresh workdir.
     c.train.lr = 0.01
     experiment.run(c, wd, restart_changed=True)
     fresh2 = str(tmp_path / "fresh2")
     experiment.run(c, fresh2)
     assert _masks(wd, "imp_k0") == _masks(fresh2, "imp_k0") != imp
-    assert _strip(io.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == \
-        _strip(io.read_jsonl(os.path.join(fresh2, "rounds.jsonl")))
+    assert _strip(fileio.read_jsonl(os.path.join(wd, "rounds.jsonl"))) == \
+        _strip(fileio.read_jsonl(os.path.join(fresh2, "rounds.jsonl")))
     # The metrics stream holds no rows of the superseded trainings.
-    rows = [r for r in io.read_jsonl(os.path.join(wd, "metrics.jsonl")) if "run" in r]
-    assert len(rows) == len([r for r in io.read_jsonl(os.path.join(fresh2, "metrics.jsonl"))
+    rows = [r for r in fileio.read_jsonl(os.path.join(wd, "metrics.jsonl")) if "run" in r]
+    assert len(rows) == len([r for r in fileio.read_jsonl(os.path.join(fresh2, "metrics.jsonl"))
                              if "run" in r])
 
 
@@ -234,14 +236,14 @@ def test_a_run_directory_from_other_settings_is_refused(tiny_config, tmp_path):
     wd = str(tmp_path / "wd")
     experiment.run(c, wd)
     src = "npz:" + os.path.abspath(c.data.name[len("npz:"):])
-    assert io.read_json(os.path.join(wd, "config.json"))["data_source"] == src
-    assert io.read_json(os.path.join(wd, "summary.json"))["data_source"] == src
+    assert fileio.read_json(os.path.join(wd, "config.json"))["data_source"] == src
+    assert fileio.read_json(os.path.join(wd, "summary.json"))["data_source"] == src
     path = workdir.identity_path(wd, "imp_k0", 0)
-    fields = io.read_json(path)
+    fields = fileio.read_json(path)
     assert fields["train.lr"] == c.train.lr and fields["run"] == "imp_k0"
     assert not any(k.startswith(("dp.", "distill.")) for k in fields)  # IMP reads neither
     fields["train.lr"] = 1.0  # as if copied in from another workdir
-    io.write_json(path, fields)
+    fileio.write_json(path, fields)
     with pytest.raises(ValueError, match=r"imp_k0-seed0 was made by other settings \(train.lr"):
         experiment.run(c, wd)
 
@@ -255,12 +257,12 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path, monke
     target = tmp_path / "config.json"
     target.write_text("old")
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(io.NoSpaceError, match=r"no space left to write .*config.json"):
-        io.write_json(str(target), {"a": 1})
+    with pytest.raises(fileio.NoSpaceError, match=r"no space left to write .*config.json"):
+        fileio.write_json(str(target), {"a": 1})
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
     # A full disk under the checkpoint library (which wraps the OSError) reads the same.
     monkeypatch.undo()
-    ckpt = io.RoundCheckpointer(str(tmp_path / "ck"))
+    ckpt = fileio.RoundCheckpointer(str(tmp_path / "ck"))
 
     def wrapped(*a, **k):
         try:
@@ -268,11 +270,11 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path, monke
         except OSError as e:
             raise RuntimeError("async save failed") from e
     monkeypatch.setattr(ckpt._mgr, "save", wrapped)
-    with pytest.raises(io.NoSpaceError, match=r"no space left to write .*ck/3"):
+    with pytest.raises(fileio.NoSpaceError, match=r"no space left to write .*ck/3"):
         ckpt.save(3, {"x": np.zeros(2)}, {})
     ckpt.close()
     # The command line prints it as one line and exits 2.
-    run = cli.guarded(lambda argv: io.write_json(str(target), {}), verbose=lambda: False)
+    run = cli.guarded(lambda argv: fileio.write_json(str(target), {}), verbose=lambda: False)
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(SystemExit) as e:
         run([])
@@ -291,7 +293,7 @@ def test_supersede_moves_exactly_the_affected_files(tmp_path):
     for f in files:
         os.makedirs(os.path.dirname(os.path.join(wd, f)), exist_ok=True)
         open(os.path.join(wd, f), "w").write(f)
-    io.write_jsonl(os.path.join(wd, "metrics.jsonl"), [
+    fileio.write_jsonl(os.path.join(wd, "metrics.jsonl"), [
         {"run": "imp_k0", "seed": 0, "loss": 1.0}, {"run": "reinit_imp_k0", "seed": 0, "loss": 2.0},
         {"phase": "distill", "iteration": 1, "loss": 3.0}])
     dest = workdir.supersede(wd, [("imp_k0", 0)], distill=False)
@@ -299,7 +301,7 @@ def test_supersede_moves_exactly_the_affected_files(tmp_path):
                    for r, _, fs in os.walk(dest) for f in fs)
     assert moved == sorted(["metrics.jsonl"] + [f for f in files if "reinit" not in f])
     assert all(os.path.exists(os.path.join(wd, f)) == ("reinit" in f) for f in files)
-    assert [r.get("run") for r in io.read_jsonl(os.path.join(wd, "metrics.jsonl"))] == \
+    assert [r.get("run") for r in fileio.read_jsonl(os.path.join(wd, "metrics.jsonl"))] == \
         ["reinit_imp_k0", None]
 
 
@@ -309,15 +311,15 @@ def test_a_workdir_made_before_new_fields_existed_resumes(tiny_config, tmp_path)
     c.prune.rounds = 1
     wd = str(tmp_path / "wd")
     experiment.run(c, wd)
-    cfg = io.read_json(os.path.join(wd, "config.json"))
+    cfg = fileio.read_json(os.path.join(wd, "config.json"))
     for section, field in (("dp", "epochs"), ("dp", "cutmix_prob"), ("distill", "method")):
         del cfg[section][field]  # as written before these fields were added
-    io.write_json(os.path.join(wd, "config.json"), cfg)
+    fileio.write_json(os.path.join(wd, "config.json"), cfg)
     experiment.run(c, wd)  # defaults reproduce the old behaviour: accepted
     for section, field in (("dp", "epochs"), ("distill", "method")):
-        cfg = io.read_json(os.path.join(wd, "config.json"))
+        cfg = fileio.read_json(os.path.join(wd, "config.json"))
         del cfg[section][field]
-        io.write_json(os.path.join(wd, "config.json"), cfg)
+        fileio.write_json(os.path.join(wd, "config.json"), cfg)
     c.dp.epochs = 5  # not the old behaviour: refused
     with pytest.raises(ValueError, match=r"dp.epochs: 0 -> 5"):
         experiment.run(c, wd)

@@ -3,7 +3,7 @@
 From one (masked) starting point -- weights, mask and the global step ``k`` they
 belong to -- ``P >= 2`` copies are trained with different data order (and
 augmentation) keys: one compiled step ``vmap``-ped over copies (built on
-:func:`dp_jax.train.train_step`), driven either by a ``lax.scan`` per epoch or
+:func:`dp_jax.training.trainer.train_step`), driven either by a ``lax.scan`` per epoch or
 by a Python loop (XLA:CPU runs rolled scans over conv steps ~10x slower).
 
 Copy 0 uses the seed's own data key (``fold_in(seed, rng.DATA)``), so it
@@ -31,9 +31,9 @@ import optax
 
 from dp_jax import masks as masks_lib
 from dp_jax import rng
-from dp_jax import train as train_lib
+from dp_jax.training import trainer as train_lib
 from dp_jax.analysis import family
-from dp_jax.train_outputs import TrainingDivergedError
+from dp_jax.training.outputs import TrainingDivergedError
 
 PyTree = Any
 
@@ -58,7 +58,7 @@ def copy_keys(seed: int, num_copies: int) -> jax.Array:
 class CopyTrainer:
     """Trains ``P`` copies of a masked network at once; build once, reuse for every start point.
 
-    Copy ``c`` follows exactly the batch schedule of :class:`dp_jax.train.Trainer`
+    Copy ``c`` follows exactly the batch schedule of :class:`dp_jax.training.trainer.Trainer`
     with key ``keys[c]`` (epoch permutation ``permutation(fold_in(key, epoch))``,
     step key ``fold_in(key, step)``), so a copy with the run's data key retraces
     the run.

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dp_jax import io
+from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
 from dp_jax.analysis import family
 from dp_jax.models import is_prunable
@@ -196,7 +196,7 @@ def save_directions(path: str, directions: Sequence[PyTree], *, seed: int, purpo
     """
     buf = _io.BytesIO()
     np.savez_compressed(buf, **directions_arrays(directions, seed=seed, purpose=purpose))
-    io.atomic_write_bytes(path, buf.getvalue())
+    fileio.atomic_write_bytes(path, buf.getvalue())
 
 
 def load_directions(path: str, like: PyTree) -> list[PyTree]:

@@ -2,7 +2,7 @@
 
 *Per-mask resume.* When every output of a mask is written, ``done_<stem>.json`` records the
 analyses' settings digest, the mask's digest and the output files; all of them are entered in
-the analysis directory's checksum manifest (:mod:`dp_jax.integrity`). A later analysis with
+the analysis directory's checksum manifest (:mod:`dp_jax.storage.integrity`). A later analysis with
 the same settings skips a mask whose record and files are intact, and recomputes it otherwise
 (a kill mid-mask, an edited or damaged output, other settings, a changed mask).
 
@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dp_jax import integrity
-from dp_jax import io
+from dp_jax.storage import integrity
+from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
-from dp_jax import workdir as workdir_lib
+from dp_jax.rundir import paths as workdir_lib
 
 DONE = "done"
 
@@ -50,12 +50,12 @@ def finished(workdir: str, label: str, seed: int, rnd: int, digest: str,
     name = _done_name(label, seed, rnd)
     if integrity.problem(adir, name) is not None:
         return None
-    done = io.read_json(os.path.join(adir, name))
+    done = fileio.read_json(os.path.join(adir, name))
     if done.get("settings") != digest or done.get("mask_sha1") != mask_sha1:
         return None
     if any(integrity.problem(adir, f) is not None for f in done["files"]):
         return None
-    return {a: io.read_json(os.path.join(adir, f)) for a, f in done["results"].items()}
+    return {a: fileio.read_json(os.path.join(adir, f)) for a, f in done["results"].items()}
 
 
 def write_results(workdir: str, label: str, seed: int, rnd: int, digest: str, meta: dict,
@@ -70,13 +70,13 @@ def write_results(workdir: str, label: str, seed: int, rnd: int, digest: str, me
         if name == "landscape":
             r["directions_file"] = f"landscape_{stem}_directions.npz"
         names[name] = workdir_lib.analysis_file(name, label, seed, rnd)
-        io.write_json(os.path.join(out_dir, names[name]), r)
+        fileio.write_json(os.path.join(out_dir, names[name]), r)
         out[name] = r
     for (prefix, suffix), arr in arrays.items():
         files.append(prefix + stem + suffix)
         buf = _io.BytesIO()
         np.savez_compressed(buf, **arr)
-        io.atomic_write_bytes(os.path.join(out_dir, files[-1]), buf.getvalue())
+        fileio.atomic_write_bytes(os.path.join(out_dir, files[-1]), buf.getvalue())
     mark_finished(workdir, label, seed, rnd, digest, meta["mask_sha1"], names,
                   list(names.values()) + files)
     return out
@@ -89,7 +89,7 @@ def mark_finished(workdir: str, label: str, seed: int, rnd: int, digest: str, ma
     for f in files:
         integrity.record(adir, f)
     name = _done_name(label, seed, rnd)
-    io.write_json(os.path.join(adir, name), {"settings": digest, "mask_sha1": mask_sha1,
+    fileio.write_json(os.path.join(adir, name), {"settings": digest, "mask_sha1": mask_sha1,
                                              "results": dict(results), "files": list(files)})
     integrity.record(adir, name)  # last: a kill before this leaves the mask to recompute
 
@@ -107,7 +107,7 @@ def kept_trained(workdir: str, label: str, seed: int, rnd: int, like: dict) -> O
     if integrity.has_records(run_dir) and \
             integrity.problem(run_dir, f"checkpoints/{rnd}") is not None:
         return None
-    ckpt = io.RoundCheckpointer(ckpt_dir)
+    ckpt = fileio.RoundCheckpointer(ckpt_dir)
     try:
         arrays, _ = ckpt.restore(rnd, {"mask": masks_lib.ones_like(like["params"]),
                                        "trained": like})

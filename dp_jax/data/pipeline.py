@@ -5,7 +5,7 @@ A ``HostIterator`` reads examples by index from a random-access source (a
 on a background thread and hands out batches through a bounded queue, so the
 host prepares step t+1 while the devices run step t.
 
-Determinism contract (mirrors ``dp_jax.train``'s in-memory loop). With ``S``
+Determinism contract (mirrors ``dp_jax.training.trainer``'s in-memory loop). With ``S``
 steps per epoch, global batch ``B`` and ``P`` processes, the global batch of
 step ``t`` is::
 

@@ -20,11 +20,9 @@ docs/distillation.md.
 """
 
 from dp_jax.distill.config import distill_defaults, validate, validate_with_data
-from dp_jax.distill.distilled import (DistilledSet, check_compatible, load_distilled,
-                                      save_distilled)
+from dp_jax.distill.sets import DistilledSet, check_compatible, load_distilled, save_distilled
 from dp_jax.distill.experts import ExpertBuffer, load_trajectories, train_experts
 from dp_jax.distill.mtt import MEMORY_MODES, TrajectoryMatcher
-from dp_jax.distill.run import distill_into, ensure_distilled, run
 
 __all__ = [
     "DistilledSet",
@@ -33,11 +31,8 @@ __all__ = [
     "TrajectoryMatcher",
     "check_compatible",
     "distill_defaults",
-    "distill_into",
-    "ensure_distilled",
     "load_distilled",
     "load_trajectories",
-    "run",
     "save_distilled",
     "train_experts",
     "validate",

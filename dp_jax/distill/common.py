@@ -20,11 +20,13 @@ import numpy as np
 import optax
 
 from dp_jax import masks as masks_lib
-from dp_jax import rng, small_set
+from dp_jax import rng
+from dp_jax.training import small_set
 from dp_jax.data.augment import make_augment, siamese
 from dp_jax.distill import synthetic
 from dp_jax.distill.experts import distill_key
 from dp_jax.models import apply_features, init_variables
+from dp_jax.models import create_model
 
 PyTree = Any
 
@@ -58,7 +60,7 @@ class Method:
 
 @functools.lru_cache(maxsize=16)
 def sgd(lr: float, momentum: float) -> optax.GradientTransformation:
-    """Plain SGD from :func:`dp_jax.small_set.sgd` (no weight decay or schedule; no momentum
+    """Plain SGD from :func:`dp_jax.training.small_set.sgd` (no weight decay or schedule; no momentum
     state when ``momentum`` is 0); one object per setting, because jitted updates take the
     optimiser as a static argument."""
     return small_set.sgd(lr, num_steps=0, momentum=momentum, weight_decay=0.0)
@@ -217,7 +219,6 @@ def matching_method(config, dataset, *, name: str, program: Callable, settings_c
 
     The set's step size is ``distill.lr_init`` (these methods learn none).
     """
-    from dp_jax.models import create_model
     d = config.distill
     model = create_model(config.model, num_classes=dataset.num_classes)
     images, labels = initial_images(config, dataset)

@@ -31,10 +31,10 @@ import zipfile
 
 import numpy as np
 
-from dp_jax import config_files
+from dp_jax.config import files as config_files
 from dp_jax.data import describe_preprocessing, load_dataset
 from dp_jax.data import preprocess as pre
-from dp_jax.distill import distilled as dist_lib
+from dp_jax.distill import sets as dist_lib
 from dp_jax.distill import torch_pickle
 
 FORMATS = ("mtt", "idc", "npz")

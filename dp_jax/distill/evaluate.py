@@ -7,7 +7,7 @@ over the K networks. The same protocol runs on a class-balanced random real subs
 (the baseline the distilled set must beat) and a short real-data training on the full training
 set (the ceiling).
 
-Training on the small set uses :func:`dp_jax.small_set.make_inner_loop` (one ``lax.scan``,
+Training on the small set uses :func:`dp_jax.training.small_set.make_inner_loop` (one ``lax.scan``,
 optionally ``vmap``-ped over the K seeds). The step size is a traced argument of the compiled
 program (the optimiser is built inside it), so evaluating a new learned step size never
 recompiles. XLA:CPU runs convolution steps inside a ``lax.scan`` 10-30x slower than as separate
@@ -30,8 +30,8 @@ import numpy as np
 import optax
 
 from dp_jax import masks as masks_lib
-from dp_jax import small_set
-from dp_jax import train as train_lib
+from dp_jax.training import small_set
+from dp_jax.training import trainer as train_lib
 from dp_jax.data import stratified_indices
 from dp_jax.data.augment import make_augment
 from dp_jax.models import create_model, init_variables

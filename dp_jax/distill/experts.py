@@ -13,7 +13,7 @@ Every epoch and state file is checked against its recorded digest before use: a 
 edited or unrecorded file (a kill between writing and recording) is refused with its path
 (buffers made before checksums existed have no manifest and are read as before).
 
-Experts train with the repository's :class:`dp_jax.train.Trainer` (its batches depend only on
+Experts train with the repository's :class:`dp_jax.training.trainer.Trainer` (its batches depend only on
 (key, step), so an expert resumed from ``state.npz`` continues exactly as if never stopped, and
 asking for more epochs or more experts extends a buffer in place). Expert ``i`` uses
 ``fold_in(fold_in(distill_key, 0), i)``: init from ``fold_in(., 0)``, data order and
@@ -37,13 +37,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dp_jax import integrity
-from dp_jax import io
+from dp_jax.storage import integrity
+from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
-from dp_jax import train as train_lib
+from dp_jax.training import trainer as train_lib
 from dp_jax.data import stratified_indices
 from dp_jax.data.augment import make_augment
-from dp_jax.distill import distilled as dist_lib
+from dp_jax.distill import sets as dist_lib
 from dp_jax.models import CONFIG_FIELDS, create_model, init_variables
 from dp_jax import rng
 
@@ -141,7 +141,7 @@ class ExpertBuffer:
 
     def _write_recorded(self, path: str, data: bytes) -> None:
         integrity.forget(self.dir, self._rel(path))
-        io.atomic_write_bytes(path, data)
+        fileio.atomic_write_bytes(path, data)
         integrity.record(self.dir, self._rel(path))
 
     def verify(self, path: str) -> None:
@@ -157,7 +157,7 @@ class ExpertBuffer:
     def read_provenance(self) -> Optional[dict]:
         """The stored provenance, or None for an empty buffer."""
         path = os.path.join(self.dir, "provenance.json")
-        return io.read_json(path) if os.path.exists(path) else None
+        return fileio.read_json(path) if os.path.exists(path) else None
 
     def check(self, expected: dict, preprocessing: dict) -> None:
         """ValueError naming every field where the buffer differs from ``expected``."""
@@ -183,9 +183,9 @@ class ExpertBuffer:
             self.check(expected, preprocessing)
             return
         os.makedirs(self.dir, exist_ok=True)
-        io.atomic_write_bytes(os.path.join(self.dir, "preprocessing.npz"),
+        fileio.atomic_write_bytes(os.path.join(self.dir, "preprocessing.npz"),
                               _npz_bytes(dist_lib.preprocessing_arrays(preprocessing)))
-        io.write_json(os.path.join(self.dir, "provenance.json"), expected)
+        fileio.write_json(os.path.join(self.dir, "provenance.json"), expected)
         integrity.record(self.dir, "provenance.json")  # a new buffer is checked from the start
 
     def epochs_done(self, i: int) -> int:
@@ -240,12 +240,12 @@ class ExpertBuffer:
         cost["examples"] += int(examples)
         cost["wall_s"] += float(wall_s)
         cost["cpu_s"] = cost.get("cpu_s", 0.0) + float(cpu_s)
-        io.write_json(os.path.join(self.dir, "cost.json"), cost)
+        fileio.write_json(os.path.join(self.dir, "cost.json"), cost)
 
     def cost(self) -> dict:
         """``{"examples", "wall_s", "cpu_s"}`` spent producing this buffer so far."""
         path = os.path.join(self.dir, "cost.json")
-        return io.read_json(path) if os.path.exists(path) else {"examples": 0, "wall_s": 0.0}
+        return fileio.read_json(path) if os.path.exists(path) else {"examples": 0, "wall_s": 0.0}
 
     def load(self, num_experts: int, num_epochs: int, like_params: PyTree,
              like_bn: PyTree) -> Trajectories:

@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import optax
 
 from dp_jax import masks as masks_lib
-from dp_jax import rng, small_set
+from dp_jax import rng
+from dp_jax.training import small_set
 from dp_jax.distill import common, synthetic
 from dp_jax.models import init_variables
 from dp_jax.models.convs import fast_convs

@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dp_jax import io
+from dp_jax.storage import fileio
 from dp_jax import rng
-from dp_jax import workdir as workdir_lib
+from dp_jax.rundir import paths as workdir_lib
 from dp_jax.distill import mtt, synthetic
 from dp_jax.distill.common import Method
 from dp_jax.distill.experts import Trajectories, distill_key
-from dp_jax.train_outputs import TrainingDivergedError
+from dp_jax.training.outputs import TrainingDivergedError
 
 PyTree = Any
 DISTILL_PHASES = ("distill", "distill_eval")
@@ -79,11 +79,11 @@ class _Clock:
 
 
 def _truncate_metrics(path: str, after: int) -> None:
-    rows = io.read_jsonl(path)
+    rows = fileio.read_jsonl(path)
     keep = [r for r in rows
             if not (r.get("phase") in DISTILL_PHASES and r.get("iteration", 0) > after)]
     if len(keep) != len(rows):
-        io.write_jsonl(path, keep)
+        fileio.write_jsonl(path, keep)
 
 
 def _is_array(v) -> bool:
@@ -145,7 +145,7 @@ def run_method(config, method: Method, workdir: str, *,
     d = config.distill
     total = int(d.iterations)
     k_eval = jax.random.fold_in(distill_key(config), rng.DISTILL_EVAL)
-    ckpt = io.RoundCheckpointer(workdir_lib.distill_checkpoints(workdir), max_to_keep=2)
+    ckpt = fileio.RoundCheckpointer(workdir_lib.distill_checkpoints(workdir), max_to_keep=2)
     try:
         state, start, clock, examples = _resume(ckpt, method.state, workdir)
         window: list[float] = []

@@ -12,7 +12,7 @@ all N steps (second derivatives of the network).
 
 Minibatches follow MTT: passes over a fresh permutation of the synthetic set in chunks of
 ``batch_size`` (the last partial chunk of a pass is dropped so shapes stay static), drawn by
-:func:`dp_jax.small_set.batch_at` like every small-set training here; the augmentation key is
+:func:`dp_jax.training.small_set.batch_at` like every small-set training here; the augmentation key is
 ``fold_in(fold_in(key, 1), k)``: a step depends only on (key, k).
 
 Normalisation: the MTT ConvNet uses instance norm (no running statistics), which is what the
@@ -58,8 +58,9 @@ import numpy as np
 import optax
 
 from dp_jax import masks as masks_lib
-from dp_jax import rng, small_set
-from dp_jax import precision
+from dp_jax import rng
+from dp_jax.training import small_set
+from dp_jax.training import precision
 from dp_jax.data.augment import make_augment
 from dp_jax.distill import common, synthetic
 from dp_jax.distill.experts import Trajectories, distill_key

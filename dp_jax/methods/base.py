@@ -6,7 +6,7 @@ e.g. ``imp:k=200`` or ``snip:oneshot``), its run label, how it is validated, and
 the :class:`Plan` of one run: round r's mask from what the round has (the previous mask
 and trained weights, plus the context: init, data, distilled set), the weights round r
 trains from, and the examples its mask search processes. The generic round loop
-(:func:`dp_jax.prune.run_rounds`) does the rest: evaluation, checkpoints, records.
+(:func:`dp_jax.pruning.rounds.run_rounds`) does the rest: evaluation, checkpoints, records.
 """
 
 from __future__ import annotations
@@ -14,31 +14,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
-import jax
+from dp_jax.pruning.plan import Context, Plan, Spec
 
-PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """One parsed ``prune.method`` entry: the method's name, its run label and options."""
-    name: str
-    label: str
-    options: tuple = ()  # sorted (option, value) pairs
-
-    def opt(self, key: str, default=None):
-        """The value of option ``key`` (``default`` when not set)."""
-        return dict(self.options).get(key, default)
-
-    @property
-    def rewind_step(self) -> int:
-        """The step whose weights every round trains from (0 = init)."""
-        return int(self.opt("k", 0))
-
-    @property
-    def source(self) -> Optional[str]:
-        """reinit: the label of the run whose masks are reused."""
-        return self.opt("of")
+__all__ = ["Context", "Method", "Option", "Plan", "Spec"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,27 +27,6 @@ class Option:
     default: Any = None                # a value, or ``fn(config) -> value``
     help: str = ""
     flag: bool = False
-
-
-@dataclasses.dataclass
-class Context:
-    """What a run of one method for one seed can use to build its plan."""
-    setup: Any            # dp_jax.prune.Setup
-    workdir: str
-    seed: int
-    seed_key: jax.Array
-    dense: dict           # the seed's dense run: variables (init), trained, snapshots, record
-    config: Any           # the experiment config (methods read their own sections)
-    distilled: Any = None  # dp_jax.experiment.Distilled when a method needs it
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """How one run produces its rounds (the arguments of dp_jax.prune.run_rounds)."""
-    next_mask: Callable[[int, PyTree, dict], PyTree]  # (round, mask, trained) -> mask
-    start_point: Callable[[int], tuple]                # round -> (variables, start_step)
-    search_examples: Callable[[int], int]              # round -> examples to find its mask
-    uses_trained: Callable[[int], bool] = lambda rnd: False  # mask from round r-1's training?
 
 
 class Method:

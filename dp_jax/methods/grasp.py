@@ -1,12 +1,12 @@
 """GraSP (Wang et al. 2020): keep the weights whose removal least reduces gradient flow.
 
 The score convention (sign, temperature) is documented in
-:func:`dp_jax.saliency.grasp_scores`.
+:func:`dp_jax.methods.saliency.grasp_scores`.
 """
 
 from __future__ import annotations
 
-from dp_jax.methods import scored
+from dp_jax.methods import saliency, scored
 
 
 class GraSP(scored.Scored):
@@ -15,7 +15,6 @@ class GraSP(scored.Scored):
     title = "GraSP"
 
     def score_fn(self, model, variables, mask, batches):
-        from dp_jax import saliency  # jax-heavy scoring code, imported when used
         return saliency.grasp_scores(model, variables, mask, batches)
 
 

@@ -8,7 +8,7 @@ its *trained* weights; the survivors restart from the dense run's weights at ste
 from __future__ import annotations
 
 from dp_jax import masks as masks_lib
-from dp_jax import prune as prune_lib
+from dp_jax.pruning import rounds as prune_lib
 from dp_jax.methods import base
 
 

@@ -7,7 +7,7 @@ same as one-shot pruning to each round's sparsity; masks are nested.
 from __future__ import annotations
 
 from dp_jax import masks as masks_lib
-from dp_jax import prune as prune_lib
+from dp_jax.pruning import rounds as prune_lib
 from dp_jax.methods import base
 
 

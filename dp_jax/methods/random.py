@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from dp_jax import masks as masks_lib
-from dp_jax import prune as prune_lib
+from dp_jax.pruning import rounds as prune_lib
 from dp_jax import rng
 from dp_jax.methods import base
 

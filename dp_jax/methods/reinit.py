@@ -10,11 +10,11 @@ import os
 
 import jax
 
-from dp_jax import io
+from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
 from dp_jax import rng
-from dp_jax import workdir as workdir_lib
-from dp_jax.methods import base
+from dp_jax.rundir import paths as workdir_lib
+from dp_jax.methods import base, registry
 
 
 class Reinit(base.Method):
@@ -29,8 +29,7 @@ class Reinit(base.Method):
 
     def describe(self, label):
         if label.startswith("reinit_"):
-            from dp_jax.methods import pretty
-            return f"{self.title} of {pretty(label[len('reinit_'):])}"
+            return f"{self.title} of {registry.pretty(label[len('reinit_'):])}"
         return None
 
     def validate(self, spec, config, earlier):
@@ -46,7 +45,7 @@ class Reinit(base.Method):
         like = ctx.dense["variables"]["params"]
         fresh = ctx.setup.init_fn(jax.random.fold_in(ctx.seed_key, rng.REINIT))
         # The mask search is the source's: charge its examples round by round.
-        src_examples = {r["round"]: r["train_examples"] for r in io.read_jsonl(
+        src_examples = {r["round"]: r["train_examples"] for r in fileio.read_jsonl(
             workdir_lib.run_rounds_path(ctx.workdir, spec.source, ctx.seed))}
 
         def next_mask(rnd, mask, trained):

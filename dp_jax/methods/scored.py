@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from dp_jax import prune as prune_lib
+from dp_jax.pruning import rounds as prune_lib
 from dp_jax import rng
 from dp_jax.methods import base
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dp_jax.methods import scored
+from dp_jax.methods import saliency, scored
 
 
 class SNIP(scored.Scored):
@@ -11,7 +11,6 @@ class SNIP(scored.Scored):
     title = "SNIP"
 
     def score_fn(self, model, variables, mask, batches):
-        from dp_jax import saliency  # jax-heavy scoring code, imported when used
         return saliency.snip_scores(model, variables, mask, batches)
 
 

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dp_jax import rng
-from dp_jax import small_set
+from dp_jax.training import small_set
 from dp_jax.data import stratified_indices
-from dp_jax.methods import base, distilled
+from dp_jax.methods import base, dp as distilled
+from dp_jax.distill import load_distilled
 
 
 
@@ -38,7 +39,6 @@ def default_size(config, num_classes: int) -> int:
     d = config.distill
     if d.get("path"):
         import os
-        from dp_jax.distill import load_distilled
         if os.path.exists(d.path):
             return len(load_distilled(d.path))
     return int(d.ipc) * num_classes * int(d.get("factor", 1)) ** 2

@@ -3,15 +3,15 @@
 Each round goes from the previous round's density d0 to IMP's next density d1 in
 ``synflow:iters=N`` steps (default 100) on the paper's exponential schedule
 d_i = d0 (d1/d0)^(i/N), re-scoring the current mask at every step
-(:func:`dp_jax.saliency.synflow_prune`; the last step lands on exactly the count one IMP
-round keeps). The scores (:func:`dp_jax.saliency.synflow_scores`) run in float64 so that R
+(:func:`dp_jax.methods.saliency.synflow_prune`; the last step lands on exactly the count one IMP
+round keeps). The scores (:func:`dp_jax.methods.saliency.synflow_scores`) run in float64 so that R
 does not overflow in deep nets.
 """
 
 from __future__ import annotations
 
 from dp_jax import masks as masks_lib
-from dp_jax.methods import base
+from dp_jax.methods import base, saliency
 
 
 def experiment_prune_fn(setup):
@@ -34,7 +34,6 @@ class SynFlow(base.Method):
     data_free = True
 
     def plan(self, spec, ctx):
-        from dp_jax import saliency  # jax-heavy scoring code, imported when used
         setup, variables = ctx.setup, ctx.dense["variables"]
         iters, prune_fn = int(spec.opt("iters")), experiment_prune_fn(setup)
 

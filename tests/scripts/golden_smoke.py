@@ -19,7 +19,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/ for conftest's helpers
 
-from dp_jax.prune import TIMINGS  # noqa: E402
+from dp_jax.pruning.rounds import TIMINGS  # noqa: E402
 METHODS = "imp,imp:k=3,random,dp,reinit:of=dp,dp_imp"
 
 
@@ -52,8 +52,8 @@ def golden_config(npz_path):
 
 def digest(workdir):
     """``{"records": [...], "masks": {run/round: {param: sha256}}}`` of a finished workdir."""
-    from dp_jax import io
-    rows = io.read_jsonl(os.path.join(workdir, "rounds.jsonl"))
+    from dp_jax.storage import fileio
+    rows = fileio.read_jsonl(os.path.join(workdir, "rounds.jsonl"))
     rows = sorted(({k: v for k, v in r.items() if k not in TIMINGS} for r in rows),
                   key=lambda r: (r["method"], r["seed"], r["round"]))
     masks = {}
@@ -70,7 +70,7 @@ def digest(workdir):
 def run_golden(tmpdir):
     """Run the golden experiment in ``tmpdir``; returns its digest."""
     from conftest import make_npz
-    from dp_jax import experiment
+    from dp_jax.tasks import prune as experiment
     npz = make_npz(os.path.join(tmpdir, "toy.npz"))
     wd = os.path.join(tmpdir, "wd")
     experiment.run(golden_config(npz), wd)

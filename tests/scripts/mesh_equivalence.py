@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from dp_jax import masks, train  # noqa: E402
+from dp_jax import masks
+from dp_jax.training import trainer as train  # noqa: E402
 from dp_jax.models import create_model, init_variables  # noqa: E402
 
 

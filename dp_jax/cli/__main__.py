@@ -1,0 +1,5 @@
+"""``python -m dp_jax.cli <command> ...``: the ``dp-jax`` console script."""
+
+from dp_jax.cli import main
+
+main()

@@ -1,0 +1,66 @@
+"""Config files: finding them (a path, or the name of a config shipped with the package) and
+loading them (``configs/`` holds files, not a package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+PACKAGED_CONFIGS = "dp_jax_configs"  # configs/ as shipped in the wheel (pyproject.toml)
+
+
+def configs_dir() -> str | None:
+    """Directory of the packaged configs: the installed package, else a checkout's configs/."""
+    try:
+        spec = importlib.util.find_spec(PACKAGED_CONFIGS)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "configs")
+    return here if os.path.isdir(here) else None
+
+
+def packaged_configs() -> list[str]:
+    """Names usable as ``--config=NAME`` (files of the packaged configs, helpers excluded)."""
+    d = configs_dir()
+    names = sorted(os.listdir(d)) if d else []
+    return [n[:-3] for n in names if n.endswith(".py") and not n.startswith("_")]
+
+
+def resolve_config(spec: str) -> str:
+    """``path[:variant]`` unchanged when the path exists, else a packaged config's path.
+
+    Raises FileNotFoundError naming the packaged configs when neither exists.
+    """
+    path, colon, variant = spec.partition(":")
+    if os.path.exists(path):
+        return spec
+    name = path[:-3] if path.endswith(".py") else path
+    if "/" in name or os.sep in name:
+        raise FileNotFoundError(f"--config={spec}: no such file {path!r}")
+    d = configs_dir()
+    candidate = os.path.join(d, name + ".py") if d and not name.startswith("_") else ""
+    if os.path.isfile(candidate):
+        return candidate + colon + variant
+    raise FileNotFoundError(f"--config={spec}: no such file, and no packaged config named "
+                            f"{name!r}; packaged: {', '.join(packaged_configs()) or 'none'}")
+
+
+def load_module(path: str):
+    """Import the Python file at ``path`` as a fresh module (not added to ``sys.modules``)."""
+    name = "dp_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"config file {path!r} not found or not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_config(spec: str):
+    """``path[:variant]`` -> ``get_config(variant)``, as ``--config`` reads it."""
+    path, _, variant = spec.partition(":")
+    mod = load_module(path)
+    return mod.get_config(variant) if variant else mod.get_config()

@@ -1,0 +1,1 @@
+"""The pruning engine: set-up, rounds, records, dense runs and vmapped seeds."""

@@ -1,0 +1,57 @@
+"""What the round engine runs: a method entry (:class:`Spec`), the context a method plans one
+run with (:class:`Context`) and the plan itself (:class:`Plan`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One parsed ``prune.method`` entry: the method's name, its run label and options."""
+    name: str
+    label: str
+    options: tuple = ()  # sorted (option, value) pairs
+
+    def opt(self, key: str, default=None):
+        """The value of option ``key`` (``default`` when not set)."""
+        return dict(self.options).get(key, default)
+
+    @property
+    def rewind_step(self) -> int:
+        """The step whose weights every round trains from (0 = init)."""
+        return int(self.opt("k", 0))
+
+    @property
+    def source(self) -> Optional[str]:
+        """reinit: the label of the run whose masks are reused."""
+        return self.opt("of")
+
+
+@dataclasses.dataclass
+class Context:
+    """What a run of one method for one seed can use to build its plan."""
+    setup: Any            # dp_jax.pruning.rounds.Setup
+    workdir: str
+    seed: int
+    seed_key: jax.Array
+    dense: dict           # the seed's dense run: variables (init), trained, snapshots, record
+    config: Any           # the experiment config (methods read their own sections)
+    distilled: Any = None  # dp_jax.tasks.prune.Distilled when a method needs it
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one run produces its rounds (the arguments of dp_jax.pruning.rounds.run_rounds)."""
+    next_mask: Callable[[int, PyTree, dict], PyTree]  # (round, mask, trained) -> mask
+    start_point: Callable[[int], tuple]                # round -> (variables, start_step)
+    search_examples: Callable[[int], int]              # round -> examples to find its mask
+    uses_trained: Callable[[int], bool] = lambda rnd: False  # mask from round r-1's training?
+
+
+DENSE = Spec(name="dense", label="dense")  # the shared dense training of a seed

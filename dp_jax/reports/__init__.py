@@ -1,0 +1,1 @@
+"""Reports and plots of pruning runs, analyses and distillations."""

@@ -1,0 +1,1 @@
+"""The run directory: its paths, identity, lock and metrics stream."""

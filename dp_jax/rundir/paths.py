@@ -1,0 +1,389 @@
+"""The run-directory contract: the only module that formats or parses its paths.
+
+  config.json, metrics.jsonl, rounds.jsonl, summary.json, report.md, plots/*.png
+  distilled.npz, checkpoints/distill/      (distillation, when made in the workdir)
+  runs/<label>-seed<s>/                     one (method, seed) run; ``dense`` is the shared
+      masks/round_XXX.npz                   dense training of a seed
+      checkpoints/                          orbax round checkpoints
+      rounds.jsonl                          the run's own records
+  analysis/<kind>_<label>-seed<s>-roundXXX*  per-mask analysis results, plus summaries
+  tb/                                       TensorBoard event files (metrics.tensorboard)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dp_jax.storage import fileio
+from dp_jax.storage import fileio, integrity
+
+CONFIG, METRICS, ROUNDS, SUMMARY, REPORT = (
+    "config.json", "metrics.jsonl", "rounds.jsonl", "summary.json", "report.md")
+DENSE = "dense"  # label of a seed's shared dense training
+_RUN = re.compile(r"^(?P<label>.+)-seed(?P<seed>\d+)$")
+_MASK = re.compile(r"^round_(?P<round>\d{3,})\.npz$")
+
+
+def config_path(workdir: str) -> str:
+    """The resolved config of the run."""
+    return os.path.join(workdir, CONFIG)
+
+
+def metrics_path(workdir: str) -> str:
+    """Per-epoch training and distillation metrics (JSON lines)."""
+    return os.path.join(workdir, METRICS)
+
+
+def rounds_path(workdir: str) -> str:
+    """One record per evaluated mask, every run merged (JSON lines)."""
+    return os.path.join(workdir, ROUNDS)
+
+
+def summary_path(workdir: str) -> str:
+    """Final figures per method and compute per phase."""
+    return os.path.join(workdir, SUMMARY)
+
+
+def report_path(workdir: str) -> str:
+    """The human-readable report."""
+    return os.path.join(workdir, REPORT)
+
+
+def plot_path(workdir: str, name: str) -> str:
+    """``plots/<name>`` (name includes the extension)."""
+    return os.path.join(workdir, "plots", name)
+
+
+def tensorboard_dir(workdir: str) -> str:
+    """TensorBoard event files, one TensorBoard run per training round / expert / distillation."""
+    return os.path.join(workdir, "tb")
+
+
+def eval_mask_path(workdir: str) -> str:
+    """Result of ``dp-jax eval-mask``."""
+    return os.path.join(workdir, "eval_mask.json")
+
+
+def distilled_path(workdir: str) -> str:
+    """The distilled set made in this workdir."""
+    return os.path.join(workdir, "distilled.npz")
+
+
+def distilled_grid_path(workdir: str) -> str:
+    """Picture of the distilled set."""
+    return os.path.join(workdir, "distilled.png")
+
+
+def experts_dir(workdir: str) -> str:
+    """Default expert-trajectory buffer of the distillation."""
+    return os.path.join(workdir, "experts")
+
+
+def distill_checkpoints(workdir: str) -> str:
+    """Checkpoints of the distillation loop."""
+    return os.path.join(workdir, "checkpoints", "distill")
+
+
+def analysis_dir(workdir: str) -> str:
+    """Where analysis results go."""
+    return os.path.join(workdir, "analysis")
+
+
+def analysis_path(workdir: str, name: str) -> str:
+    """``analysis/<name>``."""
+    return os.path.join(analysis_dir(workdir), name)
+
+
+def analysis_stem(label: str, seed: int, rnd: int) -> str:
+    """File stem of one mask's analysis results, e.g. ``imp_k0-seed0-round002``."""
+    return f"{run_name(label, seed)}-round{rnd:03d}"
+
+
+_ANALYSIS_FILE = re.compile(r"^(?P<kind>[a-z]+)_(?P<label>.+)-seed(?P<seed>\d+)-round(?P<round>\d{3,})")
+
+
+def analysis_file(kind: str, label: str, seed: int, rnd: int, suffix: str = ".json") -> str:
+    """Name of one mask's analysis output, e.g. ``hessian_imp_k0-seed0-round002.json``."""
+    return f"{kind}_{analysis_stem(label, seed, rnd)}{suffix}"
+
+
+def parse_analysis_file(name: str):
+    """``(kind, label, seed, round)`` of a per-mask analysis file name, or None (a summary)."""
+    m = _ANALYSIS_FILE.match(name)
+    return (m["kind"], m["label"], int(m["seed"]), int(m["round"])) if m else None
+
+
+def run_name(label: str, seed: int) -> str:
+    """Directory name of a (method label, seed) run."""
+    return f"{label}-seed{int(seed)}"
+
+
+def parse_run_name(name: str):
+    """``(label, seed)`` of a run directory name, or None when it is not one."""
+    m = _RUN.match(name)
+    return (m["label"], int(m["seed"])) if m else None
+
+
+def runs_dir(workdir: str) -> str:
+    """The directory holding every run."""
+    return os.path.join(workdir, "runs")
+
+
+def run_dir(workdir: str, label: str, seed: int) -> str:
+    """``runs/<label>-seed<s>``."""
+    return os.path.join(runs_dir(workdir), run_name(label, seed))
+
+
+def checkpoints_dir(workdir: str, label: str, seed: int) -> str:
+    """Orbax round checkpoints of a run (``label=DENSE`` for the dense training)."""
+    return os.path.join(run_dir(workdir, label, seed), "checkpoints")
+
+
+def run_rounds_path(workdir: str, label: str, seed: int) -> str:
+    """A run's own rounds.jsonl."""
+    return os.path.join(run_dir(workdir, label, seed), ROUNDS)
+
+
+def mask_path(workdir: str, label: str, seed: int, rnd: int) -> str:
+    """The mask of round ``rnd`` of a run."""
+    return os.path.join(run_dir(workdir, label, seed), "masks", f"round_{int(rnd):03d}.npz")
+
+
+def list_runs(workdir: str) -> list[tuple[str, int]]:
+    """Sorted ``(label, seed)`` of every run directory (the dense trainings included)."""
+    d = runs_dir(workdir)
+    names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+    return [p for p in map(parse_run_name, names) if p is not None]
+
+
+def list_masks(workdir: str, label: str, seed: int) -> dict[int, str]:
+    """``{round: path}`` of the mask files a run has written."""
+    d = os.path.join(run_dir(workdir, label, seed), "masks")
+    out = {}
+    for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        m = _MASK.match(f)
+        if m:
+            out[int(m["round"])] = os.path.join(d, f)
+    return out
+
+
+# ---- identity: a resumed workdir must have been made by the same settings -------------------
+
+# Fields that only add work (more seeds, rounds, methods, rewind steps) or cannot change any
+# result (loop forms proven step-identical, evaluation batch size, sharding, checkpoint cadence).
+ADDITIVE = ("seeds", "prune.method", "prune.rounds", "prune.rewind_step", "prune.plugins")
+NO_EFFECT = ("task", "data_source", "metrics.", "parallel.", "checkpoint.", "train.eval_batch_size", "train.loop", "train.unroll",
+             "dp.loop", "dp.unroll", "dp.chunk", "distill.checkpoint_every", "data.label_cache")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def identity_fields(config: dict) -> dict:
+    """The flattened fields of a config dict that decide its results."""
+    def kept(key):
+        return not any(key == f or (f.endswith(".") and key.startswith(f))
+                       for f in ADDITIVE + NO_EFFECT)
+    return {k: v for k, v in _flatten(config).items() if kept(k)}
+
+
+def identity_diff(workdir: str, config: dict) -> dict:
+    """``{field: (workdir's value, this run's value)}`` of the result-deciding fields that differ
+    from the workdir's config.json (empty for a new workdir)."""
+    path = config_path(workdir)
+    if not os.path.exists(path):
+        return {}
+    old, new = identity_fields(fileio.read_json(path)), identity_fields(config)
+    unset = "<unset>"
+    # A field added to the project after the workdir was made is absent from its config.json;
+    # its default is, by construction, the behaviour the workdir was made with.
+    defaults = base_defaults() if set(new) - set(old) else {}
+    old.update({k: defaults[k] for k in set(new) - set(old) if k in defaults})
+    return {k: (old.get(k, unset), new.get(k, unset)) for k in sorted(set(old) | set(new))
+            if old.get(k, unset) != new.get(k, unset)}
+
+
+def base_defaults() -> dict:
+    """The result-deciding fields of the base config (configs/fashion_mnist.py) at defaults."""
+    path = config_files.resolve_config("fashion_mnist")
+    return identity_fields(config_files.load_module(path).get_config().to_dict())
+
+
+def check_identity(workdir: str, config: dict, *, restart: bool = False) -> dict:
+    """Refuse to resume ``workdir`` with settings that would change its finished results.
+
+    Raises ValueError listing every differing field (old and new values) and the ways forward,
+    unless ``restart`` (``--restart_changed``): then the differences are returned, for the
+    caller to move the affected results aside (:func:`supersede`) and run them afresh.
+    """
+    diff = identity_diff(workdir, config)
+    if diff and not restart:
+        lines = [f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()]
+        raise ValueError(
+            f"{workdir} holds results of other settings; resuming would mix them. Differing "
+            "fields (workdir -> this run):\n" + "\n".join(lines) + "\nUse a new --workdir, "
+            "or add --restart_changed to run the affected runs afresh in place (their old "
+            f"files move to {os.path.join(workdir, SUPERSEDED)}/). (More seeds, rounds, methods "
+            "or rewind steps extend a workdir and need neither.)")
+    return diff
+
+
+# ---- per-run identity and restarting changed runs in place -----------------------------------
+
+SMALL_SET = ("dp.", "distill.")    # read only by methods that train on a small set
+DISTILL_INPUTS = ("distill.", "data.", "model.", "seed")  # what a distilled set depends on
+SUPERSEDED = "superseded"
+
+
+def run_fields(config: dict, label: str, seed: int, *, small_set: bool) -> dict:
+    """The fields that decide one (method, seed) run's results (``dp``/``distill`` only for
+    methods that read them)."""
+    fields = {k: v for k, v in identity_fields(config).items()
+              if small_set or not k.startswith(SMALL_SET)}
+    fields.pop("seed", None)
+    return dict(fields, run=label, seed=int(seed))
+
+
+def identity_path(workdir: str, label: str, seed: int) -> str:
+    """The fields that made one (method, seed) run: ``runs/<run>/identity.json``."""
+    return os.path.join(run_dir(workdir, label, seed), "identity.json")
+
+
+def check_run_identity(workdir: str, label: str, seed: int, fields: dict) -> None:
+    """Record a run's fields in ``runs/<run>/identity.json``, or refuse a run directory that
+    an earlier identity file says was made by other settings."""
+    path = identity_path(workdir, label, seed)
+    if os.path.exists(path):
+        old = fileio.read_json(path)
+        diff = [f"{k}: {old.get(k)!r} -> {fields.get(k)!r}" for k in sorted(set(old) | set(fields))
+                if old.get(k) != fields.get(k)]
+        if diff:
+            raise ValueError(f"{run_dir(workdir, label, seed)} was made by other settings ("
+                             + "; ".join(diff) + "); use a new --workdir or --restart_changed")
+        return
+    fileio.write_json(path, fields)
+
+
+def supersede(workdir: str, runs, *, distill: bool) -> str:
+    """Move the results of ``runs`` (``(label, seed)`` pairs), their analysis files and, with
+    ``distill``, the workdir's distilled set, distillation checkpoints and expert buffer into
+    ``superseded/<UTC time>/`` (nothing is deleted); returns that directory.
+
+    metrics.jsonl keeps the rows of the runs that stay (the full old file moves too).
+    """
+    import shutil
+    import time
+    dest = os.path.join(workdir, SUPERSEDED, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    os.makedirs(dest, exist_ok=True)
+    moved = [d for label, seed in runs for d in (
+        run_dir(workdir, label, seed),
+        os.path.join(tensorboard_dir(workdir), run_name(label, seed)))]
+    gone = {(label, int(seed)) for label, seed in runs}
+    adir = analysis_dir(workdir)
+
+    def stale(name):  # per-mask results of a moved run, or a summary (it would mix old and new)
+        parsed = parse_analysis_file(name)
+        return parsed is None or (parsed[1], parsed[2]) in gone
+    old_analysis = [f for f in (sorted(os.listdir(adir)) if os.path.isdir(adir) else [])
+                    if stale(f) and f != integrity.MANIFEST]
+    for f in old_analysis:
+        integrity.forget(adir, f)
+    moved += [os.path.join(adir, f) for f in old_analysis]
+    if distill:
+        moved += [distilled_path(workdir), distilled_grid_path(workdir),
+                  distill_checkpoints(workdir), experts_dir(workdir),
+                  os.path.join(tensorboard_dir(workdir), "distill"),
+                  os.path.join(tensorboard_dir(workdir), "experts")]
+        integrity.forget(workdir, os.path.basename(distilled_path(workdir)))
+    for path in moved + [config_path(workdir), metrics_path(workdir)]:
+        if os.path.exists(path):
+            target = os.path.join(dest, os.path.relpath(path, workdir))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            (shutil.copy2 if path in (config_path(workdir), metrics_path(workdir))
+             else shutil.move)(path, target)
+    gone = {run_name(label, seed) for label, seed in runs}
+    if os.path.exists(metrics_path(workdir)):
+        rows = fileio.read_jsonl(metrics_path(workdir))
+        fileio.write_jsonl(metrics_path(workdir), [
+            r for r in rows if run_name(str(r.get("run")), int(r.get("seed") or 0)) not in gone
+            and not (distill and r.get("phase") in ("experts", "distill", "distill_eval"))])
+    return dest
+
+
+def check_writable(workdir: str) -> None:
+    """A clear error when ``workdir`` is a file or cannot be written."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir} is a file, not a directory")
+    probe = workdir
+    while not os.path.exists(probe):
+        probe = os.path.dirname(os.path.abspath(probe))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir={workdir}: {probe} is not writable")
+
+
+# ---- locking: one process per workdir -------------------------------------------------------
+
+def lock_path(workdir: str) -> str:
+    """The lock file of a workdir."""
+    return os.path.join(workdir, ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lock:
+    """Exclusive use of a workdir (``with Lock(workdir): ...``); stale locks are taken over.
+
+    The lock file holds ``{"pid", "host"}``. A lock of this host whose process is gone is
+    stale and replaced; a live one (or another host's) makes a second process fail fast.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = lock_path(workdir)
+        self.held = False
+
+    def __enter__(self):
+        import json
+        import socket
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(self.path) as f:
+                        other = json.load(f)
+                except (OSError, ValueError):
+                    other = {}
+                if other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1))):
+                    os.unlink(self.path)  # stale: its process is gone
+                    continue
+                raise RuntimeError(
+                    f"workdir {os.path.dirname(self.path)} is in use by process "
+                    f"{other.get('pid', '?')} on {other.get('host', '?')} ({self.path}); wait "
+                    "for it to finish, or delete the lock file if that process is gone")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RuntimeError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        if self.held and os.path.exists(self.path):
+            os.unlink(self.path)
+        self.held = False
+        return False

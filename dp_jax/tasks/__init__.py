@@ -1,0 +1,1 @@
+"""The tasks: prune, distill, analyze, eval-mask, export, and the settings they parse."""

@@ -1,0 +1,284 @@
+"""One experiment: methods x seeds of pruning runs on one dataset and model.
+
+``run(config, workdir)`` is what ``main.py`` (and the notebook) call. It validates
+the config, trains each seed's dense network once (shared by every method of
+that seed: round 0, IMP's first training and its rewind points; dp_jax.pruning.dense), runs each
+method's rounds (seed after seed, or all seeds as one program with
+``parallel.vmap_seeds``: dp_jax.pruning.seeds), and writes the run-directory contract (README "Run directory"; every
+path is owned by dp_jax.rundir.paths):
+config.json, metrics.jsonl, rounds.jsonl, runs/<label>-seed<s>/{masks,checkpoints},
+summary.json, report.md and plots/.
+
+Resume precedence: a complete checkpoint in the workdir wins; otherwise the run
+starts from its init. Re-running the same command on a finished workdir only
+rewrites the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dp_jax.system import compile_time
+from dp_jax.pruning import dense as dense_lib
+from dp_jax.system import distributed
+from dp_jax.storage import fileio
+from dp_jax import methods
+from dp_jax.pruning import rounds as prune_lib
+from dp_jax import rng
+from dp_jax.pruning import seeds as seed_groups
+from dp_jax.pruning import setup as setup_lib
+from dp_jax.training import small_set
+from dp_jax.training import trainer as train_lib
+from dp_jax.tasks import settings as validate_lib
+from dp_jax.rundir import paths as workdir_lib
+from dp_jax.data import load_dataset
+from dp_jax.data import crops, pipeline
+from dp_jax.models import create_model, init_variables
+from dp_jax.system.progress import Progress
+from dp_jax.distill import sets as distill_sets
+from dp_jax.tasks import distill as distill_task
+from dp_jax.rundir.metrics import MetricsLog
+from dp_jax.reports import pruning as report
+
+
+def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
+    """Run the experiment described by ``config`` into ``workdir``; returns summary.json's content.
+
+    Nothing is written until the config, the data and the workdir's identity have been
+    checked; one process at a time may use a workdir (:class:`dp_jax.rundir.paths.Lock`). With
+    ``restart_changed``, runs whose settings changed are moved aside and run afresh.
+    """
+    t_start = time.time()
+    distributed.initialize(config)  # before anything touches a JAX backend
+    specs = validate_lib.validate_static(config)
+    workdir_lib.check_writable(workdir)
+    dataset = setup_lib.load_data(config)
+    validate_lib.validate_with_data(config, dataset, specs)
+    changed = workdir_lib.check_identity(workdir, config.to_dict(), restart=restart_changed)
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lib.Lock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
+    with lock:
+        if changed and distributed.is_main_process():
+            _supersede_changed(workdir, changed, specs)
+        fileio.write_json(workdir_lib.config_path(workdir), with_data_source(config, dataset))
+        return _run_locked(config, workdir, dataset, specs, t_start)
+
+
+def small_set_labels(specs) -> set:
+    """Labels of the runs that read the ``dp``/``distill`` sections (reinit of one included)."""
+    out: set = set()
+    for s in specs:
+        m = methods.get(s.name)
+        if m.needs_dp or m.needs_distilled or (s.source is not None and s.source in out):
+            out.add(s.label)
+    return out
+
+
+def _supersede_changed(workdir: str, changed: dict, specs) -> None:
+    """Move aside every finished run (and the distilled set) that the ``changed`` fields affect."""
+    small = small_set_labels(specs)
+    known = {s.label for s in specs}
+    only_small = all(k.startswith(workdir_lib.SMALL_SET) for k in changed)
+    # A run of a method no longer listed cannot be classified: it moves whenever anything changed.
+    runs = [(label, seed) for label, seed in workdir_lib.list_runs(workdir)
+            if not only_small or label in small or (label not in known
+                                                    and label != workdir_lib.DENSE)]
+    distill = any(k.startswith(workdir_lib.DISTILL_INPUTS) for k in changed)
+    dest = workdir_lib.supersede(workdir, runs, distill=distill)
+    logging.warning("settings changed (%s): moved %d run(s)%s to %s; they run afresh",
+                    ", ".join(changed), len(runs), " and the distilled set" if distill else "",
+                    dest)
+
+
+def with_data_source(config, dataset) -> dict:
+    """config.json's content: the config plus ``data_source``, where the data was read from."""
+    return dict(config.to_dict(), data_source=data_source(dataset))
+
+
+def data_source(dataset) -> str:
+    """Where ``dataset`` was read from (a directory, file or TFDS name)."""
+    return getattr(dataset, "source", "") or dataset.name
+
+
+def _run_locked(config, workdir, dataset, specs, t_start) -> dict:
+    sink = MetricsLog(workdir, config.get("metrics"))
+    try:
+        return _run_all(config, workdir, dataset, specs, t_start, sink)
+    finally:
+        sink.close()
+
+
+def _run_all(config, workdir, dataset, specs, t_start, sink) -> dict:
+    setup = setup_lib.build_setup(config, dataset, log=sink)
+    seeds = [config.seed + i for i in range(config.seeds)]
+    total_rounds = len(seeds) * len(specs) * (config.prune.rounds + 1)
+    progress = Progress(total_rounds, desc="rounds")
+    log_metrics = setup.log_epoch
+    setup.log_epoch = lambda **kw: (log_metrics(**kw), progress.epoch(kw))
+    phases = {"load_s": time.time() - t_start, "dense_s": 0.0}
+    distilled = None
+    if any(methods.get(s.name).needs_distilled for s in specs):
+        t0 = time.time()
+        distilled, cost = prepare_distilled(config, workdir, dataset, setup, progress,
+                                            sink=sink)
+        phases["distill_s"] = time.time() - t0
+        phases.update(cost)
+    cfg = config.to_dict()
+    small = small_set_labels(specs)
+    for seed in seeds:
+        for label in [workdir_lib.DENSE] + [s.label for s in specs]:
+            workdir_lib.check_run_identity(workdir, label, seed, workdir_lib.run_fields(
+                cfg, label, seed, small_set=label in small))
+    on_round = lambda r: (progress.update(r), _merge_rounds(workdir))  # noqa: E731
+    rewind = [s.rewind_step for s in specs]
+    vmapped = seed_groups.enabled(config.parallel.get("vmap_seeds", "auto"), len(seeds),
+                                  stream=setup.stream is not None,
+                                  data_parallel=bool(config.parallel.data_parallel))
+
+    def timed(name, fn, *args, **kw):
+        t0 = time.time()
+        out = fn(*args, **kw)
+        phases[name] = phases.get(name, 0.0) + time.time() - t0
+        return out
+
+    if vmapped:  # each method's rounds for all seeds at once (dp_jax/pruning/seeds.py)
+        denses = timed("dense_s", dense_lib.dense_runs, setup, workdir, seeds, rewind)
+        for seed, dense in zip(seeds, denses):
+            logging.info("seed %d dense test accuracy %.4f", seed,
+                         dense["record"]["test_accuracy"])
+        for spec in specs:
+            timed(f"{spec.label}_s", run_method_seeds, setup, workdir, spec, seeds, denses,
+                  on_round, config=config, distilled=distilled)
+            distributed.sync(f"dp_jax-{spec.label}")
+    else:
+        for seed in seeds:
+            dense = timed("dense_s", dense_lib.dense_run, setup, workdir, seed, rewind)
+            logging.info("seed %d dense test accuracy %.4f", seed,
+                         dense["record"]["test_accuracy"])
+            for spec in specs:
+                timed(f"{spec.label}_s", run_method, setup, workdir, spec, seed, dense,
+                      on_round=on_round, config=config, distilled=distilled)
+                # Process 0 wrote this run's files; other hosts read them (reinit, summary)
+                # after it.
+                distributed.sync(f"dp_jax-{spec.label}-seed{seed}")
+    progress.close()
+    summary = summarize(workdir, phases, time.time() - t_start, data_source(dataset),
+                        vmap_seeds=vmapped)
+    if distributed.is_main_process():
+        report.write_report(workdir)
+    return summary
+
+
+def prepare_distilled(config, workdir, dataset, setup, progress=None, *, sink=None):
+    """The distilled set (made, reused or loaded) and DP's compiled inner loop.
+
+    Returns ``((x, y, inner_train, learned_lr), cost)`` where ``cost`` holds the distillation
+    and expert-training examples and wall time (reported apart from the mask search).
+    """
+    metrics = workdir_lib.metrics_path(workdir)
+
+    def log(**kw):  # distillation metrics go to metrics.jsonl (+ viewers) and the progress line
+        sink(**kw) if sink is not None else fileio.append_jsonl(metrics, kw)
+        if progress is not None:
+            progress.note(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in kw.items() if k in ("phase", "expert", "epoch",
+                                                                     "iteration", "loss")))
+    dset = distill_task.ensure_distilled(config, workdir, dataset, log=log)
+    distill_sets.check_compatible(dset, dataset)
+    lr = float(config.dp.lr) if config.dp.lr > 0 else float(dset.lr)
+    inner = small_set.setup_inner_train(setup, config.dp, lr, len(dset))
+    x, y = jnp.asarray(dset.images), jnp.asarray(dset.labels)
+    return (x, y, inner, float(dset.lr)), dict(dset.cost)
+
+
+def _plan(setup, workdir, spec, seed, dense, config, distilled):
+    """The method's plan for one seed's run."""
+    method = methods.get(spec.name)
+    if method.needs_distilled and distilled is None:
+        raise ValueError(f"{spec.label} needs a distilled set")
+    ctx = methods.Context(setup=setup, workdir=workdir, seed=seed, seed_key=rng.seed_key(seed),
+                          dense=dense, config=config, distilled=distilled)
+    return method.plan(spec, ctx)
+
+
+def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, config=None,
+               distilled=None) -> list:
+    """Run (or resume) one method for one seed; returns its records.
+
+    ``distilled`` is ``(x, y, inner_train, lr)`` for methods that need the distilled set
+    (see :func:`prepare_distilled`).
+    """
+    plan = _plan(setup, workdir, spec, seed, dense, config, distilled)
+    run = prune_lib.Run(workdir, spec, seed, keep=config.checkpoint.keep)
+    try:
+        return prune_lib.run_rounds(setup, run, dense, seed_key=rng.seed_key(seed),
+                                    next_mask=plan.next_mask, start_point=plan.start_point,
+                                    search_examples=plan.search_examples,
+                                    uses_trained=plan.uses_trained, on_round=on_round)
+    finally:
+        run.close()
+
+
+def run_method_seeds(setup, workdir, spec, seeds, denses, on_round=lambda r: None, *,
+                     config=None, distilled=None) -> list:
+    """:func:`run_method` for every seed, each round's trainings as one vmapped program."""
+    plans = [_plan(setup, workdir, spec, s, d, config, distilled) for s, d in zip(seeds, denses)]
+    runs = [prune_lib.Run(workdir, spec, s, keep=config.checkpoint.keep) for s in seeds]
+    try:
+        return seed_groups.run_rounds_seeds(setup, runs, denses, plans, width=len(seeds),
+                                            on_round=on_round)
+    finally:
+        for r in runs:
+            r.close()
+
+
+def _merge_rounds(workdir: str) -> list:
+    """Rewrite the top-level rounds.jsonl from every run's own rounds.jsonl."""
+    rows = []
+    for label, seed in workdir_lib.list_runs(workdir):
+        rows.extend(fileio.read_jsonl(workdir_lib.run_rounds_path(workdir, label, seed)))
+    fileio.write_jsonl(workdir_lib.rounds_path(workdir), rows)
+    return rows
+
+
+def summarize(workdir: str, phases: dict, wall_s: float, source: str = "", *,
+              vmap_seeds: bool = False) -> dict:
+    """Write summary.json: final figures per method, dense accuracy and compute per phase."""
+    rows = _merge_rounds(workdir)
+    by_method: dict[str, Any] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    methods = {}
+    for label, rs in by_method.items():
+        last_round = max(r["round"] for r in rs)
+        final = [r for r in rs if r["round"] == last_round]
+        dense = [r for r in rs if r["round"] == 0]
+        methods[label] = {
+            "rounds": last_round, "seeds": sorted({r["seed"] for r in rs}),
+            "final_sparsity": float(np.mean([r["sparsity"] for r in final])),
+            "final_test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in final])),
+            # Sample std (ddof=1) over seeds, the convention of every table; None for one seed.
+            "final_test_accuracy_std": (float(np.std([r["test_accuracy"] for r in final], ddof=1))
+                                        if len(final) > 1 else None),
+            "dense_test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in dense])),
+            "mask_search_examples": int(max(r["train_examples"] for r in final)),
+            "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),
+            "wall_s": float(sum(r["wall_s"] for r in rs)),
+            # Compilation inside those wall times (a warm compilation cache removes most).
+            "compile_s": float(sum(r.get("compile_s", 0.0) for r in rs)),
+        }
+    summary = {"methods": methods, "phases_s": phases, "wall_s": wall_s, "data_source": source,
+               "compile_s": compile_time.seconds(), "compile_cache": compile_time.cache_counts(),
+               "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
+               "vmap_seeds": bool(vmap_seeds)}
+    fileio.write_json(workdir_lib.summary_path(workdir), summary)
+    return summary

@@ -1,0 +1,211 @@
+"""Config validation at start-up: every error names the field and the allowed values.
+
+``validate_static`` runs before anything is loaded; ``validate_with_data`` runs
+once the dataset size is known and before any training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from dp_jax import masks as masks_lib
+from dp_jax import methods
+from dp_jax.training import precision
+from dp_jax.pruning import seeds as seed_groups
+from dp_jax.training import trainer as train_lib
+from dp_jax.data import DATA_SCHEMES, preprocess
+from dp_jax.models import MODELS, create_model, init_variables
+from dp_jax import distill
+
+PREPROCESS = preprocess.PREPROCESS_KINDS
+
+
+def _need(cond: bool, field: str, allowed: str, value) -> None:
+    if not cond:
+        raise ValueError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+def _finite(section, prefix: str = "config") -> None:
+    """Every float field of the config is finite (``inf`` would pass any ``> 0`` check)."""
+    for key, value in section.items():
+        name = f"{prefix}.{key}"
+        if hasattr(value, "items"):
+            _finite(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} is invalid; allowed: a finite number")
+        elif isinstance(value, (tuple, list)) and any(
+                isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ValueError(f"{name}={value!r} is invalid; allowed: finite numbers")
+
+
+def validate_metrics(config) -> None:
+    """The ``metrics`` section (absent in configs older than it: nothing beyond metrics.jsonl)."""
+    m = config.get("metrics")
+    if m is None:
+        return
+    for f in ("tensorboard", "wandb"):
+        _need(isinstance(m.get(f), bool), f"metrics.{f}", "True | False", m.get(f))
+    _need(isinstance(m.get("wandb_project"), str) and m.get("wandb_project"),
+          "metrics.wandb_project", "a non-empty string", m.get("wandb_project"))
+    if m.get("wandb"):
+        import importlib.util
+        _need(importlib.util.find_spec("wandb") is not None, "metrics.wandb",
+              "False, or True with the wandb package installed (pip install wandb)", True)
+
+
+def _validate_data(d) -> None:
+    """The ``data`` section."""
+    name = str(d.name)
+    _need(name == "fashion_mnist" or (name.startswith(("tfds:", "npz:")) and len(name) > 5),
+          "data.name", DATA_SCHEMES, name)
+    _need(d.preprocess in PREPROCESS, "data.preprocess", " | ".join(PREPROCESS), d.preprocess)
+    _need(d.train_size >= 0, "data.train_size", "0 (all) or a positive number of examples",
+          d.train_size)
+    augment, streamed = d.get("augment", "none"), d.get("pipeline", "memory")
+    _need(streamed in ("memory", "stream"), "data.pipeline", "memory | stream", streamed)
+    _need(augment in (("none", "crop_flip", "random_resized_crop") if streamed == "stream"
+                      else ("none", "crop_flip")), "data.augment",
+          "none | crop_flip (| random_resized_crop with data.pipeline='stream')", augment)
+    if streamed == "stream":
+        _need(name.startswith("tfds:"), "data.name", "tfds:<name> with data.pipeline='stream'",
+              name)
+        _need(not d.train_size, "data.train_size", "0 with data.pipeline='stream' "
+              "(restrict classes with data.classes)", d.train_size)
+
+
+def _validate_train(config) -> None:
+    """The ``train`` section (and the device count it must divide into)."""
+    t = config.train
+    _need(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
+    _need(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
+    _need(t.eval_batch_size >= 1, "train.eval_batch_size", "an integer >= 1", t.eval_batch_size)
+    _need(t.lr > 0, "train.lr", "a number > 0", t.lr)
+    _need(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
+    _need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    _need(t.optimizer in train_lib.OPTIMIZERS, "train.optimizer",
+          " | ".join(train_lib.OPTIMIZERS), t.optimizer)
+    _need(t.schedule in train_lib.SCHEDULES, "train.schedule",
+          " | ".join(train_lib.SCHEDULES), t.schedule)
+    _need(all(0 < f < 1 for f in t.decay_at), "train.decay_at",
+          "fractions of training in (0, 1)", t.decay_at)
+    _need(0 < t.decay_factor <= 1, "train.decay_factor", "a number in (0, 1]", t.decay_factor)
+    _need(t.loop in train_lib.LOOPS, "train.loop", " | ".join(train_lib.LOOPS), t.loop)
+    _need(t.unroll >= 1, "train.unroll", "an integer >= 1", t.unroll)
+    _need(t.get("compute_dtype", "float32") in precision.COMPUTE_DTYPES, "train.compute_dtype",
+          " | ".join(precision.COMPUTE_DTYPES), t.get("compute_dtype"))
+    vmap = config.parallel.get("vmap_seeds", "auto")
+    _need(vmap in seed_groups.MODES, "parallel.vmap_seeds", " | ".join(seed_groups.MODES), vmap)
+    _need(vmap != "on" or not (config.parallel.data_parallel or
+                               config.data.get("pipeline", "memory") == "stream"),
+          "parallel.vmap_seeds", "auto | off with data.pipeline='stream' or "
+          "parallel.data_parallel=True", vmap)
+    if config.parallel.data_parallel:
+        n = jax.device_count()
+        _need(t.batch_size % n == 0, "train.batch_size",
+              f"a multiple of the {n} devices when parallel.data_parallel=True", t.batch_size)
+    if jax.process_count() > 1:
+        _need(bool(config.parallel.data_parallel), "parallel.data_parallel",
+              "True when several processes run (parallel.multihost)", config.parallel.data_parallel)
+
+
+def _validate_prune(config) -> None:
+    """The ``prune`` and ``checkpoint`` sections (the method list is parsed by the caller)."""
+    p = config.prune
+    _need(isinstance(p.rounds, int) and p.rounds >= 0, "prune.rounds", "an integer >= 0", p.rounds)
+    _need(0 < p.fraction < 1, "prune.fraction", "a number in (0, 1) (open interval)", p.fraction)
+    _need(p.scope in ("global", "layerwise"), "prune.scope", "global | layerwise", p.scope)
+    _need(p.rewind_step >= 0, "prune.rewind_step", "an integer step >= 0", p.rewind_step)
+    _need(p.on_empty_layer in ("warn", "error", "ignore"), "prune.on_empty_layer",
+          "warn | error | ignore", p.on_empty_layer)
+    _need(isinstance(p.min_per_layer, int) and not isinstance(p.min_per_layer, bool)
+          and p.min_per_layer >= 0, "prune.min_per_layer", "an integer >= 0", p.min_per_layer)
+    layer_rates(p)  # syntax and ranges; the names are checked against the model with the data
+    _need(config.checkpoint.keep in ("all", "last"), "checkpoint.keep", "all | last",
+          config.checkpoint.keep)
+
+
+def validate_static(config) -> list:
+    """Check every field that does not depend on the data; returns the parsed method specs."""
+    _finite(config)
+    _need(isinstance(config.seed, int) and config.seed >= 0, "seed", "an integer >= 0", config.seed)
+    _need(isinstance(config.seeds, int) and config.seeds >= 1, "seeds", "an integer >= 1",
+          config.seeds)
+    _validate_data(config.data)
+    _need(config.model.name in MODELS, "model.name", ", ".join(sorted(MODELS)), config.model.name)
+    create_model(config.model, num_classes=10)  # raises ValueError on bad model fields
+    _validate_train(config)
+    _validate_prune(config)
+    validate_metrics(config)
+    p = config.prune
+    streamed = config.data.get("pipeline", "memory") == "stream"
+    methods.load_plugins(p.plugins)
+    specs = methods.parse(p.method, config)
+    used = [methods.get(s.name) for s in specs]
+    if streamed:
+        _need(not any(m.needs_dp for m in used), "prune.method",
+              "methods without a small-set inner loop (no dp, dp_imp, subset) with "
+              "data.pipeline='stream' (the inner loop trains from memory)", p.method)
+    if any(m.needs_dp for m in used):
+        _validate_dp(config, distilled=any(m.needs_distilled for m in used))
+    return specs
+
+
+def layer_rates(prune_cfg) -> dict:
+    """``prune.layer_rates`` (``'Dense_2=0.5,Conv_0=0.8'``) as ``{layer: rate}``, checked."""
+    return masks_lib.parse_layer_rates(prune_cfg.layer_rates)
+
+
+def _validate_dp(config, *, distilled: bool) -> None:
+    if distilled:
+        distill.validate(config)
+    d = config.dp
+    _need(d.steps >= 1, "dp.steps", "an integer >= 1", d.steps)
+    _need(d.batch_size >= 1, "dp.batch_size", "an integer >= 1", d.batch_size)
+    _need(d.lr >= 0, "dp.lr", "0 (use the distilled set's learned lr) or a number > 0", d.lr)
+    _need(0 <= d.momentum < 1, "dp.momentum", "a number in [0, 1)", d.momentum)
+    _need(d.weight_decay >= 0, "dp.weight_decay", "a number >= 0", d.weight_decay)
+    _need(all(0 < f < 1 for f in d.decay_at), "dp.decay_at", "fractions in (0, 1)", d.decay_at)
+    _need(0 < d.decay_factor <= 1, "dp.decay_factor", "a number in (0, 1]", d.decay_factor)
+    _need(d.augment in ("dsa", "none"), "dp.augment", "dsa | none", d.augment)
+    _need(d.inner_seeds >= 1, "dp.inner_seeds", "an integer >= 1", d.inner_seeds)
+    _need(d.get("loop", "scan") in train_lib.LOOPS, "dp.loop", " | ".join(train_lib.LOOPS),
+          d.get("loop"))
+    _need(d.unroll >= 1, "dp.unroll", "an integer >= 1", d.unroll)
+    _need(d.chunk >= 0 and (d.chunk == 0 or d.steps % d.chunk == 0), "dp.chunk",
+          "0 or a divisor of dp.steps", d.chunk)
+    epochs = d.get("epochs", 0)
+    _need(isinstance(epochs, int) and epochs >= 0, "dp.epochs",
+          "0 (use dp.steps) or an integer >= 1", epochs)
+    _need(0 <= d.get("cutmix_prob", 0.0) <= 1, "dp.cutmix_prob", "a probability in [0, 1]",
+          d.get("cutmix_prob", 0.0))
+    _need(d.get("cutmix_beta", 1.0) > 0, "dp.cutmix_beta", "a number > 0",
+          d.get("cutmix_beta", 1.0))
+    _need(0 < d.switch_sparsity < 1, "dp.switch_sparsity", "a sparsity in (0, 1)",
+          d.switch_sparsity)
+    _need(d.subset_lr >= 0, "dp.subset_lr", "0 (Distilled Pruning's step size) or a number > 0",
+          d.subset_lr)
+
+
+def validate_with_data(config, dataset, specs) -> None:
+    """Checks that need the dataset: batch size, rewind steps, layer names, methods' own."""
+    n = dataset.num_train if hasattr(dataset, "num_train") else len(dataset.y_train)
+    _need(config.train.batch_size <= n, "train.batch_size",
+          f"at most the {n} training examples", config.train.batch_size)
+    steps = train_lib.total_steps(config.train.epochs, n, config.train.batch_size)
+    for s in specs:
+        if s.rewind_step >= steps:
+            raise ValueError(
+                f"config.prune.rewind_step (or k= of {s.label!r}) is {s.rewind_step}, beyond the "
+                f"training length; allowed: 0 <= k < {steps} steps "
+                f"(train.epochs x steps per epoch)")
+        methods.get(s.name).validate_with_data(s, config, n, dataset.num_classes)
+    if any(methods.get(s.name).needs_distilled for s in specs) and not config.distill.path:
+        distill.validate_with_data(config, dataset)
+    rates = layer_rates(config.prune)
+    if rates:
+        model = create_model(config.model, num_classes=dataset.num_classes)
+        shapes = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
+                                jax.random.key(0))
+        masks_lib.resolve_layer_rates(rates, shapes["params"])

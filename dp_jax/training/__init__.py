@@ -1,0 +1,1 @@
+"""Masked training: steps, optimisers, trainers and the small-set inner loop."""
