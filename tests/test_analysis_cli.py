@@ -18,6 +18,7 @@ import pytest
 
 from dp_jax.pruning import dense
 from dp_jax.tasks import prune as experiment
+from dp_jax.pruning import setup as setup_lib
 
 from conftest import load_config_module
 
@@ -132,7 +133,7 @@ def test_retrained_dense_snapshot_matches_the_checkpoint(workdir):
 
     workdir, _ = workdir
     cfg = ml_collections.ConfigDict(fileio.read_json(os.path.join(workdir, "config.json")))
-    setup = experiment.build_setup(cfg, load_dataset(cfg.data, seed=cfg.seed))
+    setup = setup_lib.build_setup(cfg, load_dataset(cfg.data, seed=cfg.seed))
     saved = dense.dense_run(setup, workdir, 0, [3])["snapshots"][3]
     root = jax.random.key(0)
     init = setup.init_fn(jax.random.fold_in(root, rng.INIT))
@@ -167,7 +168,7 @@ def test_hessian_reads_the_kept_checkpoint_and_trains_nothing(workdir, monkeypat
     from dp_jax import masks
     from dp_jax.data import load_dataset
     cfg = ml_collections.ConfigDict(fileio.read_json(os.path.join(workdir, "config.json")))
-    setup = experiment.build_setup(cfg, load_dataset(cfg.data, seed=cfg.seed))
+    setup = setup_lib.build_setup(cfg, load_dataset(cfg.data, seed=cfg.seed))
     like = setup.init_fn(__import__("jax").random.key(0))
     w = resume.kept_trained(workdir, "imp_k0", 0, 1, {"params": like["params"],
                                                       "batch_stats": like.get("batch_stats", {})})

@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 
 from dp_jax import cli, rng
+from dp_jax.cli import common as cli_common
 from dp_jax.tasks import eval_mask, export
 from dp_jax.storage import fileio
 from dp_jax.reports import pruning as report
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.config import files as config_files
 
 from conftest import ROOT
 
@@ -74,14 +76,14 @@ def test_dispatch_and_usage_errors():
 
 
 def test_config_names_resolve_to_packaged_files():
-    path = cli.resolve_config("fashion_mnist:smoke")
-    assert path == os.path.join(cli.configs_dir(), "fashion_mnist.py") + ":smoke"
+    path = config_files.resolve_config("fashion_mnist:smoke")
+    assert path == os.path.join(config_files.configs_dir(), "fashion_mnist.py") + ":smoke"
     own = os.path.join(ROOT, "configs", "fashion_mnist.py") + ":conv"
-    assert cli.resolve_config(own) == own  # an existing path is taken as it is
+    assert config_files.resolve_config(own) == own  # an existing path is taken as it is
     with pytest.raises(FileNotFoundError, match="packaged: .*fashion_mnist"):
-        cli.resolve_config("nope")
-    assert "_paper" not in cli.packaged_configs()
-    argv = cli.resolve_config_argv(["x", "--config", "fashion_mnist", "--config.seed=1"])
+        config_files.resolve_config("nope")
+    assert "_paper" not in config_files.packaged_configs()
+    argv = cli_common.resolve_config_argv(["x", "--config", "fashion_mnist", "--config.seed=1"])
     assert argv[2].endswith("fashion_mnist.py") and argv[3] == "--config.seed=1"
 
 

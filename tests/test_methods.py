@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dp_jax.tasks import prune as experiment
+from dp_jax.pruning import setup as setup_lib
 from dp_jax.storage import fileio
 from dp_jax import masks, methods
 from dp_jax.pruning import rounds as prune
@@ -156,7 +157,7 @@ def _init_params(c):
     """The seed's init exactly as the experiment makes it (the same compiled program)."""
     from dp_jax import rng
     from dp_jax.data import load_dataset
-    setup = experiment.build_setup(c, load_dataset(c.data, seed=c.seed))
+    setup = setup_lib.build_setup(c, load_dataset(c.data, seed=c.seed))
     return setup.init_fn(rng.key_for(c.seed, rng.INIT))["params"]
 
 

@@ -250,7 +250,7 @@ def test_a_run_directory_from_other_settings_is_refused(tiny_config, tmp_path):
 
 def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
     import errno
-    from dp_jax import cli
+    from dp_jax.cli import common as cli_common
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -274,7 +274,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path, monke
         ckpt.save(3, {"x": np.zeros(2)}, {})
     ckpt.close()
     # The command line prints it as one line and exits 2.
-    run = cli.guarded(lambda argv: fileio.write_json(str(target), {}), verbose=lambda: False)
+    run = cli_common.guarded(lambda argv: fileio.write_json(str(target), {}), verbose=lambda: False)
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(SystemExit) as e:
         run([])

@@ -17,16 +17,13 @@ typed arguments (``dp_jax.tasks.eval_mask``, ``dp_jax.tasks.export``, ``dp_jax.r
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Callable
 
 from dp_jax.system import hugepages
-from dp_jax.config.files import packaged_configs, resolve_config  # noqa: F401
+from dp_jax.config.files import packaged_configs
 
 PROG = "dp-jax"
-from dp_jax.cli.common import (USER_ERRORS, check_override_keys, fail, guarded,  # noqa: F401
-                               resolve_config_argv, resolved_argv)
+from dp_jax.cli.common import fail, guarded, resolved_argv
 
 
 # ---- subcommands ---------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import re
-from dp_jax.storage import fileio
+
+from dp_jax.config import files as config_files
 from dp_jax.storage import fileio, integrity
 
 CONFIG, METRICS, ROUNDS, SUMMARY, REPORT = (

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dp_jax.tasks import prune as experiment
+from dp_jax.pruning import setup as setup_lib
 from dp_jax.pruning import dense
 from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
@@ -66,7 +66,7 @@ class _Context:
         self.workdir, self.cfg, self.settings, self.log = workdir, cfg, settings, log
         self.analyses = tuple(analyses)
         dataset = load_dataset(cfg.data, seed=cfg.seed)
-        self.setup = experiment.build_setup(cfg, dataset)
+        self.setup = setup_lib.build_setup(cfg, dataset)
         self.specs = _specs(cfg)
         s = self.setup
         like = jax.eval_shape(s.init_fn, jax.random.key(0))

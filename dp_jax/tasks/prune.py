@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dp_jax.system import compile_time
 from dp_jax.pruning import dense as dense_lib
@@ -37,12 +36,8 @@ from dp_jax import rng
 from dp_jax.pruning import seeds as seed_groups
 from dp_jax.pruning import setup as setup_lib
 from dp_jax.training import small_set
-from dp_jax.training import trainer as train_lib
 from dp_jax.tasks import settings as validate_lib
 from dp_jax.rundir import paths as workdir_lib
-from dp_jax.data import load_dataset
-from dp_jax.data import crops, pipeline
-from dp_jax.models import create_model, init_variables
 from dp_jax.system.progress import Progress
 from dp_jax.distill import sets as distill_sets
 from dp_jax.tasks import distill as distill_task
