@@ -25,7 +25,7 @@ import os
 import ml_collections
 
 from dp_jax.config.files import load_module
-from dp_jax.distill import distill_defaults
+from dp_jax.config.defaults import distill_defaults
 
 
 def _base_config() -> ml_collections.ConfigDict:

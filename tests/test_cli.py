@@ -21,6 +21,7 @@ import pytest
 from dp_jax import cli, rng
 from dp_jax.cli import common as cli_common
 from dp_jax.tasks import eval_mask, export
+from dp_jax.tasks import settings as settings_lib
 from dp_jax.storage import fileio
 from dp_jax.reports import pruning as report
 from dp_jax.pruning import rounds as prune_lib
@@ -104,7 +105,7 @@ def test_pyproject_lists_every_package():
 @pytest.fixture(scope="module")
 def wd_setup(wd):
     """The workdir's experiment setup (compiled once for these tests)."""
-    return export.rebuild_setup(export.read_config(wd))
+    return export.rebuild_setup(settings_lib.from_workdir(wd)[0])
 
 
 def _retrain(setup, ticket):

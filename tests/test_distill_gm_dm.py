@@ -23,7 +23,7 @@ from dp_jax.rundir import paths as workdir_lib
 from dp_jax.data import load_dataset
 from dp_jax.data.augment import make_augment, siamese
 from dp_jax.distill import common, dm, gm
-from dp_jax.distill.config import distill_defaults
+from dp_jax.config.defaults import distill_defaults
 from dp_jax.tasks import distill as distill_task
 from dp_jax.tasks.distill import distill_into
 from dp_jax.models import apply_features, create_model, init_variables

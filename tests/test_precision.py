@@ -104,4 +104,4 @@ def test_unknown_compute_dtype_is_refused_naming_the_field():
     c = load_config_module("fashion_mnist").get_config()
     c.train.compute_dtype = "float16"
     with pytest.raises(ValueError, match=r"train\.compute_dtype.*float32 \| bfloat16"):
-        validate.validate_static(c)
+        validate.parse(c).specs

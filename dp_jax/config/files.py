@@ -10,16 +10,20 @@ PACKAGED_CONFIGS = "dp_jax_configs"  # configs/ as shipped in the wheel (pyproje
 
 
 def configs_dir() -> str | None:
-    """Directory of the packaged configs: the installed package, else a checkout's configs/."""
+    """Directory of the packaged configs: the configs/ of the checkout this dp_jax was imported
+    from (so that a checkout runs its own configs, also beside another install), else the
+    installed package ``dp_jax_configs``."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.join(checkout, "configs")
+    if os.path.isdir(here) and os.path.isfile(os.path.join(checkout, "pyproject.toml")):
+        return here
     try:
         spec = importlib.util.find_spec(PACKAGED_CONFIGS)
     except (ImportError, ValueError):
         spec = None
     if spec is not None and spec.submodule_search_locations:
         return list(spec.submodule_search_locations)[0]
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "configs")
-    return here if os.path.isdir(here) else None
+    return None
 
 
 def packaged_configs() -> list[str]:

@@ -6,6 +6,7 @@ the invertible transforms (``to_pixels`` maps model-space images back to [0, 1] 
 
 from dp_jax.data import preprocess
 from dp_jax.data.dataset import Dataset, load_dataset, stratified_indices
+from dp_jax.data.spec import DataSpec
 from dp_jax.data.preprocess import (apply_preprocessing, describe_preprocessing,
                                     fit_preprocessing, to_pixels)
 
@@ -14,6 +15,7 @@ DATA_SCHEMES = "fashion_mnist | tfds:<name> | npz:<path>"
 
 __all__ = [
     "DATA_SCHEMES",
+    "DataSpec",
     "Dataset",
     "apply_preprocessing",
     "describe_preprocessing",

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+
 
 import numpy as np
 
 from dp_jax.data import preprocess as pre
 from dp_jax.data import sources
+from dp_jax.data.spec import DataSpec
 
 NAME_FORMS = ("'fashion_mnist'", "'tfds:<name>' (e.g. tfds:cifar10, tfds:imagenette/160px)",
               "'npz:<path>'")
@@ -135,21 +137,20 @@ def _load_raw(name: str, data_dir: str | None, image_size: int | None) -> source
     raise ValueError(f"unknown dataset name {name!r}; allowed forms: " + ", ".join(NAME_FORMS))
 
 
-def load_dataset(data_cfg: Any, *, seed: int) -> Dataset:
-    """Loads, validates, subsets and preprocesses the dataset described by ``data_cfg``.
+def load_dataset(data: DataSpec | Mapping, *, seed: int) -> Dataset:
+    """Loads, validates, subsets and preprocesses the dataset described by ``data``.
 
-    Fields (missing optional ones take the default): ``name`` ('fashion_mnist', 'tfds:<name>' or
+    ``data`` is a :class:`DataSpec` or a mapping of its fields (missing ones take the default):
+    ``name`` ('fashion_mnist', 'tfds:<name>' or
     'npz:<path>'), ``data_dir`` (None), ``train_size`` (0 = whole training split, otherwise a
     class-balanced subset drawn with ``seed``), ``preprocess`` ('standard'; or 'zca', 'none'),
     ``zca_eps`` (0.1) and, for TFDS datasets with images of varying size, ``image_size`` (None).
     Preprocessing is fitted on the (subset) training split and applied to both splits.
     """
-    name = getattr(data_cfg, "name")
-    data_dir = getattr(data_cfg, "data_dir", None) or None
-    train_size = int(getattr(data_cfg, "train_size", 0) or 0)
-    kind = getattr(data_cfg, "preprocess", "standard")
-    zca_eps = float(getattr(data_cfg, "zca_eps", 0.1))
-    image_size = getattr(data_cfg, "image_size", None) or None
+    spec = data if isinstance(data, DataSpec) else DataSpec.from_config(data)
+    name, data_dir = spec.name, spec.data_dir or None
+    train_size = int(spec.train_size or 0)
+    kind, zca_eps, image_size = spec.preprocess, float(spec.zca_eps), spec.image_size or None
     # Configuration errors are reported before any (possibly slow) loading.
     if kind not in pre.PREPROCESS_KINDS:
         raise ValueError(

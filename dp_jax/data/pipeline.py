@@ -44,6 +44,7 @@ import numpy as np
 from dp_jax.data import preprocess as pre
 from dp_jax.data.crops import crop_flip, crop_flip_params, random_resized_crop, rrc_params
 from dp_jax.data.sources import _center_crop_resize
+from dp_jax.data.spec import DataSpec
 
 AUGMENTATIONS = ("none", "crop_flip", "random_resized_crop")
 # Stream ids of the seeded generators: one per purpose, so they never share draws.
@@ -398,8 +399,8 @@ def fit_stream_preprocessing(source: Any, kind: str, *, image_size: Optional[int
     return pre.fit_preprocessing(kind, x, zca_eps=zca_eps)
 
 
-def from_config(data_cfg: Any, *, seed: int) -> StreamingData:
-    """Open ``data_cfg.name`` ('tfds:<name>') as a stream, with an optional class subset.
+def from_config(data: DataSpec, *, seed: int) -> StreamingData:
+    """Open ``data.name`` ('tfds:<name>') as a stream, with an optional class subset.
 
     Fields read: ``name``, ``data_dir``, ``image_size``, ``augment``, ``preprocess``,
     ``zca_eps``, ``classes`` (a tuple of label indices; ``()`` = all),
@@ -408,30 +409,28 @@ def from_config(data_cfg: Any, *, seed: int) -> StreamingData:
     """
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-    get = (lambda k, d=None: data_cfg.get(k, d)) if hasattr(data_cfg, "get") else \
-        (lambda k, d=None: getattr(data_cfg, k, d))
-    name = str(get("name"))
+    name = str(data.name)
     if not name.startswith("tfds:"):
         raise ValueError(f"config.data.name={name!r} is invalid with data.pipeline='stream'; "
                          "allowed: tfds:<name>")
-    tfds_name, data_dir = name[5:], get("data_dir") or None
+    tfds_name, data_dir = name[5:], data.data_dir or None
     builder = tfds.builder(tfds_name, data_dir=data_dir)
     num_classes = int(builder.info.features["label"].num_classes)
     splits = builder.info.splits or {}
-    test_split = get("eval_split") or ("test" if ("test" in splits or not splits) else "validation")
+    test_split = data.eval_split or ("test" if ("test" in splits or not splits) else "validation")
     train = tfds.data_source(tfds_name, split="train", data_dir=data_dir)
     test = tfds.data_source(tfds_name, split=test_split, data_dir=data_dir)
-    classes = tuple(get("classes", ()) or ())
+    classes = tuple(data.classes or ())
     if classes:
-        cache_dir = get("label_cache") or data_dir or os.path.expanduser("~/.cache/dp_jax")
+        cache_dir = data.label_cache or data_dir or os.path.expanduser("~/.cache/dp_jax")
         stem = os.path.join(cache_dir, "labels_" + tfds_name.replace("/", "_"))
         train = ClassSubset(train, classes, read_labels(train, cache_path=stem + "_train.npy"))
         test = ClassSubset(test, classes, read_labels(test, cache_path=stem + f"_{test_split}.npy"))
         num_classes = len(classes)
-    image_size = get("image_size") or None
-    kind = get("preprocess", "standard")
+    image_size = data.image_size or None
+    kind = data.preprocess
     preprocessing = fit_stream_preprocessing(train, kind, image_size=image_size, seed=seed,
-                                             zca_eps=float(get("zca_eps", 0.1)))
+                                             zca_eps=float(data.zca_eps))
     return StreamingData(name=name, train=train, test=test, num_classes=num_classes,
                          image_shape=_example_shape(train, image_size), preprocessing=preprocessing,
-                         augment=get("augment", "none") or "none", image_size=image_size)
+                         augment=data.augment or "none", image_size=image_size)

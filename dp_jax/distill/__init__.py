@@ -1,13 +1,11 @@
 """Dataset distillation: Matching Training Trajectories (MTT, the default), gradient matching
 (DC/DSA/IDC) and distribution matching (DM), chosen by ``config.distill.method``.
 
-Public API:
+Public API (the distillation *task* is dp_jax.tasks.distill; the defaults are
+dp_jax.config.defaults.distill_defaults):
 
-  run(config, workdir) -> dict                   the 'distill' task (distillation -> evaluation)
-  ensure_distilled(config, workdir, dataset)     the set Distilled Pruning trains on (+ cost)
   load_distilled(path) -> DistilledSet           validated read of a distilled.npz
   check_compatible(distilled, dataset)           same dataset / preprocessing, or ValueError
-  distill_defaults() -> ConfigDict               every ``config.distill`` field with defaults
   validate(config)                               static checks of ``config.distill``
 
 Building blocks: ``experts`` (trajectory buffers), ``mtt`` (the unrolled student and its exact
@@ -19,7 +17,7 @@ iteration loop for every method: checkpoints, metrics, periodic evaluation), ``e
 docs/distillation.md.
 """
 
-from dp_jax.distill.config import distill_defaults, validate, validate_with_data
+from dp_jax.distill.config import validate, validate_with_data
 from dp_jax.distill.sets import DistilledSet, check_compatible, load_distilled, save_distilled
 from dp_jax.distill.experts import ExpertBuffer, load_trajectories, train_experts
 from dp_jax.distill.mtt import MEMORY_MODES, TrajectoryMatcher
@@ -30,7 +28,6 @@ __all__ = [
     "MEMORY_MODES",
     "TrajectoryMatcher",
     "check_compatible",
-    "distill_defaults",
     "load_distilled",
     "load_trajectories",
     "save_distilled",

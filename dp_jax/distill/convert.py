@@ -26,7 +26,6 @@ import hashlib
 import math
 import os
 import sys
-import types
 import zipfile
 
 import numpy as np
@@ -34,6 +33,7 @@ import numpy as np
 from dp_jax.config import files as config_files
 from dp_jax.data import describe_preprocessing, load_dataset
 from dp_jax.data import preprocess as pre
+from dp_jax.data.spec import DataSpec
 from dp_jax.distill import sets as dist_lib
 from dp_jax.distill import torch_pickle
 
@@ -46,6 +46,9 @@ DATA_FLAGS = {"dataset": ("data.name", None), "preprocess": ("data.preprocess", 
               "data_dir": ("data.data_dir", None), "image_size": ("data.image_size", None),
               "seed": ("seed", 0)}
 
+
+# The data fields a converted set records (its provenance).
+_DATA_FIELDS = ("name", "data_dir", "train_size", "preprocess", "zca_eps", "image_size")
 
 def parse_args(argv) -> argparse.Namespace:
     """Flags (``argv`` without the program name); see the module docstring."""
@@ -197,9 +200,9 @@ def _data_settings(args):
     if vals["preprocess"] not in pre.PREPROCESS_KINDS:
         raise ValueError(f"--preprocess={vals['preprocess']!r} is invalid; allowed: "
                          + "|".join(pre.PREPROCESS_KINDS))
-    data = types.SimpleNamespace(name=vals["dataset"], data_dir=vals["data_dir"],
-                                 train_size=vals["train_size"], preprocess=vals["preprocess"],
-                                 zca_eps=vals["zca_eps"], image_size=vals["image_size"])
+    data = DataSpec.from_config(name=vals["dataset"], data_dir=vals["data_dir"],
+                                train_size=vals["train_size"], preprocess=vals["preprocess"],
+                                zca_eps=vals["zca_eps"], image_size=vals["image_size"])
     return data, int(vals["seed"])
 
 
@@ -343,7 +346,8 @@ def _provenance(args, src, stored, images, factor, lr, lr_from, data_cfg, seed, 
         "decode": "idc decode_zoom" if factor > 1 else "none", "images_from": src["images_from"],
         "label_source": src["labels_from"], "lr": lr, "lr_source": lr_from, "space": args.space,
         "source_mean": args.source_mean, "source_std": args.source_std,
-        "dataset": data_cfg.name, "data": vars(data_cfg), "seed": seed, "config": args.config,
+        "dataset": data_cfg.name, "data": {k: getattr(data_cfg, k) for k in _DATA_FIELDS}, "seed": seed,
+        "config": args.config,
         "preprocessing": describe_preprocessing(prep),
         "imported_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 

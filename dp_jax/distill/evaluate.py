@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -191,7 +190,7 @@ def full_data_baseline(config, dataset, key: jax.Array, *, num_models: int,
     t0 = time.time()
     model = create_model(config.model, num_classes=dataset.num_classes)
     n = len(dataset.y_train)
-    cfg = ml_collections.ConfigDict(config.train.to_dict())
+    cfg = config.train
     batch = min(int(cfg.batch_size), n)
     steps = train_lib.total_steps(epochs, n, batch)
     tx = train_lib.make_optimizer(cfg, steps)

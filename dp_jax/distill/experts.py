@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from dp_jax.storage import integrity
@@ -44,29 +43,29 @@ from dp_jax.training import trainer as train_lib
 from dp_jax.data import stratified_indices
 from dp_jax.data.augment import make_augment
 from dp_jax.distill import sets as dist_lib
-from dp_jax.models import CONFIG_FIELDS, create_model, init_variables
+from dp_jax.models import CONFIG_FIELDS, ModelSpec, create_model, init_variables
+from dp_jax.training.settings import TrainSettings
 from dp_jax import rng
 
 PyTree = Any
 BUFFER_FORMAT = 1
 
 
-def model_fields(model_cfg) -> dict:
-    """The architecture fields of a model config that are set (name plus non-None fields)."""
-    out = {"name": model_cfg.name}
+def model_fields(model: ModelSpec) -> dict:
+    """The architecture fields of a model spec that are set (name plus non-None fields)."""
+    out = {"name": model.name}
     for f in CONFIG_FIELDS:
-        v = model_cfg.get(f) if hasattr(model_cfg, "get") else getattr(model_cfg, f, None)
+        v = model.get(f)
         if v is not None:
             out[f] = list(v) if isinstance(v, tuple) else v
     return out
 
 
-def optimizer_config(dcfg) -> ml_collections.ConfigDict:
-    """The experts' optimiser as a ``train.make_optimizer`` config (constant lr)."""
-    return ml_collections.ConfigDict({
-        "optimizer": "sgd", "lr": float(dcfg.expert_lr), "momentum": float(dcfg.expert_momentum),
-        "weight_decay": float(dcfg.expert_weight_decay), "schedule": "constant",
-        "nesterov": False})
+def optimizer_config(dcfg) -> TrainSettings:
+    """The experts' optimiser as ``train.make_optimizer`` settings (constant lr)."""
+    return TrainSettings.from_config(
+        optimizer="sgd", lr=float(dcfg.expert_lr), momentum=float(dcfg.expert_momentum),
+        weight_decay=float(dcfg.expert_weight_decay), schedule="constant", nesterov=False)
 
 
 def provenance(config, dataset) -> dict:

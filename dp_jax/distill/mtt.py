@@ -323,7 +323,7 @@ def build_method(config, dataset, traj: Trajectories, *,
     matcher = _matcher(model, int(d.syn_steps), batch,
                        (d.dsa_strategy, bool(d.dsa_all_ops)) if d.dsa else None, d.memory,
                        resolve_loop(d.loop, traj.like), int(d.unroll), bool(d.fast_conv),
-                       config.train.get("compute_dtype", "float32"))
+                       config.train.compute_dtype)
     tx_img = common.sgd(float(d.lr_img), float(d.momentum_img))
     tx_lr = common.sgd(float(d.lr_lr), float(d.momentum_lr))
     k_mtt = jax.random.fold_in(distill_key(config), rng.DISTILL_MTT)

@@ -46,13 +46,6 @@ def small_set_examples(dp_cfg, set_size: int) -> int:
     return recipe.examples(set_size) * int(dp_cfg.inner_seeds)
 
 
-def check_dp_sections(config, who: str) -> None:
-    """``who`` uses the distilled set and the inner loop: the config needs both sections."""
-    for section in ("dp", "distill"):
-        if section not in config:
-            raise ValueError(f"prune.method uses {who} but the config has no {section!r} section")
-
-
 class DistilledPruning(base.Method):
     """DP: masks from training on the distilled set, rewound to init."""
     name = "dp"
@@ -61,11 +54,9 @@ class DistilledPruning(base.Method):
     needs_distilled = True
     needs_dp = True
 
-    def validate(self, spec, config, earlier):
-        check_dp_sections(config, "Distilled Pruning")
 
     def plan(self, spec, ctx):
-        x, y, inner, _ = ctx.distilled
+        x, y, inner = ctx.distilled.x, ctx.distilled.y, ctx.distilled.inner_train
         cfg = ctx.config.dp
         next_mask = small_set_next_mask(ctx.setup, inner, ctx.dense["variables"], x, y,
                                         jax.random.fold_in(ctx.seed_key, rng.INNER),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dp_jax.pruning import rounds as prune_lib
-from dp_jax.methods import base, dp as distilled, imp
+from dp_jax.methods import base, dp as dp_method, imp
 
 
 class Hybrid(base.Method):
@@ -18,7 +18,6 @@ class Hybrid(base.Method):
         return f"dp_imp_k{opts['k']}"
 
     def validate(self, spec, config, earlier):
-        distilled.check_dp_sections(config, "DP then IMP")
         p = config.prune
         if not 0 < config.dp.switch_sparsity < 1:  # switch_round would never end
             raise ValueError(f"config.dp.switch_sparsity={config.dp.switch_sparsity!r} is "
@@ -32,7 +31,7 @@ class Hybrid(base.Method):
 
     def plan(self, spec, ctx):
         setup, k = ctx.setup, spec.rewind_step
-        dp_plan = distilled.METHOD.plan(spec, ctx)
+        dp_plan = dp_method.METHOD.plan(spec, ctx)
         imp_mask = imp.magnitude_next_mask(setup)
         switch = prune_lib.switch_round(ctx.config.dp.switch_sparsity, setup.fraction)
         B = setup.trainer.batch_size

@@ -58,7 +58,7 @@ class Scored(base.Method):
 
     def validate(self, spec, config, earlier):
         validate_score_batches(config)
-        if getattr(config.data, "pipeline", "memory") == "stream":
+        if config.data.pipeline == "stream":
             raise ValueError(f"config.data.pipeline='stream' is invalid for {spec.name}; "
                              "allowed: memory (its scores read training minibatches)")
 

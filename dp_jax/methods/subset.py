@@ -11,6 +11,7 @@ set's size when the experiment has one, else ``distill.ipc`` x classes.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import numpy as np
 from dp_jax import rng
 from dp_jax.training import small_set
 from dp_jax.data import stratified_indices
-from dp_jax.methods import base, dp as distilled
+from dp_jax.methods import base, dp as dp_method
 from dp_jax.distill import load_distilled
 
 
@@ -29,7 +30,7 @@ def subset_size(spec, ctx) -> int:
     if spec.opt("n") is not None:
         return int(spec.opt("n"))
     if ctx.distilled is not None:
-        return int(ctx.distilled[0].shape[0])
+        return int(ctx.distilled.x.shape[0])
     return default_size(ctx.config, int(ctx.setup.num_classes))
 
 
@@ -37,11 +38,10 @@ def default_size(config, num_classes: int) -> int:
     """The distilled set's size: that of the file at ``distill.path`` when set, else
     ``distill.ipc`` x classes x ``distill.factor``**2 (multi-formation decodes each image)."""
     d = config.distill
-    if d.get("path"):
-        import os
+    if d.path:
         if os.path.exists(d.path):
             return len(load_distilled(d.path))
-    return int(d.ipc) * num_classes * int(d.get("factor", 1)) ** 2
+    return int(d.ipc) * num_classes * int(d.factor) ** 2
 
 
 def subset_lr(config, distilled_set) -> float:
@@ -52,7 +52,7 @@ def subset_lr(config, distilled_set) -> float:
     if d.lr > 0:
         return float(d.lr)
     if distilled_set is not None:
-        return float(distilled_set[3])
+        return float(distilled_set.lr)
     raise ValueError("config.dp.subset_lr=0 needs Distilled Pruning's step size, but dp.lr=0 and "
                      "no distilled set is used; allowed: dp.subset_lr > 0 (or dp.lr > 0)")
 
@@ -76,16 +76,13 @@ class Subset(base.Method):
         return None
 
     def validate(self, spec, config, earlier):
-        if "dp" not in config:
-            raise ValueError("prune.method uses subset but the config has no 'dp' section "
-                             "(its inner loop is Distilled Pruning's)")
         if not (math.isfinite(config.dp.subset_lr) and config.dp.subset_lr >= 0):
             raise ValueError(f"config.dp.subset_lr={config.dp.subset_lr!r} is invalid; allowed: "
                              "0 (DP's step size) or a number > 0")
 
     def validate_with_data(self, spec, config, num_train, num_classes):
         n = spec.opt("n")
-        if n is None and "distill" in config:
+        if n is None:
             n = default_size(config, num_classes)
         if n is not None and not num_classes <= n <= num_train:
             raise ValueError(f"prune.method: subset:n={n} is invalid; allowed: at least one "
@@ -100,10 +97,10 @@ class Subset(base.Method):
                                  seed=int(jax.random.randint(pick, (), 0, 2**31 - 1)))
         x, y = setup.x_train[jnp.asarray(idx)], setup.y_train[jnp.asarray(idx)]
         inner = small_set.setup_inner_train(setup, cfg.dp, subset_lr(cfg, ctx.distilled), n)
-        next_mask = distilled.small_set_next_mask(
+        next_mask = dp_method.small_set_next_mask(
             setup, inner, ctx.dense["variables"], x, y,
             rng.fold(ctx.seed_key, rng.SUBSET, rng.SUBSET_INNER), cfg.dp.inner_seeds)
-        cost = distilled.small_set_examples(cfg.dp, n)
+        cost = dp_method.small_set_examples(cfg.dp, n)
         return base.Plan(next_mask=next_mask, start_point=base.rewind_start(ctx.dense, 0),
                          search_examples=lambda rnd: cost)
 

@@ -8,7 +8,7 @@ updated by ``apply(..., train=True, mutable=["batch_stats"])`` and read when ``t
 Every model's classifier is a top-level dense layer named ``head``; ``apply_features`` returns
 what enters it (the embedding distribution matching uses).
 
-Config fields (``model_cfg``; ``None`` or absent means "model default"):
+Config fields (:class:`~dp_jax.models.spec.ModelSpec`; ``None`` or absent means "model default"):
 
   =============== =========================================================================
   model           accepted fields (defaults)
@@ -39,9 +39,11 @@ from dp_jax.models.convnet import CONVNET_NORMS, CONVNET_POOLS, ConvNet
 from dp_jax.models.features import apply_features
 from dp_jax.models.lenet import LeNet300100
 from dp_jax.models.resnet import RESNET_NORMS, BasicBlock, ResNet, resnet10, resnet18
+from dp_jax.models.spec import ModelSpec
 
 __all__ = [
     "CONFIG_FIELDS",
+    "ModelSpec",
     "MODELS",
     "MODEL_FIELDS",
     "AlexNet",
@@ -137,26 +139,19 @@ _VALIDATORS: dict[str, dict[str, Callable[[str, str, Any], Any]]] = {
 MODEL_FIELDS: dict[str, tuple[str, ...]] = {k: tuple(sorted(v)) for k, v in _VALIDATORS.items()}
 
 
-def _get(cfg: Any, field: str) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(field)
-    return getattr(cfg, field, None)
+def create_model(model: ModelSpec | Mapping, *, num_classes: int) -> nn.Module:
+    """Build the registered model ``model.name`` with the architecture fields that are set.
 
-
-def create_model(model_cfg: Any, *, num_classes: int) -> nn.Module:
-    """Build the registered model ``model_cfg.name`` with the non-None architecture fields of ``model_cfg``.
-
+    ``model`` is a :class:`ModelSpec` or a mapping such as ``{"name": "convnet", "width": 32}``.
     Raises ``ValueError`` for an unknown name, a field the model does not accept, or an invalid value.
     """
-    name = _get(model_cfg, "name")
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.from_config(model)
+    name = spec.name
     if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
     validators = _VALIDATORS[name]
     kwargs: dict[str, Any] = {}
-    for field in CONFIG_FIELDS:
-        value = _get(model_cfg, field)
-        if value is None:
-            continue
+    for field, value in spec.fields:
         if field not in validators:
             raise ValueError(
                 f"config field {field!r} is not accepted by model {name!r}; "

@@ -4,9 +4,11 @@ run with (:class:`Context`) and the plan itself (:class:`Plan`)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+
+from dp_jax.pruning.settings import Experiment
 
 PyTree = Any
 
@@ -33,6 +35,14 @@ class Spec:
         return self.opt("of")
 
 
+class Distilled(NamedTuple):
+    """The distilled set on the devices and Distilled Pruning's compiled inner loop on it."""
+    x: jax.Array
+    y: jax.Array
+    inner_train: Callable   # the small-set training program (dp_jax.training.small_set)
+    lr: float               # the step size learned with the set
+
+
 @dataclasses.dataclass
 class Context:
     """What a run of one method for one seed can use to build its plan."""
@@ -41,8 +51,8 @@ class Context:
     seed: int
     seed_key: jax.Array
     dense: dict           # the seed's dense run: variables (init), trained, snapshots, record
-    config: Any           # the experiment config (methods read their own sections)
-    distilled: Any = None  # dp_jax.tasks.prune.Distilled when a method needs it
+    config: Experiment    # the typed settings (methods read their sections)
+    distilled: Optional[Distilled] = None  # when a method needs the distilled set
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,18 +11,19 @@ from dp_jax import masks as masks_lib
 from dp_jax.data import crops, load_dataset, pipeline
 from dp_jax.models import create_model, init_variables
 from dp_jax.pruning import rounds as prune_lib
+from dp_jax.pruning.settings import Experiment
 from dp_jax.storage import fileio
 from dp_jax.training import trainer as train_lib
 
 
-def load_data(config):
-    """The config's dataset, as the experiment loads it (seeded by ``config.seed``)."""
-    if config.data.get("pipeline", "memory") == "stream":
+def load_data(config: Experiment):
+    """The experiment's dataset (seeded by ``config.seed``): in memory, or a host stream."""
+    if config.data.pipeline == "stream":
         return pipeline.from_config(config.data, seed=config.seed)
     return load_dataset(config.data, seed=config.seed)
 
 
-def build_setup(config, dataset, *, metrics_path: str | None = None,
+def build_setup(config: Experiment, dataset, *, metrics_path: str | None = None,
                 log=None) -> prune_lib.Setup:
     """Model, optimiser, compiled trainer and device-resident data for ``config``.
 
@@ -49,11 +50,11 @@ def build_setup(config, dataset, *, metrics_path: str | None = None,
                                   dataset.image_shape)
     # In memory, crop+flip runs on the device inside the step; a stream augments on the host.
     augment = (crops.device_crop_flip
-               if stream is None and config.data.get("augment", "none") == "crop_flip" else None)
+               if stream is None and config.data.augment == "crop_flip" else None)
     trainer = train_lib.Trainer(model, tx, batch_size=config.train.batch_size, num_train=n,
                                 loop=loop, unroll=config.train.unroll, mesh=mesh,
                                 eval_batch_size=config.train.eval_batch_size, augment=augment,
-                                compute_dtype=config.train.get("compute_dtype", "float32"))
+                                compute_dtype=config.train.compute_dtype)
 
     def log_epoch(**kw):
         if log is not None:

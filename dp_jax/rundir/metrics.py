@@ -19,10 +19,21 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Any, Optional
+import dataclasses
+from typing import Any, ClassVar, Optional
 
-from dp_jax.storage import fileio
+from dp_jax.config.sections import Section
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.storage import fileio
+
+@dataclasses.dataclass(frozen=True)
+class MetricsSettings(Section):
+    """Where metrics go besides metrics.jsonl (``config.metrics``)."""
+    SECTION: ClassVar[str] = "metrics"
+    tensorboard: bool
+    wandb: bool
+    wandb_project: str
+
 
 # Row fields that say where a row belongs, not what was measured.
 _WHERE = ("phase", "run", "seed", "round", "epoch", "expert", "iteration", "set")
@@ -51,14 +62,14 @@ def scalars(row: dict) -> dict[str, float]:
 class MetricsLog:
     """``log(**row)``: append to metrics.jsonl and mirror the numbers to the enabled viewers."""
 
-    def __init__(self, workdir: str, settings: Any = None):
+    def __init__(self, workdir: str, settings: Optional[MetricsSettings] = None):
         self.path = workdir_lib.metrics_path(workdir)
         self.tb_root = workdir_lib.tensorboard_dir(workdir)
         import jax
         main = jax.process_index() == 0  # like every other write: one process of a multi-host run
-        self.tensorboard = main and bool(getattr(settings, "tensorboard", False))
+        self.tensorboard = main and settings is not None and settings.tensorboard
         self.wandb = (_start_wandb(workdir, settings)
-                      if main and getattr(settings, "wandb", False) else None)
+                      if main and settings is not None and settings.wandb else None)
         self._writers: dict[str, Any] = {}
 
     def __call__(self, **row) -> None:

@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Optional
+import dataclasses
+from typing import Callable, ClassVar, Optional
 
 import jax
+
+from dp_jax.config.sections import Section
 
 _INITIALIZED = False
 
@@ -43,38 +46,40 @@ ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
-def _field(section: Any, name: str, default=None):
-    """``section.name`` for ConfigDicts, dicts and None (fields added later may be missing)."""
-    if section is None:
-        return default
-    if hasattr(section, "get"):
-        value = section.get(name, default)
-    else:
-        value = getattr(section, name, default)
-    return default if value is None else value
+@dataclasses.dataclass(frozen=True)
+class ParallelSettings(Section):
+    """Devices, hosts and vmapped seeds (``config.parallel``)."""
+    SECTION: ClassVar[str] = "parallel"
+    coordinator_address: Optional[str]
+    data_parallel: bool
+    multihost: bool
+    num_processes: Optional[int]
+    process_id: Optional[int]
+    vmap_seeds: str
 
 
-def initialize(config) -> dict:
+def initialize(parallel: ParallelSettings) -> dict:
     """Connect the processes of a multi-host run when ``config.parallel.multihost`` is set.
 
     A no-op for single-host runs (the default) and when already initialised, so the
     notebook and tests may call it repeatedly.
 
     Args:
-      config: the experiment config; reads ``parallel.multihost`` and the optional
-        ``parallel.coordinator_address``, ``parallel.num_processes``, ``parallel.process_id``.
+      parallel: the experiment's parallel settings; reads ``multihost`` and the optional
+        ``coordinator_address``, ``num_processes``, ``process_id``.
 
     Returns:
       ``process_info()`` after initialisation.
     """
     global _INITIALIZED
-    parallel = _field(config, "parallel")
-    if not _field(parallel, "multihost", False) or _INITIALIZED:
+    if not parallel.multihost or _INITIALIZED:
         return process_info()
     kwargs = {}
-    address = _field(parallel, "coordinator_address")
-    num = _field(parallel, "num_processes", os.environ.get(ENV_NUM_PROCESSES))
-    pid = _field(parallel, "process_id", os.environ.get(ENV_PROCESS_ID))
+    address = parallel.coordinator_address
+    num = parallel.num_processes
+    num = os.environ.get(ENV_NUM_PROCESSES) if num is None else num
+    pid = parallel.process_id
+    pid = os.environ.get(ENV_PROCESS_ID) if pid is None else pid
     if address:
         kwargs["coordinator_address"] = str(address)
     if num is not None:

@@ -30,10 +30,11 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from dp_jax.pruning import setup as setup_lib
+from dp_jax.pruning.settings import Experiment
+from dp_jax.tasks import settings as settings_lib
 from dp_jax.pruning import dense
 from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
@@ -62,7 +63,8 @@ def _digest(mask) -> str:
 class _Context:
     """Everything shared by the analyses of one workdir (compiled once)."""
 
-    def __init__(self, workdir: str, cfg, settings: Settings, analyses: Sequence[str], log):
+    def __init__(self, workdir: str, cfg: Experiment, settings: Settings,
+                 analyses: Sequence[str], log):
         self.workdir, self.cfg, self.settings, self.log = workdir, cfg, settings, log
         self.analyses = tuple(analyses)
         dataset = load_dataset(cfg.data, seed=cfg.seed)
@@ -193,9 +195,8 @@ def _record_accuracy(workdir: str, label: str, seed: int, rnd: int) -> Optional[
     return None
 
 
-def _specs(cfg) -> dict:
-    methods.load_plugins(cfg.prune.get("plugins"))
-    return {s.label: s for s in methods.parse(cfg.prune.method, cfg, check=False)}
+def _specs(cfg: Experiment) -> dict:
+    return {s.label: s for s in cfg.specs}
 
 
 def _parse_selection(workdir: str, cfg, runs, rounds, seed):
@@ -391,10 +392,7 @@ def run(workdir: str, *, analyses: Sequence[str] = ANALYSES, runs: Optional[Sequ
     if bad or not analyses:
         raise ValueError(f"--analyses: unknown {bad}; allowed: {', '.join(ANALYSES)}")
     settings.validate()
-    cfg_path = workdir_lib.config_path(workdir)
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found; is {workdir} a dp_jax workdir?")
-    cfg = ml_collections.ConfigDict(fileio.read_json(cfg_path))
+    cfg, _ = settings_lib.from_workdir(workdir)
     todo, seeds, run_labels = _parse_selection(workdir, cfg, runs, rounds, seed)
     ctx = _Context(workdir, cfg, settings, analyses, log)
     ks = list(settings.k_values) if settings.k_values is not None else default_k_values(ctx)

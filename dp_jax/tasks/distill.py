@@ -23,8 +23,7 @@ from dp_jax.storage import integrity
 from dp_jax.storage import fileio
 from dp_jax import rng
 from dp_jax.rundir import paths as workdir_lib
-from dp_jax.data import DATA_SCHEMES, describe_preprocessing, load_dataset
-from dp_jax.data.preprocess import PREPROCESS_KINDS as PREPROCESS
+from dp_jax.data import describe_preprocessing, load_dataset
 from dp_jax.distill import config as config_lib
 from dp_jax.distill import sets as dist_lib
 from dp_jax.distill import evaluate as eval_lib
@@ -33,32 +32,11 @@ from dp_jax.distill import dm as dm_lib
 from dp_jax.distill import gm as gm_lib
 from dp_jax.distill import mtt as mtt_lib
 from dp_jax.distill.loop import run_method
-from dp_jax.models import MODELS, create_model
 
 import jax
-from dp_jax.tasks.settings import validate_metrics
+from dp_jax.tasks import settings as settings_lib
 from dp_jax.rundir.metrics import MetricsLog
 from dp_jax.reports import curves
-
-
-def validate_static(config) -> None:
-    """Checks of the fields the distillation task reads (data, model, train, distill)."""
-    def need(cond, field, allowed, value):
-        if not cond:
-            raise ValueError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
-    need(isinstance(config.seed, int) and config.seed >= 0, "seed", "an integer >= 0",
-         config.seed)
-    name = str(config.data.name)
-    need(name == "fashion_mnist" or (name.startswith(("tfds:", "npz:")) and len(name) > 5),
-         "data.name", DATA_SCHEMES, name)
-    need(config.data.preprocess in PREPROCESS, "data.preprocess", " | ".join(PREPROCESS),
-         config.data.preprocess)
-    need(config.model.name in MODELS, "model.name", ", ".join(sorted(MODELS)), config.model.name)
-    create_model(config.model, num_classes=10)  # raises ValueError on bad model fields
-    need(config.train.batch_size >= 1, "train.batch_size", "an integer >= 1",
-         config.train.batch_size)
-    config_lib.validate(config)
-    validate_metrics(config)
 
 
 def _buffer_dir(config, workdir: str) -> str:
@@ -131,7 +109,7 @@ def ensure_distilled(config, workdir: str, dataset, *,
     ``.cost`` holds
     ``{expert_examples, expert_wall_s, distill_examples, distill_wall_s}``.
     """
-    config_lib.validate(config)
+    config_lib.validate(config.distill)
     path = config.distill.path or workdir_lib.distilled_path(workdir)
     if config.distill.path or os.path.exists(path):
         why = None if config.distill.path or not integrity.has_records(workdir) else \
@@ -142,7 +120,7 @@ def ensure_distilled(config, workdir: str, dataset, *,
         ds = dist_lib.load_distilled(path)
         dist_lib.check_compatible(ds, dataset)
         return ds
-    config_lib.validate_with_data(config, dataset)
+    config_lib.validate_with_data(config.distill, dataset)
     metrics = workdir_lib.metrics_path(workdir)
     log = log or (lambda **kw: fileio.append_jsonl(metrics, kw))
     return distill_into(config, workdir, dataset, log=log)
@@ -156,22 +134,23 @@ def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
     ``superseded/`` and redone.
     """
     t_start = time.time()
-    validate_static(config)
+    settings = settings_lib.parse(config)
     workdir_lib.check_writable(workdir)
-    dataset = load_dataset(config.data, seed=config.seed)
-    config_lib.validate_with_data(config, dataset)
-    changed = workdir_lib.check_identity(workdir, config.to_dict(), restart=restart_changed)
+    dataset = load_dataset(settings.data, seed=settings.seed)
+    config_lib.validate_with_data(settings.distill, dataset)
+    raw = config.to_dict()
+    changed = workdir_lib.check_identity(workdir, raw, restart=restart_changed)
     os.makedirs(workdir, exist_ok=True)
     with workdir_lib.Lock(workdir):
         if changed:
             workdir_lib.supersede(workdir, [], distill=True)
         fileio.write_json(workdir_lib.config_path(workdir),
-                      dict(config.to_dict(), data_source=dataset.source or dataset.name))
-        return _run_locked(config, workdir, dataset, t_start)
+                          dict(raw, data_source=dataset.source or dataset.name))
+        return _run_locked(settings, workdir, dataset, t_start)
 
 
 def _run_locked(config, workdir: str, dataset, t_start: float) -> dict:
-    sink = MetricsLog(workdir, config.get("metrics"))
+    sink = MetricsLog(workdir, config.metrics)
     try:
         return _distill_and_evaluate(config, workdir, dataset, t_start, sink)
     finally:

@@ -101,10 +101,10 @@ def evaluate_mask(config, mask_path: str, workdir: str, *, seed: int | None = No
     seed = int(config.seed if seed is None else seed)
     if seed < 0:
         raise ValueError(f"--seed={seed} is invalid; allowed: an integer >= 0")
-    specs = validate_lib.validate_static(config)
-    dataset = setup_lib.load_data(config)
-    validate_lib.validate_with_data(config, dataset, specs)
-    setup = setup_lib.build_setup(config, dataset)
+    settings = validate_lib.parse(config)
+    dataset = setup_lib.load_data(settings)
+    validate_lib.validate_with_data(settings, dataset)
+    setup = setup_lib.build_setup(settings, dataset)
     like = jax.eval_shape(setup.init_fn, jax.random.key(0))["params"]
     check_mask_file(mask_path, like)  # before any compilation or training
     mask = masks_lib.load(mask_path, like)

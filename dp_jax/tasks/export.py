@@ -27,7 +27,6 @@ import os
 from typing import Optional
 
 import jax
-import ml_collections
 import numpy as np
 
 from dp_jax import __version__
@@ -39,6 +38,8 @@ from dp_jax import methods
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax import rng
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.pruning.settings import Experiment
+from dp_jax.tasks import settings as settings_lib
 
 FORMAT, VERSION = "dp_jax.ticket", 1
 META = "__meta__"
@@ -48,26 +49,17 @@ REQUIRED = ("run", "method", "seed", "round", "start", "trained_source", "record
             "sparsity", "arrays")
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config of a workdir (its config.json)."""
-    path = workdir_lib.config_path(workdir)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; is {workdir} a dp_jax workdir?")
-    return ml_collections.ConfigDict(fileio.read_json(path))
+def rebuild_setup(settings: Experiment) -> prune_lib.Setup:
+    """The experiment's setup (model, trainer, data), as the experiment builds it."""
+    return setup_lib.build_setup(settings, setup_lib.load_data(settings))
 
 
-def rebuild_setup(config) -> prune_lib.Setup:
-    """The experiment's setup (model, trainer, data) for ``config``, as the experiment builds it."""
-    return setup_lib.build_setup(config, setup_lib.load_data(config))
-
-
-def _find(workdir: str, config, label: str, seed: int, rnd: int):
+def _find(workdir: str, settings: Experiment, label: str, seed: int, rnd: int):
     """``(spec, record, mask path)`` of a round; clear errors when it does not exist."""
     if label == workdir_lib.DENSE:
         raise ValueError("--run=dense is the shared dense training; export round 0 of a "
                          "method instead (it is the dense network)")
-    methods.load_plugins(config.prune.get("plugins"))
-    specs = {s.label: s for s in methods.parse(config.prune.method, config, check=False)}
+    specs = {s.label: s for s in settings.specs}
     if label not in specs:
         raise ValueError(f"--run={label} is not a run of {workdir}; runs: {', '.join(specs)}")
     seeds = sorted(s for lab, s in workdir_lib.list_runs(workdir) if lab == label)
@@ -159,9 +151,9 @@ def export_ticket(workdir: str, label: str, seed: int, rnd: int, out: str, *,
     """
     if source not in SOURCES:
         raise ValueError(f"--source={source!r} is invalid; allowed: {', '.join(SOURCES)}")
-    config = read_config(workdir)
-    spec, record, mask_path = _find(workdir, config, label, int(seed), int(rnd))
-    setup = setup or rebuild_setup(config)
+    settings, config = settings_lib.from_workdir(workdir)
+    spec, record, mask_path = _find(workdir, settings, label, int(seed), int(rnd))
+    setup = setup or rebuild_setup(settings)
     variables, step, start = start_point(setup, workdir, spec, int(seed), int(rnd))
     mask = masks_lib.load(mask_path, variables["params"])
     trained, got, note = _trained(setup, workdir, spec, int(seed), int(rnd), variables, step,
@@ -180,7 +172,7 @@ def export_ticket(workdir: str, label: str, seed: int, rnd: int, out: str, *,
     meta = {"format": FORMAT, "version": VERSION, "dp_jax_version": __version__,
             "workdir": os.path.abspath(workdir), "run": label, "method": spec.name,
             "seed": int(seed), "round": int(rnd), "start": start, "trained_source": got,
-            "trained_note": note, "record": record, "config": config.to_dict(),
+            "trained_note": note, "record": record, "config": config,
             "sparsity": masks_lib.sparsity(mask), "check": check,
             "arrays": {sec: list(flat) for sec, flat in sections.items()}}
     payload = {f"{sec}/{k}": v for sec, flat in sections.items() for k, v in flat.items()}

@@ -36,7 +36,9 @@ from dp_jax import rng
 from dp_jax.pruning import seeds as seed_groups
 from dp_jax.pruning import setup as setup_lib
 from dp_jax.training import small_set
-from dp_jax.tasks import settings as validate_lib
+from dp_jax.tasks import settings as settings_lib
+from dp_jax.pruning.plan import Distilled
+from dp_jax.pruning.settings import Experiment
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.system.progress import Progress
 from dp_jax.distill import sets as distill_sets
@@ -53,19 +55,22 @@ def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
     ``restart_changed``, runs whose settings changed are moved aside and run afresh.
     """
     t_start = time.time()
-    distributed.initialize(config)  # before anything touches a JAX backend
-    specs = validate_lib.validate_static(config)
+    # Before anything touches a JAX backend (the checks below count devices).
+    distributed.initialize(settings_lib.build(config).parallel)
+    settings = settings_lib.parse(config)
     workdir_lib.check_writable(workdir)
-    dataset = setup_lib.load_data(config)
-    validate_lib.validate_with_data(config, dataset, specs)
-    changed = workdir_lib.check_identity(workdir, config.to_dict(), restart=restart_changed)
+    dataset = setup_lib.load_data(settings)
+    settings_lib.validate_with_data(settings, dataset)
+    raw = config.to_dict()
+    changed = workdir_lib.check_identity(workdir, raw, restart=restart_changed)
     os.makedirs(workdir, exist_ok=True)
     lock = workdir_lib.Lock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
     with lock:
         if changed and distributed.is_main_process():
-            _supersede_changed(workdir, changed, specs)
-        fileio.write_json(workdir_lib.config_path(workdir), with_data_source(config, dataset))
-        return _run_locked(config, workdir, dataset, specs, t_start)
+            _supersede_changed(workdir, changed, settings.specs)
+        fileio.write_json(workdir_lib.config_path(workdir),
+                          dict(raw, data_source=data_source(dataset)))
+        return _run_locked(settings, raw, workdir, dataset, t_start)
 
 
 def small_set_labels(specs) -> set:
@@ -94,25 +99,21 @@ def _supersede_changed(workdir: str, changed: dict, specs) -> None:
                     dest)
 
 
-def with_data_source(config, dataset) -> dict:
-    """config.json's content: the config plus ``data_source``, where the data was read from."""
-    return dict(config.to_dict(), data_source=data_source(dataset))
-
-
 def data_source(dataset) -> str:
     """Where ``dataset`` was read from (a directory, file or TFDS name)."""
     return getattr(dataset, "source", "") or dataset.name
 
 
-def _run_locked(config, workdir, dataset, specs, t_start) -> dict:
-    sink = MetricsLog(workdir, config.get("metrics"))
+def _run_locked(config: Experiment, raw: dict, workdir, dataset, t_start) -> dict:
+    sink = MetricsLog(workdir, config.metrics)
     try:
-        return _run_all(config, workdir, dataset, specs, t_start, sink)
+        return _run_all(config, raw, workdir, dataset, t_start, sink)
     finally:
         sink.close()
 
 
-def _run_all(config, workdir, dataset, specs, t_start, sink) -> dict:
+def _run_all(config: Experiment, raw: dict, workdir, dataset, t_start, sink) -> dict:
+    specs = config.specs
     setup = setup_lib.build_setup(config, dataset, log=sink)
     seeds = [config.seed + i for i in range(config.seeds)]
     total_rounds = len(seeds) * len(specs) * (config.prune.rounds + 1)
@@ -127,15 +128,14 @@ def _run_all(config, workdir, dataset, specs, t_start, sink) -> dict:
                                             sink=sink)
         phases["distill_s"] = time.time() - t0
         phases.update(cost)
-    cfg = config.to_dict()
     small = small_set_labels(specs)
     for seed in seeds:
         for label in [workdir_lib.DENSE] + [s.label for s in specs]:
             workdir_lib.check_run_identity(workdir, label, seed, workdir_lib.run_fields(
-                cfg, label, seed, small_set=label in small))
+                raw, label, seed, small_set=label in small))
     on_round = lambda r: (progress.update(r), _merge_rounds(workdir))  # noqa: E731
     rewind = [s.rewind_step for s in specs]
-    vmapped = seed_groups.enabled(config.parallel.get("vmap_seeds", "auto"), len(seeds),
+    vmapped = seed_groups.enabled(config.parallel.vmap_seeds, len(seeds),
                                   stream=setup.stream is not None,
                                   data_parallel=bool(config.parallel.data_parallel))
 
@@ -176,7 +176,7 @@ def _run_all(config, workdir, dataset, specs, t_start, sink) -> dict:
 def prepare_distilled(config, workdir, dataset, setup, progress=None, *, sink=None):
     """The distilled set (made, reused or loaded) and DP's compiled inner loop.
 
-    Returns ``((x, y, inner_train, learned_lr), cost)`` where ``cost`` holds the distillation
+    Returns ``(Distilled, cost)`` where ``cost`` holds the distillation
     and expert-training examples and wall time (reported apart from the mask search).
     """
     metrics = workdir_lib.metrics_path(workdir)
@@ -192,7 +192,7 @@ def prepare_distilled(config, workdir, dataset, setup, progress=None, *, sink=No
     lr = float(config.dp.lr) if config.dp.lr > 0 else float(dset.lr)
     inner = small_set.setup_inner_train(setup, config.dp, lr, len(dset))
     x, y = jnp.asarray(dset.images), jnp.asarray(dset.labels)
-    return (x, y, inner, float(dset.lr)), dict(dset.cost)
+    return Distilled(x, y, inner, float(dset.lr)), dict(dset.cost)
 
 
 def _plan(setup, workdir, spec, seed, dense, config, distilled):
@@ -209,7 +209,7 @@ def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, co
                distilled=None) -> list:
     """Run (or resume) one method for one seed; returns its records.
 
-    ``distilled`` is ``(x, y, inner_train, lr)`` for methods that need the distilled set
+    ``distilled`` is a :class:`~dp_jax.pruning.plan.Distilled` for methods that need it
     (see :func:`prepare_distilled`).
     """
     plan = _plan(setup, workdir, spec, seed, dense, config, distilled)

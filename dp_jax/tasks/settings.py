@@ -1,12 +1,13 @@
-"""Config validation at start-up: every error names the field and the allowed values.
-
-``validate_static`` runs before anything is loaded; ``validate_with_data`` runs
-once the dataset size is known and before any training.
+"""Where the config stops: :func:`parse` checks every field once (each error names the field and
+the allowed values) and returns the typed settings the library reads
+(:class:`dp_jax.pruning.settings.Experiment`); :func:`validate_with_data` runs once the dataset
+is known and before any training.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 
@@ -18,6 +19,16 @@ from dp_jax.training import trainer as train_lib
 from dp_jax.data import DATA_SCHEMES, preprocess
 from dp_jax.models import MODELS, create_model, init_variables
 from dp_jax import distill
+from dp_jax.config import defaults
+from dp_jax.data import DataSpec
+from dp_jax.distill.settings import DistillSettings
+from dp_jax.models import ModelSpec
+from dp_jax.rundir import paths as workdir_lib
+from dp_jax.storage import fileio
+from dp_jax.pruning.settings import CheckpointSettings, Experiment, PruneSettings
+from dp_jax.rundir.metrics import MetricsSettings
+from dp_jax.system.distributed import ParallelSettings
+from dp_jax.training.settings import DPSettings, TrainSettings
 
 PREPROCESS = preprocess.PREPROCESS_KINDS
 
@@ -40,16 +51,13 @@ def _finite(section, prefix: str = "config") -> None:
             raise ValueError(f"{name}={value!r} is invalid; allowed: finite numbers")
 
 
-def validate_metrics(config) -> None:
-    """The ``metrics`` section (absent in configs older than it: nothing beyond metrics.jsonl)."""
-    m = config.get("metrics")
-    if m is None:
-        return
+def _validate_metrics(m: MetricsSettings) -> None:
+    """The ``metrics`` section."""
     for f in ("tensorboard", "wandb"):
-        _need(isinstance(m.get(f), bool), f"metrics.{f}", "True | False", m.get(f))
-    _need(isinstance(m.get("wandb_project"), str) and m.get("wandb_project"),
-          "metrics.wandb_project", "a non-empty string", m.get("wandb_project"))
-    if m.get("wandb"):
+        _need(isinstance(getattr(m, f), bool), f"metrics.{f}", "True | False", getattr(m, f))
+    _need(isinstance(m.wandb_project, str) and m.wandb_project,
+          "metrics.wandb_project", "a non-empty string", m.wandb_project)
+    if m.wandb:
         import importlib.util
         _need(importlib.util.find_spec("wandb") is not None, "metrics.wandb",
               "False, or True with the wandb package installed (pip install wandb)", True)
@@ -63,7 +71,7 @@ def _validate_data(d) -> None:
     _need(d.preprocess in PREPROCESS, "data.preprocess", " | ".join(PREPROCESS), d.preprocess)
     _need(d.train_size >= 0, "data.train_size", "0 (all) or a positive number of examples",
           d.train_size)
-    augment, streamed = d.get("augment", "none"), d.get("pipeline", "memory")
+    augment, streamed = d.augment, d.pipeline
     _need(streamed in ("memory", "stream"), "data.pipeline", "memory | stream", streamed)
     _need(augment in (("none", "crop_flip", "random_resized_crop") if streamed == "stream"
                       else ("none", "crop_flip")), "data.augment",
@@ -93,12 +101,12 @@ def _validate_train(config) -> None:
     _need(0 < t.decay_factor <= 1, "train.decay_factor", "a number in (0, 1]", t.decay_factor)
     _need(t.loop in train_lib.LOOPS, "train.loop", " | ".join(train_lib.LOOPS), t.loop)
     _need(t.unroll >= 1, "train.unroll", "an integer >= 1", t.unroll)
-    _need(t.get("compute_dtype", "float32") in precision.COMPUTE_DTYPES, "train.compute_dtype",
-          " | ".join(precision.COMPUTE_DTYPES), t.get("compute_dtype"))
-    vmap = config.parallel.get("vmap_seeds", "auto")
+    _need(t.compute_dtype in precision.COMPUTE_DTYPES, "train.compute_dtype",
+          " | ".join(precision.COMPUTE_DTYPES), t.compute_dtype)
+    vmap = config.parallel.vmap_seeds
     _need(vmap in seed_groups.MODES, "parallel.vmap_seeds", " | ".join(seed_groups.MODES), vmap)
     _need(vmap != "on" or not (config.parallel.data_parallel or
-                               config.data.get("pipeline", "memory") == "stream"),
+                               config.data.pipeline == "stream"),
           "parallel.vmap_seeds", "auto | off with data.pipeline='stream' or "
           "parallel.data_parallel=True", vmap)
     if config.parallel.data_parallel:
@@ -126,30 +134,78 @@ def _validate_prune(config) -> None:
           config.checkpoint.keep)
 
 
-def validate_static(config) -> list:
-    """Check every field that does not depend on the data; returns the parsed method specs."""
+def build(config) -> Experiment:
+    """The typed settings of ``config`` (a ConfigDict or a dict like config.json), a field it
+    lacks at its default; checks field names only (see :func:`parse`)."""
+    top = defaults.section("")
+    known = set(top) | {n for n in defaults.base_config().keys() if n not in top}
+    unknown = sorted(set(config.keys()) - known - {"data_source"})  # config.json adds data_source
+    if unknown:
+        raise ValueError(f"config has no field {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+    get = (lambda k: config[k] if k in config else top[k])  # noqa: E731
+    return Experiment(
+        task=str(get("task")), seed=get("seed"), seeds=get("seeds"),
+        data=DataSpec.from_config(config.get("data")),
+        model=ModelSpec.from_config(config.get("model")),
+        train=TrainSettings.from_config(config.get("train")),
+        dp=DPSettings.from_config(config.get("dp")),
+        prune=PruneSettings.from_config(config.get("prune")),
+        checkpoint=CheckpointSettings.from_config(config.get("checkpoint")),
+        metrics=MetricsSettings.from_config(config.get("metrics")),
+        parallel=ParallelSettings.from_config(config.get("parallel")),
+        distill=DistillSettings.from_config(config.get("distill")))
+
+
+def _validate_common(s: Experiment) -> None:
+    """What every task reads: seed, data, model and the metrics stream."""
+    _need(isinstance(s.seed, int) and s.seed >= 0, "seed", "an integer >= 0", s.seed)
+    _need(isinstance(s.seeds, int) and s.seeds >= 1, "seeds", "an integer >= 1", s.seeds)
+    _validate_data(s.data)
+    _need(s.model.name in MODELS, "model.name", ", ".join(sorted(MODELS)), s.model.name)
+    create_model(s.model, num_classes=10)  # raises ValueError on bad model fields
+    _validate_metrics(s.metrics)
+
+
+def parse(config, *, check_methods: bool = True) -> Experiment:
+    """Check every field the config's task reads, before anything is loaded, and return the
+    typed settings (for the prune task with ``prune.method`` parsed into ``specs``).
+
+    ``check_methods=False`` skips the methods' own config checks (re-reading a finished
+    workdir's config.json, whose runs were checked when they started).
+    """
     _finite(config)
-    _need(isinstance(config.seed, int) and config.seed >= 0, "seed", "an integer >= 0", config.seed)
-    _need(isinstance(config.seeds, int) and config.seeds >= 1, "seeds", "an integer >= 1",
-          config.seeds)
-    _validate_data(config.data)
-    _need(config.model.name in MODELS, "model.name", ", ".join(sorted(MODELS)), config.model.name)
-    create_model(config.model, num_classes=10)  # raises ValueError on bad model fields
-    _validate_train(config)
-    _validate_prune(config)
-    validate_metrics(config)
-    p = config.prune
-    streamed = config.data.get("pipeline", "memory") == "stream"
+    s = build(config)
+    _validate_common(s)
+    if s.task == "distill":
+        _need(s.train.batch_size >= 1, "train.batch_size", "an integer >= 1",
+              s.train.batch_size)
+        distill.validate(s.distill)
+        return s
+    _validate_train(s)
+    _validate_prune(s)
+    p = s.prune
     methods.load_plugins(p.plugins)
-    specs = methods.parse(p.method, config)
-    used = [methods.get(s.name) for s in specs]
-    if streamed:
+    specs = methods.parse(p.method, s, check=check_methods)
+    used = [methods.get(sp.name) for sp in specs]
+    if s.data.pipeline == "stream":
         _need(not any(m.needs_dp for m in used), "prune.method",
               "methods without a small-set inner loop (no dp, dp_imp, subset) with "
               "data.pipeline='stream' (the inner loop trains from memory)", p.method)
     if any(m.needs_dp for m in used):
-        _validate_dp(config, distilled=any(m.needs_distilled for m in used))
-    return specs
+        _validate_dp(s, distilled=any(m.needs_distilled for m in used))
+    return s.replace(specs=tuple(specs))
+
+
+def from_workdir(workdir: str) -> tuple[Experiment, dict]:
+    """``(settings, config.json)`` of a workdir: its runs were checked when they started, so
+    only the field names and the method list are read again (plugins it names are imported)."""
+    path = workdir_lib.config_path(workdir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; is {workdir} a dp_jax workdir?")
+    raw = fileio.read_json(path)
+    s = build(raw)
+    methods.load_plugins(s.prune.plugins)
+    return s.replace(specs=tuple(methods.parse(s.prune.method, s, check=False))), raw
 
 
 def layer_rates(prune_cfg) -> dict:
@@ -159,7 +215,7 @@ def layer_rates(prune_cfg) -> dict:
 
 def _validate_dp(config, *, distilled: bool) -> None:
     if distilled:
-        distill.validate(config)
+        distill.validate(config.distill)
     d = config.dp
     _need(d.steps >= 1, "dp.steps", "an integer >= 1", d.steps)
     _need(d.batch_size >= 1, "dp.batch_size", "an integer >= 1", d.batch_size)
@@ -170,26 +226,24 @@ def _validate_dp(config, *, distilled: bool) -> None:
     _need(0 < d.decay_factor <= 1, "dp.decay_factor", "a number in (0, 1]", d.decay_factor)
     _need(d.augment in ("dsa", "none"), "dp.augment", "dsa | none", d.augment)
     _need(d.inner_seeds >= 1, "dp.inner_seeds", "an integer >= 1", d.inner_seeds)
-    _need(d.get("loop", "scan") in train_lib.LOOPS, "dp.loop", " | ".join(train_lib.LOOPS),
-          d.get("loop"))
+    _need(d.loop in train_lib.LOOPS, "dp.loop", " | ".join(train_lib.LOOPS), d.loop)
     _need(d.unroll >= 1, "dp.unroll", "an integer >= 1", d.unroll)
     _need(d.chunk >= 0 and (d.chunk == 0 or d.steps % d.chunk == 0), "dp.chunk",
           "0 or a divisor of dp.steps", d.chunk)
-    epochs = d.get("epochs", 0)
+    epochs = d.epochs
     _need(isinstance(epochs, int) and epochs >= 0, "dp.epochs",
           "0 (use dp.steps) or an integer >= 1", epochs)
-    _need(0 <= d.get("cutmix_prob", 0.0) <= 1, "dp.cutmix_prob", "a probability in [0, 1]",
-          d.get("cutmix_prob", 0.0))
-    _need(d.get("cutmix_beta", 1.0) > 0, "dp.cutmix_beta", "a number > 0",
-          d.get("cutmix_beta", 1.0))
+    _need(0 <= d.cutmix_prob <= 1, "dp.cutmix_prob", "a probability in [0, 1]", d.cutmix_prob)
+    _need(d.cutmix_beta > 0, "dp.cutmix_beta", "a number > 0", d.cutmix_beta)
     _need(0 < d.switch_sparsity < 1, "dp.switch_sparsity", "a sparsity in (0, 1)",
           d.switch_sparsity)
     _need(d.subset_lr >= 0, "dp.subset_lr", "0 (Distilled Pruning's step size) or a number > 0",
           d.subset_lr)
 
 
-def validate_with_data(config, dataset, specs) -> None:
+def validate_with_data(config: Experiment, dataset) -> None:
     """Checks that need the dataset: batch size, rewind steps, layer names, methods' own."""
+    specs = config.specs
     n = dataset.num_train if hasattr(dataset, "num_train") else len(dataset.y_train)
     _need(config.train.batch_size <= n, "train.batch_size",
           f"at most the {n} training examples", config.train.batch_size)
@@ -202,7 +256,7 @@ def validate_with_data(config, dataset, specs) -> None:
                 f"(train.epochs x steps per epoch)")
         methods.get(s.name).validate_with_data(s, config, n, dataset.num_classes)
     if any(methods.get(s.name).needs_distilled for s in specs) and not config.distill.path:
-        distill.validate_with_data(config, dataset)
+        distill.validate_with_data(config.distill, dataset)
     rates = layer_rates(config.prune)
     if rates:
         model = create_model(config.model, num_classes=dataset.num_classes)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from dp_jax.training import trainer as train_lib
+from dp_jax.training.settings import DPSettings
 from dp_jax.data.cutmix import cutmix as cutmix_batch
 from dp_jax.data.augment import make_augment
 
@@ -44,15 +45,15 @@ class Recipe:
     compute_dtype: str = "float32"  # forward/backward dtype (train.compute_dtype)
 
     @classmethod
-    def from_dp(cls, dp_cfg, lr: float, compute_dtype: str = "float32") -> "Recipe":
-        """The recipe of a ``dp`` config section, at step size ``lr``."""
-        return cls(lr=float(lr), steps=int(dp_cfg.steps), epochs=int(dp_cfg.get("epochs", 0)),
+    def from_dp(cls, dp_cfg: DPSettings, lr: float, compute_dtype: str = "float32") -> "Recipe":
+        """The recipe of the ``dp`` settings, at step size ``lr``."""
+        return cls(lr=float(lr), steps=int(dp_cfg.steps), epochs=int(dp_cfg.epochs),
                    compute_dtype=compute_dtype,
                    batch_size=int(dp_cfg.batch_size), momentum=float(dp_cfg.momentum),
                    weight_decay=float(dp_cfg.weight_decay), decay_at=tuple(dp_cfg.decay_at),
                    decay_factor=float(dp_cfg.decay_factor),
-                   cutmix_prob=float(dp_cfg.get("cutmix_prob", 0.0)),
-                   cutmix_beta=float(dp_cfg.get("cutmix_beta", 1.0)))
+                   cutmix_prob=float(dp_cfg.cutmix_prob),
+                   cutmix_beta=float(dp_cfg.cutmix_beta))
 
     def num_steps(self, n: int) -> int:
         """Optimiser steps on a set of ``n`` images."""
@@ -234,19 +235,19 @@ def make_inner_train(model, recipe: Recipe, n: int, augment, *, loop: str = "sca
 _PROGRAMS: dict = {}
 
 
-def setup_inner_train(setup, dp_cfg, lr: float, n: int) -> Callable:
+def setup_inner_train(setup, dp_cfg: DPSettings, lr: float, n: int) -> Callable:
     """DP's (or the subset control's) inner loop for ``setup``'s model on ``n`` images at
     step size ``lr``, from the ``dp`` section; cached per (model, shape, recipe, loop form)."""
     recipe = Recipe.from_dp(dp_cfg, lr, compute_dtype=setup.trainer.compute_dtype)
-    loop = dp_cfg.get("loop", "scan")
+    loop = dp_cfg.loop
     if loop == "auto":
         like = jax.eval_shape(setup.init_fn, jax.random.key(0))["params"]
         loop = train_lib.resolve_loop("auto", like, setup.model, setup.image_shape)
     key = (setup.model, tuple(setup.image_shape), recipe, int(n), loop, dp_cfg.augment,
-           int(dp_cfg.get("unroll", 1)), int(dp_cfg.get("chunk", 0)), int(setup.num_classes))
+           int(dp_cfg.unroll), int(dp_cfg.chunk), int(setup.num_classes))
     if key not in _PROGRAMS:
         _PROGRAMS[key] = make_inner_train(
             setup.model, recipe, n, make_augment(dp_cfg.augment), loop=loop,
-            unroll=int(dp_cfg.get("unroll", 1)), chunk=int(dp_cfg.get("chunk", 0)),
+            unroll=int(dp_cfg.unroll), chunk=int(dp_cfg.chunk),
             num_classes=setup.num_classes)
     return _PROGRAMS[key]

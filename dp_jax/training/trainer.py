@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dp_jax.training.settings import TrainSettings
 from dp_jax import masks as masks_lib
 from dp_jax.training import precision
 from dp_jax.models.convs import fast_convs, only_fast_convs
@@ -55,15 +56,15 @@ class TrainState:
     mask: PyTree
 
 
-def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+def make_schedule(cfg: TrainSettings, total_steps: int) -> optax.Schedule:
     """Learning-rate schedule from ``cfg`` (lr, schedule, decay_at, decay_factor)."""
     lr = float(cfg.lr)
-    kind = cfg.get("schedule", "constant") if hasattr(cfg, "get") else getattr(cfg, "schedule", "constant")
+    kind = cfg.schedule
     if kind == "constant":
         return optax.constant_schedule(lr)
     if kind == "multistep":
-        decay_at = tuple(getattr(cfg, "decay_at", (2 / 3, 5 / 6)) or ())
-        factor = float(getattr(cfg, "decay_factor", 0.2))
+        decay_at = tuple(cfg.decay_at or ())
+        factor = float(cfg.decay_factor)
         bounds = {int(round(f * total_steps)): factor for f in decay_at}
         return optax.piecewise_constant_schedule(lr, bounds)
     if kind == "cosine":
@@ -71,18 +72,18 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {kind!r}")
 
 
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainSettings, total_steps: int) -> optax.GradientTransformation:
     """Optimiser from ``cfg``: optimizer, lr, momentum, weight_decay, schedule.
 
     SGD and Adam use coupled L2 weight decay (added to the gradient, as
     ``torch.optim.SGD(weight_decay=...)`` does); AdamW uses decoupled decay.
     """
     sched = make_schedule(cfg, total_steps)
-    name = getattr(cfg, "optimizer", "sgd")
-    wd = float(getattr(cfg, "weight_decay", 0.0))
-    mom = float(getattr(cfg, "momentum", 0.0))
+    name = cfg.optimizer
+    wd = float(cfg.weight_decay)
+    mom = float(cfg.momentum)
     if name == "sgd":
-        tx = optax.sgd(sched, momentum=mom or None, nesterov=bool(getattr(cfg, "nesterov", False)))
+        tx = optax.sgd(sched, momentum=mom or None, nesterov=bool(cfg.nesterov))
     elif name == "adam":
         tx = optax.adam(sched)
     elif name == "adamw":
