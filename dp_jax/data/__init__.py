@@ -6,15 +6,18 @@ the invertible transforms (``to_pixels`` maps model-space images back to [0, 1] 
 
 from dp_jax.data import preprocess
 from dp_jax.data.dataset import Dataset, load_dataset, stratified_indices
+from dp_jax.data.registry import SOURCES, Source, register
+from dp_jax.data.sources import RawData
 from dp_jax.data.spec import DataSpec
 from dp_jax.data.preprocess import (apply_preprocessing, describe_preprocessing,
                                     fit_preprocessing, to_pixels)
 
-# The dataset names a config may give (data.name), as shown in error messages.
-DATA_SCHEMES = "fashion_mnist | tfds:<name> | npz:<path>"
 
 __all__ = [
-    "DATA_SCHEMES",
+    "RawData",
+    "SOURCES",
+    "Source",
+    "register",
     "DataSpec",
     "Dataset",
     "apply_preprocessing",

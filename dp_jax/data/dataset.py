@@ -13,12 +13,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from dp_jax.data import preprocess as pre
-from dp_jax.data import sources
+from dp_jax.data import registry
+from dp_jax.data.sources import RawData
 from dp_jax.data.spec import DataSpec
-
-NAME_FORMS = ("'fashion_mnist'", "'tfds:<name>' (e.g. tfds:cifar10, tfds:imagenette/160px)",
-              "'npz:<path>'")
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
@@ -83,7 +80,7 @@ def _to_unit_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _validate(raw: sources.RawData) -> None:
+def _validate(raw: RawData) -> None:
     """Checks shared by all sources: non-empty splits, finite images, labels in range."""
     where = raw.source
     if raw.num_classes < 2:
@@ -119,24 +116,6 @@ def _validate(raw: sources.RawData) -> None:
                          f"{raw.x_test.shape[1:]} differ in shape")
 
 
-def _load_raw(name: str, data_dir: str | None, image_size: int | None) -> sources.RawData:
-    """Dispatches on the name scheme."""
-    if image_size and not name.startswith("tfds:"):
-        raise ValueError(
-            f"data.image_size is only supported for tfds:<name> datasets, not {name!r}")
-    if name == "fashion_mnist":
-        return sources.load_fashion_mnist(data_dir)
-    for prefix in ("tfds:", "npz:"):
-        if name.startswith(prefix) and not name[len(prefix):]:
-            raise ValueError(f"dataset name {name!r} lacks the part after {prefix!r}; "
-                             "allowed forms: " + ", ".join(NAME_FORMS))
-    if name.startswith("tfds:"):
-        return sources.load_tfds(name[len("tfds:"):], data_dir=data_dir, image_size=image_size)
-    if name.startswith("npz:"):
-        return sources.load_npz(name[len("npz:"):])
-    raise ValueError(f"unknown dataset name {name!r}; allowed forms: " + ", ".join(NAME_FORMS))
-
-
 def load_dataset(data: DataSpec | Mapping, *, seed: int) -> Dataset:
     """Loads, validates, subsets and preprocesses the dataset described by ``data``.
 
@@ -148,19 +127,16 @@ def load_dataset(data: DataSpec | Mapping, *, seed: int) -> Dataset:
     Preprocessing is fitted on the (subset) training split and applied to both splits.
     """
     spec = data if isinstance(data, DataSpec) else DataSpec.from_config(data)
-    name, data_dir = spec.name, spec.data_dir or None
+    name = spec.name
     train_size = int(spec.train_size or 0)
-    kind, zca_eps, image_size = spec.preprocess, float(spec.zca_eps), spec.image_size or None
+    kind, zca_eps = spec.preprocess, float(spec.zca_eps)
     # Configuration errors are reported before any (possibly slow) loading.
     if kind not in pre.PREPROCESS_KINDS:
         raise ValueError(
             f"unknown preprocess {kind!r}; expected one of {list(pre.PREPROCESS_KINDS)}")
     if train_size < 0:
         raise ValueError(f"train_size must be >= 0 (0 = all), got {train_size}")
-    if not isinstance(name, str):
-        raise ValueError("dataset name must be a string; allowed forms: " + ", ".join(NAME_FORMS))
-
-    raw = _load_raw(name, data_dir, image_size)
+    raw = registry.load(spec)
     _validate(raw)
     x_train, y_train = raw.x_train, raw.y_train
     if train_size:

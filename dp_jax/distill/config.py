@@ -14,11 +14,11 @@ import numpy as np
 from dp_jax.data.augment import AUGMENTATIONS, parse_strategy
 from dp_jax.distill.gm import DISTANCES, NET_TRAIN
 from dp_jax.distill.mtt import LOOPS, MEMORY_MODES
+from dp_jax.distill import registry
 from dp_jax.distill.settings import DistillSettings
 from dp_jax.distill.synthetic import INITS, check_factor
 
 EVAL_LOOPS = ("auto", "scan", "python")
-METHODS = ("mtt", "gm", "dm")
 
 
 def _need(cond: bool, field: str, allowed: str, value) -> None:
@@ -42,7 +42,7 @@ def validate(d: DistillSettings) -> None:
               "eval_periodic_models"):
         lo = 0 if f == "iterations" else 1
         _need(_int(getattr(d, f)) and getattr(d, f) >= lo, f, f"an integer >= {lo}", getattr(d, f))
-    _need(d.method in METHODS, "method", " | ".join(METHODS), d.method)
+    distiller = registry.get(d.method)  # a ValueError names the allowed ones
     for f in ("gm_outer_loops", "gm_batch_real", "gm_batch_net", "dm_batch_real"):
         _need(_int(getattr(d, f)) and getattr(d, f) >= 1, f, "an integer >= 1", getattr(d, f))
     _need(_int(d.gm_inner_loops) and d.gm_inner_loops >= 0, "gm_inner_loops",
@@ -72,7 +72,7 @@ def validate(d: DistillSettings) -> None:
     except ValueError as e:
         raise ValueError(f"config.distill.dsa_strategy: {e}") from None
     need = d.max_start_epoch + d.expert_epochs
-    if d.method == "mtt" and d.expert_train_epochs < need:
+    if distiller.needs_experts and d.expert_train_epochs < need:
         raise ValueError(
             f"config.distill.expert_train_epochs={d.expert_train_epochs} is invalid; allowed: "
             f">= distill.max_start_epoch + distill.expert_epochs = {d.max_start_epoch} + "
@@ -89,7 +89,7 @@ def validate_with_data(d: DistillSettings, dataset) -> None:
     n_syn = d.ipc * dataset.num_classes * d.factor ** 2
     _need(d.batch_syn <= n_syn, "batch_syn",
           f"0 (whole set) or at most the {n_syn} synthetic training images", d.batch_syn)
-    if d.method != "mtt":  # no experts
+    if not registry.get(d.method).needs_experts:
         return
     n_exp = d.expert_train_size or len(dataset.y_train)
     _need(d.expert_train_size <= len(dataset.y_train), "expert_train_size",

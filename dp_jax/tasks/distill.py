@@ -28,9 +28,7 @@ from dp_jax.distill import config as config_lib
 from dp_jax.distill import sets as dist_lib
 from dp_jax.distill import evaluate as eval_lib
 from dp_jax.distill import experts as experts_lib
-from dp_jax.distill import dm as dm_lib
-from dp_jax.distill import gm as gm_lib
-from dp_jax.distill import mtt as mtt_lib
+from dp_jax.distill import registry as distill_registry
 from dp_jax.distill.loop import run_method
 
 import jax
@@ -54,17 +52,15 @@ _RANDOM_EVAL_KEYS = {"random": 1, "random_stored": 3}
 
 
 def build_method(config, dataset, workdir: str, *, mask=None, log=lambda **kw: None):
-    """``(method, expert cost)`` for ``config.distill.method``; MTT trains/resumes its experts
-    first, gm and dm need none (cost 0)."""
-    d = config.distill
-    if d.method == "gm":
-        return gm_lib.build_method(config, dataset, mask=mask), _no_experts()
-    if d.method == "dm":
-        return dm_lib.build_method(config, dataset, mask=mask), _no_experts()
+    """``(method, expert cost)`` for ``config.distill.method``; a distiller that matches expert
+    trajectories (MTT) trains/resumes its experts first, the others need none (cost 0)."""
+    distiller = distill_registry.get(config.distill.method)
+    if not distiller.needs_experts:
+        return distiller.build(config, dataset, trajectories=None, mask=mask), _no_experts()
     buf_dir = _buffer_dir(config, workdir)
     buf = experts_lib.train_experts(config, dataset, buf_dir, log=log)
     traj = experts_lib.load_trajectories(config, dataset, buf_dir)
-    return mtt_lib.build_method(config, dataset, traj, mask=mask), buf.cost()
+    return distiller.build(config, dataset, trajectories=traj, mask=mask), buf.cost()
 
 
 def distill_into(config, workdir: str, dataset, *, mask=None,
@@ -250,7 +246,7 @@ def write_report(workdir: str, summary: dict, config) -> None:
         f"{d.eval_epochs} epochs, batch {d.eval_batch_size}, lr x0.1 at half, augmentation "
         f"`{d.eval_augment}`; the random subset uses lr {d.lr_init}.",
         "",
-        {"mtt": mtt_lib, "gm": gm_lib, "dm": dm_lib}[d.method].describe(d),
+        distill_registry.get(d.method).describe(d),
         "",
         f"Cost: experts {c.get('expert_examples', 0):,} examples / "
         f"{c.get('expert_wall_s', 0):.0f} s wall / {c.get('expert_cpu_s', 0):.0f} s CPU; "

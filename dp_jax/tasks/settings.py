@@ -16,7 +16,8 @@ from dp_jax import methods
 from dp_jax.training import precision
 from dp_jax.pruning import seeds as seed_groups
 from dp_jax.training import trainer as train_lib
-from dp_jax.data import DATA_SCHEMES, preprocess
+from dp_jax.data import preprocess
+from dp_jax.data import registry as data_registry
 from dp_jax.models import MODELS, create_model, init_variables
 from dp_jax import distill
 from dp_jax.config import defaults
@@ -65,9 +66,8 @@ def _validate_metrics(m: MetricsSettings) -> None:
 
 def _validate_data(d) -> None:
     """The ``data`` section."""
-    name = str(d.name)
-    _need(name == "fashion_mnist" or (name.startswith(("tfds:", "npz:")) and len(name) > 5),
-          "data.name", DATA_SCHEMES, name)
+    name = d.name
+    source, _ = data_registry.resolve(name)  # a ValueError names the allowed forms
     _need(d.preprocess in PREPROCESS, "data.preprocess", " | ".join(PREPROCESS), d.preprocess)
     _need(d.train_size >= 0, "data.train_size", "0 (all) or a positive number of examples",
           d.train_size)
@@ -77,8 +77,9 @@ def _validate_data(d) -> None:
                       else ("none", "crop_flip")), "data.augment",
           "none | crop_flip (| random_resized_crop with data.pipeline='stream')", augment)
     if streamed == "stream":
-        _need(name.startswith("tfds:"), "data.name", "tfds:<name> with data.pipeline='stream'",
-              name)
+        _need(source.streams, "data.name", " | ".join(
+            s.describe() for s in data_registry.SOURCES.values() if s.streams)
+            + " with data.pipeline='stream'", name)
         _need(not d.train_size, "data.train_size", "0 with data.pipeline='stream' "
               "(restrict classes with data.classes)", d.train_size)
 

@@ -4,7 +4,7 @@
 
 runs the default experiment's smoke variant on a generated 8x8 dataset with every method that
 existed before the method registry (MTT distillation included, at tiny sizes) and writes the
-digest. ``tests/test_golden.py`` runs the same experiment and compares against the committed
+digest. ``tests/e2e/test_golden.py`` runs the same experiment and compares against the committed
 ``tests/fixtures/golden_smoke.json``: any change to masks or records is caught bit for bit.
 """
 

@@ -3,19 +3,18 @@
 import gzip
 import pathlib
 import re
-import types
 
 import numpy as np
 import pytest
 
-from dp_jax.data import Dataset, load_dataset, preprocess, sources, stratified_indices
+from dp_jax.data import Dataset, DataSpec, load_dataset, preprocess, sources, stratified_indices
 
 DEBIAN_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
 def cfg(**kw):
-    """A data config; fields left out exercise load_dataset's defaults."""
-    return types.SimpleNamespace(**kw)
+    """A data spec; fields left out take their defaults."""
+    return DataSpec.from_config(kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,11 +276,12 @@ def test_npz_not_a_zip_and_missing_file(tmp_path):
 # Config errors
 
 def test_unknown_name_lists_allowed_forms():
-    with pytest.raises(ValueError, match=r"unknown dataset name 'mnist'; allowed forms: "
-                       r"'fashion_mnist', 'tfds:<name>'.*'npz:<path>'"):
+    allowed = r"allowed: fashion_mnist \| tfds:<name> \| npz:<path>"
+    with pytest.raises(ValueError, match=r"data.name='mnist' is invalid; " + allowed):
         load_dataset(cfg(name="mnist"), seed=0)
-    with pytest.raises(ValueError, match="lacks the part after 'tfds:'"):
-        load_dataset(cfg(name="tfds:"), seed=0)
+    for name in ("tfds:", "npz", "fashion_mnist:x"):  # a scheme needs its argument, a name none
+        with pytest.raises(ValueError, match=r"data.name=.* is invalid; " + allowed):
+            load_dataset(cfg(name=name), seed=0)
 
 
 def test_unknown_preprocess(tmp_path):
@@ -303,7 +303,8 @@ def test_train_size_errors(tmp_path, size, match):
 
 def test_image_size_only_for_tfds(tmp_path):
     write_npz(tmp_path / "d.npz")
-    with pytest.raises(ValueError, match="image_size is only supported for tfds"):
+    with pytest.raises(ValueError, match=r"image_size is invalid with data.name='npz:.*"
+                       r"allowed: unset, or a source that resizes \(tfds:<name>\)"):
         load_dataset(cfg(name=f"npz:{tmp_path / 'd.npz'}", image_size=8), seed=0)
 
 
@@ -423,3 +424,51 @@ def test_tfds_unknown_dataset():
     with tfds.testing.mock_data(num_examples=1):
         with pytest.raises(ValueError, match="tfds:no_such_dataset_xyz: no such TFDS dataset"):
             load_dataset(cfg(name="tfds:no_such_dataset_xyz"), seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The source registry
+
+def test_a_registered_source_is_loaded_and_validated_like_a_builtin(tmp_path):
+    """A source added from outside the package loads through load_dataset, its arrays pass the
+    same checks as a built-in source's, and its name may not be registered twice."""
+    from dp_jax.data import RawData, Source, registry
+
+    calls = []
+
+    def load_bands(arg, spec):
+        calls.append((arg, spec.train_size))
+        rng = np.random.default_rng(int(arg))
+        y = np.arange(40) % 4
+        x = (rng.uniform(0, 1, (40, 6, 6, 1)) * 0.2 + y[:, None, None, None] / 5).astype("float32")
+        return RawData(f"bands:{arg}", x, y, x[:12], y[:12], num_classes=4)
+
+    registry.register(Source("bands", load_bands, form="bands:<seed>", takes_arg=True))
+    try:
+        ds = load_dataset(cfg(name="bands:3", train_size=20), seed=0)
+        assert calls == [("3", 20)]
+        assert ds.num_classes == 4 and len(ds.y_train) == 20
+        assert np.bincount(ds.y_train).tolist() == [5, 5, 5, 5]  # stratified like any source
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register(Source("bands", load_bands, takes_arg=True))
+        with pytest.raises(ValueError, match="already registered.*built in"):
+            registry.register(Source("npz", load_bands, takes_arg=True))
+        with pytest.raises(ValueError, match=r"allowed: .*bands:<seed>"):
+            load_dataset(cfg(name="bandz:1"), seed=0)
+    finally:
+        registry.SOURCES.pop("bands")
+
+
+def test_a_registered_source_gets_the_common_checks():
+    from dp_jax.data import RawData, Source, registry
+
+    def bad(arg, spec):  # labels outside [0, classes)
+        x = np.zeros((8, 4, 4, 1), np.uint8)
+        return RawData("bad", x, np.arange(8) % 3 + 1, x, np.arange(8) % 3, num_classes=3)
+
+    registry.register(Source("badlabels", bad))
+    try:
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            load_dataset(cfg(name="badlabels"), seed=0)
+    finally:
+        registry.SOURCES.pop("badlabels")

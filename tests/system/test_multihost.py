@@ -6,7 +6,7 @@ determinism, per-epoch reshuffling, disjoint host shards and augmentation output
 and with two real processes joined by ``jax.distributed`` over localhost.
 
 This file doubles as the worker script of those subprocess tests
-(``python tests/test_multihost.py mesh|process ...``): XLA_FLAGS and
+(``python tests/system/test_multihost.py mesh|process ...``): XLA_FLAGS and
 ``jax.distributed`` must be set up before jax initialises, i.e. in a fresh process.
 """
 
@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_MOCK = 48
 
 

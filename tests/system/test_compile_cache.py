@@ -11,7 +11,7 @@ from dp_jax.system import compile_cache, compile_time
 from dp_jax.storage import fileio
 from dp_jax.rundir import paths as workdir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_cache_dir_from_the_environment(tmp_path):

@@ -22,7 +22,7 @@ from dp_jax.pruning import setup as setup_lib
 
 from conftest import load_config_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(npz_path: str, model: str = "convnet_bn"):

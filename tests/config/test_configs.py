@@ -13,7 +13,7 @@ import pytest
 from dp_jax.tasks import prune as experiment, settings as validate
 from dp_jax.storage import fileio
 
-from conftest import load_config_module
+from conftest import ROOT, load_config_module
 
 # Every config with the variants worth validating; build-dependent ones are handled below.
 VARIANTS = {
@@ -216,7 +216,7 @@ def test_paper_variant_runs_an_imported_idc_set_end_to_end(tmp_path):
     """cifar10_resnet18:paper -- an IDC-format set imported and pruned with, under mock_data."""
     tfds = pytest.importorskip("tensorflow_datasets")
     from dp_jax.distill import convert, load_distilled
-    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "distilled",
+    fixture = os.path.join(ROOT, "tests", "fixtures", "distilled",
                            "idc_cifar10_smoke.pt")
     out = str(tmp_path / "idc.npz")
     mod = load_config_module("cifar10_resnet18")

@@ -47,7 +47,7 @@ def test_gradient_exact_in_every_mode_python_loop():
         model, p0, p1, x, y = _problem(jnp.float64)
         mask = masks.ones_like(p0)
         # Resampling ops have the most intricate gradients; the switch over all six DSA ops is
-        # covered by tests/test_augment.py.
+        # covered by tests/data/test_augment.py.
         aug = make_augment("dsa", strategy="crop_scale_cutout")
         key = jax.random.key(3)
         n = 5  # constant mode: segments of 3 and 2 steps

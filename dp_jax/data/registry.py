@@ -1,0 +1,87 @@
+"""Dataset sources, registered by name: what ``data.name`` may say and who loads it.
+
+A source is either a plain name (``fashion_mnist``) or a scheme followed by an argument
+(``tfds:<name>``, ``npz:<path>``). Every check of ``data.name`` asks :func:`resolve`, so a
+source added with :func:`register` is accepted everywhere (validation, loading, the run identity)
+without editing the package:
+
+    def load_mine(arg, spec):                 # arg: the part after 'mine:' (or None)
+        return RawData("mine", x_train, y_train, x_test, y_test, num_classes=10)
+
+    dp_jax.data.register(Source("mine", load_mine, form="mine"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+from dp_jax.data import sources
+from dp_jax.data.sources import RawData
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One kind of ``data.name``: a plain name, or ``scheme:<arg>`` when ``takes_arg``."""
+    name: str
+    load: Callable[[Optional[str], object], RawData]   # (arg, DataSpec) -> RawData
+    form: str = ""                # how the name is written, for error messages
+    takes_arg: bool = False
+    image_size: bool = False      # honours data.image_size (centre crop + resize)
+    streams: bool = False         # can be read by the streaming pipeline
+
+    def describe(self) -> str:
+        """The form shown in error messages."""
+        return self.form or (f"{self.name}:<arg>" if self.takes_arg else self.name)
+
+
+SOURCES: dict[str, Source] = {}
+_BUILTIN: set = set()
+
+
+def register(source: Source) -> Source:
+    """Add ``source``; a built-in or already registered name is refused (a ValueError)."""
+    if not source.name or ":" in source.name or "," in source.name:
+        raise ValueError(f"a data source needs a name without ':' or ',', got {source.name!r}")
+    if source.name in SOURCES:
+        raise ValueError(f"data source {source.name!r} is already registered"
+                         + (" (built in)" if source.name in _BUILTIN else ""))
+    SOURCES[source.name] = source
+    return source
+
+
+def forms() -> str:
+    """Every accepted form of ``data.name``, as error messages list them."""
+    return " | ".join(s.describe() for s in SOURCES.values())
+
+
+def resolve(name) -> tuple[Source, Optional[str]]:
+    """``(source, arg)`` of a ``data.name``; a ValueError names the allowed forms."""
+    if not isinstance(name, str):
+        raise ValueError(f"config.data.name={name!r} is invalid; allowed: {forms()}")
+    scheme, colon, arg = name.partition(":")
+    source = SOURCES.get(scheme)
+    if source is None or bool(colon) != source.takes_arg or (colon and not arg):
+        raise ValueError(f"config.data.name={name!r} is invalid; allowed: {forms()}")
+    return source, (arg if colon else None)
+
+
+def load(spec) -> RawData:
+    """The raw splits of ``spec.name`` (a :class:`~dp_jax.data.spec.DataSpec`)."""
+    source, arg = resolve(spec.name)
+    if spec.image_size and not source.image_size:
+        raise ValueError(f"config.data.image_size is invalid with data.name={spec.name!r}; "
+                         f"allowed: unset, or a source that resizes ("
+                         + ", ".join(s.describe() for s in SOURCES.values() if s.image_size) + ")")
+    return source.load(arg, spec)
+
+
+for _s in (
+        Source("fashion_mnist", lambda arg, spec: sources.load_fashion_mnist(spec.data_dir or None)),
+        Source("tfds", lambda arg, spec: sources.load_tfds(arg, data_dir=spec.data_dir or None,
+                                                           image_size=spec.image_size or None),
+               form="tfds:<name>", takes_arg=True, image_size=True, streams=True),
+        Source("npz", lambda arg, spec: sources.load_npz(arg), form="npz:<path>",
+               takes_arg=True)):
+    register(_s)
+    _BUILTIN.add(_s.name)
