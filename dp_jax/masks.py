@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dp_jax.models import is_prunable
+from dp_jax.storage import npz
 
 PyTree = Any
 
@@ -245,6 +246,18 @@ def to_flat(mask: PyTree) -> dict[str, np.ndarray]:
     return {path_str(p): np.asarray(v, dtype=bool) for p, v in flat}
 
 
+def from_flat(flat: dict[str, np.ndarray]) -> dict:
+    """The nested mask of a :func:`to_flat` dict (the inverse, for masks read without a model)."""
+    out: dict = {}
+    for key, leaf in flat.items():
+        *parents, name = key.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[name] = leaf
+    return out
+
+
 def save(path: str, mask: PyTree) -> None:
     """Write the mask to ``path`` (npz keyed by parameter path), atomically (process 0 only)."""
     if jax.process_index() != 0:
@@ -264,13 +277,7 @@ def save(path: str, mask: PyTree) -> None:
 
 def load(path: str, like: PyTree) -> PyTree:
     """Read a mask saved by :func:`save`, checking it against the params-shaped ``like``."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:  # zipfile errors subclass these
-        raise ValueError(f"mask file {path} is unreadable or truncated: {e}") from e
-    except Exception as e:  # BadZipFile and friends
-        raise ValueError(f"mask file {path} is unreadable or truncated: {e}") from e
+    arrays = npz.read(path, "mask file")
 
     def get(p, leaf):
         key = path_str(p)

@@ -26,12 +26,11 @@ import io as _io
 import json
 import math
 import os
-import zipfile
 from typing import Any
 
 import numpy as np
 
-from dp_jax.storage import fileio
+from dp_jax.storage import fileio, npz
 from dp_jax.data import preprocess as pre
 
 REQUIRED_KEYS = ("images", "labels", "lr", "prep_kind", "prep_mean", "prep_std", "dataset")
@@ -130,11 +129,7 @@ def load_distilled(path: str) -> DistilledSet:
     """Read and validate a ``distilled.npz``; ValueError naming the file on any problem."""
     if not os.path.isfile(path):
         raise ValueError(f"distilled set {path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise ValueError(f"distilled set {path} is unreadable or truncated: {e}") from e
+    arrays = npz.read(path, "distilled set")
     missing = [k for k in REQUIRED_KEYS if k not in arrays]
     if missing:
         raise ValueError(f"distilled set {path} lacks keys {missing} (has {sorted(arrays)})")

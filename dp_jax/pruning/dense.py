@@ -15,6 +15,7 @@ from dp_jax.system import compile_time
 from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
 from dp_jax.pruning.plan import DENSE
+from dp_jax.pruning import records
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax import rng
 from dp_jax.pruning import seeds as seed_groups
@@ -109,7 +110,7 @@ def restore(setup: prune_lib.Setup, workdir: str, seed: int, steps: list):
 def _save(setup, workdir, seed, variables, trained, ev, tm, snaps, steps, *, wall_s,
           compile_s) -> dict:
     """Checkpoint a freshly trained dense run; returns it as :func:`dense_run` does."""
-    record = prune_lib.make_record(
+    record = records.make_record(
         DENSE, seed, 0, masks_lib.ones_like(variables["params"]), ev,
         setup.num_steps * setup.trainer.batch_size, wall_s, train_accuracy=tm.get("accuracy"),
         compile_s=compile_s)

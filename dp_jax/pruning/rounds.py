@@ -25,6 +25,7 @@ from dp_jax.system import compile_time
 from dp_jax.storage import integrity
 from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
+from dp_jax.pruning import records as records_lib
 from dp_jax import rng
 from dp_jax.training import trainer as train_lib
 from dp_jax.rundir import paths as workdir_lib
@@ -113,23 +114,6 @@ def train_and_eval(setup: Setup, variables: dict, mask: PyTree, key: jax.Array, 
 
 def _trained(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-# Record fields that measure time: they differ between any two runs of the same settings.
-TIMINGS = ("wall_s", "mask_s", "train_s", "search_s", "compile_s")
-
-
-def make_record(spec, seed: int, rnd: int, mask: PyTree, ev: dict,
-                train_examples: int, wall_s: float, **extra) -> dict:
-    """One line of rounds.jsonl."""
-    alive, total = masks_lib.count(mask)
-    rec = {"method": spec.label, "base_method": spec.name, "round": rnd, "seed": seed,
-           "sparsity": masks_lib.sparsity(mask), "remaining_weights": alive,
-           "prunable_weights": total, "test_accuracy": ev["accuracy"],
-           "test_loss": ev["loss"], "train_examples": int(train_examples),
-           "rewind_step": spec.rewind_step, "wall_s": float(wall_s)}
-    rec.update(extra)
-    return rec
 
 
 class Run:
@@ -281,9 +265,11 @@ def finish_round(run: Run, rnd: int, mask: PyTree, trained: dict, ev: dict, tm: 
     # was derived from its weights (IMP); DP's search is its inner loop alone.
     search_s = prev.get("search_s", 0.0) + t_mask + (
         prev.get("train_s", prev["wall_s"]) if uses_trained else 0.0)
-    rec = make_record(run.spec, run.seed, rnd, mask, ev, prev["train_examples"] + search_examples,
-                      t_mask + train_s, train_accuracy=tm.get("accuracy"), mask_s=t_mask,
-                      train_s=train_s, search_s=search_s, compile_s=compile_s)
+    rec = records_lib.make_record(run.spec, run.seed, rnd, mask, ev,
+                                  prev["train_examples"] + search_examples,
+                                  t_mask + train_s, train_accuracy=tm.get("accuracy"),
+                                  mask_s=t_mask, train_s=train_s, search_s=search_s,
+                                  compile_s=compile_s)
     records.append(rec)
     run.commit(rnd, mask, {"mask": mask, "trained": trained}, records)
 

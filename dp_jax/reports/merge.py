@@ -14,21 +14,17 @@ import numpy as np
 
 from dp_jax.storage import fileio
 from dp_jax.rundir import paths as workdir_lib
-from dp_jax.pruning.rounds import TIMINGS  # record fields that differ between any two runs
+from dp_jax.pruning import records
+
+
+# The cost table's fields of summary.json's per-method figures (a merged summary keeps these).
+COST_FIELDS = ("final_sparsity", "mask_search_examples", "search_wall_s", "wall_s", "compile_s")
 
 
 def method_costs(rows: list[dict]) -> dict[str, dict]:
-    """Per method, the final figures of the cost table (as summary.json's ``methods``)."""
-    out = {}
-    for label in sorted({r["method"] for r in rows}):
-        rs = [r for r in rows if r["method"] == label]
-        final = [r for r in rs if r["round"] == max(x["round"] for x in rs)]
-        out[label] = {"final_sparsity": float(np.mean([r["sparsity"] for r in final])),
-                      "mask_search_examples": int(max(r["train_examples"] for r in final)),
-                      "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),
-                      "wall_s": float(sum(r["wall_s"] for r in rs)),
-                      "compile_s": float(sum(r.get("compile_s", 0.0) for r in rs))}
-    return out
+    """Per method (sorted), the final figures of the cost table (as summary.json's ``methods``)."""
+    figures = records.method_figures(rows)
+    return {label: {k: figures[label][k] for k in COST_FIELDS} for label in sorted(figures)}
 
 
 def _reads_small_set(workdir: str) -> bool:
@@ -88,7 +84,7 @@ def gather(workdirs: Sequence[str]) -> dict:
         configs[d] = fileio.read_json(cfg) if os.path.exists(cfg) else {}
         summaries.append(fileio.read_json(summ) if os.path.exists(summ) else {})
         for key in sorted({(r["method"], r["seed"]) for r in rows}):
-            rs = sorted(({k: v for k, v in r.items() if k not in TIMINGS} for r in rows
+            rs = sorted((records.without_timings(r) for r in rows
                          if (r["method"], r["seed"]) == key), key=lambda r: r["round"])
             if runs.setdefault(key, rs) != rs:
                 raise ValueError(f"cannot merge: {origin[key]} and {d} both hold {key[0]} "

@@ -15,8 +15,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dp_jax.storage import fileio
+from dp_jax.storage import fileio, npz
+from dp_jax import masks as masks_lib
 from dp_jax import methods
+from dp_jax.methods import dp as dp_method, imp as imp_method
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.reports.merge import gather, merge_note
 from dp_jax.reports.curves import save_figure
@@ -148,7 +150,7 @@ def ticket_sparsity(agg: dict[str, list[dict]], tolerance: float = 0.01) -> dict
 
 
 def _load_masks(workdirs) -> dict[tuple[str, int], dict[int, dict]]:
-    """{(label, seed): {round: {path: bool array}}} of every run with saved masks.
+    """{(label, seed): {round: mask}} of every run with saved masks.
 
     ``workdirs`` is one directory or a sequence; a run held by several comes from the first.
     """
@@ -157,16 +159,10 @@ def _load_masks(workdirs) -> dict[tuple[str, int], dict[int, dict]]:
         for label, seed in workdir_lib.list_runs(workdir):
             rounds = {}
             for rnd, path in workdir_lib.list_masks(workdir, label, seed).items():
-                with np.load(path, allow_pickle=False) as z:
-                    rounds[rnd] = {k: z[k] for k in z.files}
+                rounds[rnd] = masks_lib.from_flat(npz.read(path, "mask file"))
             if rounds and (label, seed) not in out:
                 out[(label, seed)] = rounds
     return out
-
-
-def _prunable(mask: dict) -> dict:
-    # Prunable leaves are the kernels; other leaves are all-True by construction.
-    return {k: v for k, v in mask.items() if k.endswith("kernel") and v.ndim >= 2}
 
 
 def mask_agreement(workdirs, a: str, b: str) -> list[dict]:
@@ -177,12 +173,8 @@ def mask_agreement(workdirs, a: str, b: str) -> list[dict]:
     for s in seeds:
         ma, mb = masks[(a, s)], masks[(b, s)]
         for rnd in sorted(set(ma) & set(mb)):
-            ka, kb = _prunable(ma[rnd]), _prunable(mb[rnd])
-            x = np.concatenate([ka[k].reshape(-1) for k in sorted(ka)])
-            y = np.concatenate([kb[k].reshape(-1) for k in sorted(kb)])
-            union = np.logical_or(x, y).sum()
-            per_round[rnd].append((float(np.mean(x != y)),
-                                   float(np.logical_and(x, y).sum() / union) if union else 1.0))
+            d = masks_lib.hamming(ma[rnd], mb[rnd])
+            per_round[rnd].append((d["hamming"], d["iou"]))
     return [{"round": r, "hamming": float(np.mean([h for h, _ in v])),
              "iou": float(np.mean([i for _, i in v])), "n": len(v)}
             for r, v in sorted(per_round.items())]
@@ -195,7 +187,7 @@ def layer_sparsity_table(workdirs) -> str:
     for (label, _), rounds in masks.items():
         if rounds:
             last = rounds[max(rounds)]
-            final[label].append({k: 1.0 - float(v.mean()) for k, v in _prunable(last).items()})
+            final[label].append(masks_lib.layer_sparsity(last))
     if not final:
         return ""
     layers = sorted({k for rows in final.values() for r in rows for k in r})
@@ -206,11 +198,18 @@ def layer_sparsity_table(workdirs) -> str:
     return "\n".join(lines)
 
 
-def cost_section(summary: dict, agg: dict[str, list[dict]]) -> list[str]:
-    """Markdown lines comparing the mask-search cost of IMP and DP (with and without distillation)."""
+def base_methods(rows: list[dict]) -> dict[str, str]:
+    """``{run label: registered method name}`` from the records (``base_method``)."""
+    return {r["method"]: r.get("base_method", r["method"]) for r in rows}
+
+
+def cost_section(summary: dict, agg: dict[str, list[dict]], base: dict[str, str]) -> list[str]:
+    """Markdown lines comparing the mask-search cost of IMP and DP (with and without distillation).
+
+    ``base`` maps run labels to their method (:func:`base_methods`)."""
     methods = summary.get("methods", {})
-    imp = [m for m in methods if m.startswith("imp_k")]
-    dp = "dp" if "dp" in methods else None
+    imp = [m for m in methods if base.get(m) == imp_method.METHOD.name]
+    dp = next((m for m in sorted(methods) if base.get(m) == dp_method.METHOD.name), None)
     parts = ["## Cost of the mask search", "",
              "`train_examples` counts the examples processed to *find* each round's mask (the "
              "trainings of rounds 0..r-1 for IMP, the inner loops on the distilled set for DP); "
@@ -271,11 +270,11 @@ def write_report(workdir: str, sources: Optional[Sequence[str]] = None) -> str:
     parts += ["Highest sparsity whose accuracy is within 1 point of the dense network: " +
               ", ".join(f"{pretty(m)} {100 * s:.1f}%" for m, s in sorted(tickets.items())), ""]
     if summary.get("methods"):
-        parts += cost_section(summary, agg)
+        parts += cost_section(summary, agg, base_methods(g["rows"]))
         plot_accuracy_vs_examples(agg, workdir_lib.plot_path(workdir, "accuracy_vs_examples.png"))
         parts += ["![accuracy vs examples](plots/accuracy_vs_examples.png)", ""]
     parts += _curve_sections(workdir, sources)
-    parts += _mask_sections(sources, sorted(agg))
+    parts += _mask_sections(sources, sorted(agg), base_methods(g["rows"]))
     text = "\n".join(parts)
     path = workdir_lib.report_path(workdir)
     if os.path.exists(path):  # keep the block written by `python -m dp_jax.analysis`
@@ -304,10 +303,13 @@ def _curve_sections(workdir: str, sources: list[str]) -> list[str]:
     return parts
 
 
-def _mask_sections(sources: list[str], labels: list[str]) -> list[str]:
-    """The mask-agreement (DP vs IMP) and per-layer sparsity sections."""
+def _mask_sections(sources: list[str], labels: list[str], base: dict[str, str]) -> list[str]:
+    """The mask-agreement (runs searching on a distilled set vs IMP) and per-layer sparsity
+    sections."""
     parts = []
-    pairs = [(a, b) for a in labels if a.startswith("dp") for b in labels if b.startswith("imp_k")]
+    distilled = [a for a in labels if base.get(a) in methods.REGISTRY
+                 and methods.get(base[a]).needs_distilled]
+    pairs = [(a, b) for a in distilled for b in labels if base.get(b) == imp_method.METHOD.name]
     if pairs:
         parts += ["## Mask agreement", "", "Hamming distance (fraction of prunable weights on "
                   "which the masks differ) and IoU of the kept weights, mean over seeds.", "",

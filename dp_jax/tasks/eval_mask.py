@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from dp_jax.storage import integrity
-from dp_jax.storage import fileio
+from dp_jax.storage import fileio, npz
 from dp_jax import masks as masks_lib
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax import rng
@@ -51,12 +51,7 @@ def check_mask_file(path: str, like) -> None:
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"mask file {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:  # zipfile, pickle and format errors alike
-        raise ValueError(f"mask file {path} is not a readable npz: {type(e).__name__}: {e}") \
-            from e
+    arrays = npz.read(path, "mask file")
     flat = jax.tree_util.tree_flatten_with_path(like)[0]
     want = {masks_lib.path_str(p): (tuple(np.shape(v)), is_prunable(p, v))
             for p, v in flat}

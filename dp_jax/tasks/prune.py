@@ -19,11 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from dp_jax.system import compile_time
@@ -31,6 +29,7 @@ from dp_jax.pruning import dense as dense_lib
 from dp_jax.system import distributed
 from dp_jax.storage import fileio
 from dp_jax import methods
+from dp_jax.pruning import records
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax import rng
 from dp_jax.pruning import seeds as seed_groups
@@ -133,7 +132,7 @@ def _run_all(config: Experiment, raw: dict, workdir, dataset, t_start, sink) -> 
         for label in [workdir_lib.DENSE] + [s.label for s in specs]:
             workdir_lib.check_run_identity(workdir, label, seed, workdir_lib.run_fields(
                 raw, label, seed, small_set=label in small))
-    on_round = lambda r: (progress.update(r), _merge_rounds(workdir))  # noqa: E731
+    on_round = lambda r: (progress.update(r), records.merge_rounds(workdir))  # noqa: E731
     rewind = [s.rewind_step for s in specs]
     vmapped = seed_groups.enabled(config.parallel.vmap_seeds, len(seeds),
                                   stream=setup.stream is not None,
@@ -236,41 +235,11 @@ def run_method_seeds(setup, workdir, spec, seeds, denses, on_round=lambda r: Non
             r.close()
 
 
-def _merge_rounds(workdir: str) -> list:
-    """Rewrite the top-level rounds.jsonl from every run's own rounds.jsonl."""
-    rows = []
-    for label, seed in workdir_lib.list_runs(workdir):
-        rows.extend(fileio.read_jsonl(workdir_lib.run_rounds_path(workdir, label, seed)))
-    fileio.write_jsonl(workdir_lib.rounds_path(workdir), rows)
-    return rows
-
-
 def summarize(workdir: str, phases: dict, wall_s: float, source: str = "", *,
               vmap_seeds: bool = False) -> dict:
     """Write summary.json: final figures per method, dense accuracy and compute per phase."""
-    rows = _merge_rounds(workdir)
-    by_method: dict[str, Any] = {}
-    for r in rows:
-        by_method.setdefault(r["method"], []).append(r)
-    methods = {}
-    for label, rs in by_method.items():
-        last_round = max(r["round"] for r in rs)
-        final = [r for r in rs if r["round"] == last_round]
-        dense = [r for r in rs if r["round"] == 0]
-        methods[label] = {
-            "rounds": last_round, "seeds": sorted({r["seed"] for r in rs}),
-            "final_sparsity": float(np.mean([r["sparsity"] for r in final])),
-            "final_test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in final])),
-            # Sample std (ddof=1) over seeds, the convention of every table; None for one seed.
-            "final_test_accuracy_std": (float(np.std([r["test_accuracy"] for r in final], ddof=1))
-                                        if len(final) > 1 else None),
-            "dense_test_accuracy_mean": float(np.mean([r["test_accuracy"] for r in dense])),
-            "mask_search_examples": int(max(r["train_examples"] for r in final)),
-            "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),
-            "wall_s": float(sum(r["wall_s"] for r in rs)),
-            # Compilation inside those wall times (a warm compilation cache removes most).
-            "compile_s": float(sum(r.get("compile_s", 0.0) for r in rs)),
-        }
+    rows = records.merge_rounds(workdir)
+    methods = records.method_figures(rows)
     summary = {"methods": methods, "phases_s": phases, "wall_s": wall_s, "data_source": source,
                "compile_s": compile_time.seconds(), "compile_cache": compile_time.cache_counts(),
                "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),

@@ -15,7 +15,7 @@ import pytest
 from dp_jax.tasks import prune as experiment
 from dp_jax.storage import fileio
 from dp_jax.pruning import seeds as seed_groups
-from dp_jax.pruning.rounds import TIMINGS
+from dp_jax.pruning.records import TIMINGS
 
 from conftest import assert_rejected, make_distilled
 

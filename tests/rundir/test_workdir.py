@@ -13,7 +13,7 @@ from dp_jax.training.outputs import TrainingDivergedError
 
 from conftest import assert_rejected, make_distilled
 
-from dp_jax.pruning.rounds import TIMINGS  # noqa: E402
+from dp_jax.pruning.records import TIMINGS  # noqa: E402
 
 
 def _strip(rows):

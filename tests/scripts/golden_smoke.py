@@ -19,7 +19,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/ for conftest's helpers
 
-from dp_jax.pruning.rounds import TIMINGS  # noqa: E402
+from dp_jax.pruning.records import TIMINGS  # noqa: E402
 METHODS = "imp,imp:k=3,random,dp,reinit:of=dp,dp_imp"
 
 

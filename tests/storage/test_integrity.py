@@ -12,7 +12,7 @@ from dp_jax.storage import fileio, integrity
 
 from conftest import make_distilled
 
-from dp_jax.pruning.rounds import TIMINGS  # noqa: E402
+from dp_jax.pruning.records import TIMINGS  # noqa: E402
 RUN = os.path.join("runs", "imp_k0-seed0")
 
 

@@ -14,7 +14,7 @@ from dp_jax.storage import fileio
 from conftest import ROOT, assert_rejected, kill_then_resume, load_config_module, make_distilled
 
 
-from dp_jax.pruning.rounds import TIMINGS  # noqa: E402
+from dp_jax.pruning.records import TIMINGS  # noqa: E402
 
 
 def _strip(rows):
