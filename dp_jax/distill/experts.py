@@ -43,7 +43,7 @@ from dp_jax.training import trainer as train_lib
 from dp_jax.data import stratified_indices
 from dp_jax.data.augment import make_augment
 from dp_jax.distill import sets as dist_lib
-from dp_jax.models import CONFIG_FIELDS, ModelSpec, create_model, init_variables
+from dp_jax.models import ModelSpec, create_model, init_variables
 from dp_jax.training.settings import TrainSettings
 from dp_jax import rng
 
@@ -53,12 +53,7 @@ BUFFER_FORMAT = 1
 
 def model_fields(model: ModelSpec) -> dict:
     """The architecture fields of a model spec that are set (name plus non-None fields)."""
-    out = {"name": model.name}
-    for f in CONFIG_FIELDS:
-        v = model.get(f)
-        if v is not None:
-            out[f] = list(v) if isinstance(v, tuple) else v
-    return out
+    return model.to_dict()
 
 
 def optimizer_config(dcfg) -> TrainSettings:

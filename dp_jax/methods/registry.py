@@ -12,9 +12,14 @@ REGISTRY: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
-    """Add ``method`` to the registry under ``method.name`` (re-registering replaces it)."""
+    """Add ``method`` to the registry under ``method.name``. A name already taken by another
+    method (a built-in included) is refused: a plugin cannot change the runs of a workdir
+    silently by replacing a method they were made with."""
     if not method.name or ":" in method.name or "," in method.name:
         raise ValueError(f"a method needs a name without ':' or ',', got {method.name!r}")
+    if REGISTRY.get(method.name, method) is not method:
+        raise ValueError(f"prune.method: a method named {method.name!r} is already registered; "
+                         "register yours under another name")
     REGISTRY[method.name] = method
     return method
 

@@ -56,6 +56,7 @@ __all__ = [
     "create_model",
     "init_variables",
     "is_prunable",
+    "register",
     "resnet10",
     "resnet18",
 ]
@@ -67,6 +68,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet10": resnet10,
     "alexnet": AlexNet,
 }
+
+_BUILTIN = frozenset(MODELS)
 
 # Every architecture field a model config may set; each model accepts a subset (MODEL_FIELDS).
 CONFIG_FIELDS: tuple[str, ...] = ("width", "depth", "norm", "pool", "width_multiplier", "num_blocks")
@@ -137,6 +140,24 @@ _VALIDATORS: dict[str, dict[str, Callable[[str, str, Any], Any]]] = {
 
 # The config fields each model accepts, for callers that validate configs up front.
 MODEL_FIELDS: dict[str, tuple[str, ...]] = {k: tuple(sorted(v)) for k, v in _VALIDATORS.items()}
+
+
+def register(name: str, factory: Callable[..., nn.Module], *,
+             fields: Mapping[str, Callable[[Any], Any]] | Sequence[str] = ()) -> None:
+    """Add model ``name``: ``factory(num_classes=..., **fields)`` returns a Flax module.
+
+    ``fields`` are the architecture fields the model accepts: a sequence of names (values passed
+    as they are) or ``{name: check(value) -> value}`` (raise ValueError on a bad value). A name
+    already registered (a built-in included) is refused.
+    """
+    if not name or name in MODELS:
+        raise ValueError(f"model {name!r} is already registered" if name else
+                         "a model needs a name")
+    checks = dict(fields) if isinstance(fields, Mapping) else {f: (lambda v: v) for f in fields}
+    MODELS[name] = factory
+    _VALIDATORS[name] = {f: (lambda model, field, value, check=check: check(value))
+                         for f, check in checks.items()}
+    MODEL_FIELDS[name] = tuple(sorted(checks))
 
 
 def create_model(model: ModelSpec | Mapping, *, num_classes: int) -> nn.Module:
