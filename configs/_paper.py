@@ -8,7 +8,6 @@ inherited; fields of those sections are set only where they already exist
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
@@ -80,28 +79,9 @@ def section(c: ml_collections.ConfigDict, name: str):
     return c[name] if name in c else None
 
 
-def has_dp(c: ml_collections.ConfigDict) -> bool:
-    """True once Distilled Pruning can run here.
-
-    It needs its ``dp`` section, the ``distill`` section, and a distilled set: either
-    ``distill.path`` or a build whose ``dp_jax.distill`` can make one (``ensure_distilled``,
-    what the experiment calls). Configs list ``dp`` only then, so they keep running while
-    distillation lands.
-    """
-    if "dp" not in c or "distill" not in c:
-        return False
-    if c.distill.get("path"):
-        return True
-    try:
-        distill = importlib.import_module("dp_jax.distill")
-    except ImportError:
-        return False
-    return hasattr(distill, "ensure_distilled")
-
-
 def methods(c: ml_collections.ConfigDict, baselines: str) -> str:
-    """``prune.method``: Distilled Pruning (when available) next to ``baselines``."""
-    return f"dp,{baselines}" if has_dp(c) else baselines
+    """``prune.method``: Distilled Pruning next to ``baselines``."""
+    return f"dp,{baselines}"
 
 
 def real_data(c: ml_collections.ConfigDict, *, lr: float, weight_decay: float, epochs: int,

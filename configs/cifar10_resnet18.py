@@ -81,7 +81,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.prune.fraction = 0.2
     c.prune.scope = "global"
     c.prune.method = P.methods(c, f"imp:k={rewind},random")
-    if "hybrid" in flags and P.has_dp(c):
+    if "hybrid" in flags:
         c.prune.method += ",dp_imp"
     c.parallel.data_parallel = True  # uses every local device; one device is a 1-device mesh
     P.set_existing(P.section(c, "dp"), dict(P.DP_INNER, batch_size=100))

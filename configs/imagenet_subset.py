@@ -54,12 +54,6 @@ TRAIN_SIZE = {"imagenette": 9_469, "imagenet100": 126_689}
 IMAGENET100_CLASSES = tuple(range(0, 1000, 10))
 
 
-def streaming_supported() -> bool:
-    """True once the Trainer can consume ``dp_jax.data.pipeline`` (docs/paper_scale.md)."""
-    from dp_jax.training import trainer as train  # pylint: disable=import-outside-toplevel
-    return hasattr(train.Trainer, "train_stream")
-
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The config; ``variant`` selects presets (see the module doc)."""
     flags, kv = P.parse_variant(variant, names=NAMES, keys=KEYS, config="configs/imagenet_subset.py")
@@ -120,9 +114,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             c.data.classes = tuple(range(500))
             c.train.batch_size = 8
             c.prune.method = "imp:k=1"  # no DP on a stream (see above)
-    if c.data.pipeline == "stream" and not streaming_supported():
-        raise ValueError(
-            "configs/imagenet_subset.py:imagenet100 streams ImageNet (data.pipeline='stream'), "
-            "which needs Trainer.train_stream (docs/paper_scale.md, 'Status: integration "
-            "pending'); this build only trains from memory")
     return c

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,9 @@ from tqdm import tqdm
 from dp_jax.storage import fileio
 from dp_jax import rng
 from dp_jax.rundir import paths as workdir_lib
-from dp_jax.distill import mtt, synthetic
+from dp_jax.distill import synthetic
 from dp_jax.distill.common import Method
-from dp_jax.distill.experts import Trajectories, distill_key
+from dp_jax.distill.experts import distill_key
 from dp_jax.training.outputs import TrainingDivergedError
 
 PyTree = Any
@@ -189,20 +189,3 @@ def run_method(config, method: Method, workdir: str, *,
                       stored_labels=np.asarray(method.labels), images=np.asarray(xe),
                       labels=np.asarray(ye), lr=method.lr(state), iterations=total,
                       examples=examples, wall_s=wall, last_loss=loss_f, cpu_s=cpu)
-
-
-def distill_loop(config, dataset, traj: Trajectories, workdir: str, *,
-                 mask: Optional[PyTree] = None,
-                 log: Callable[..., None] = lambda **kw: None,
-                 evaluator=None) -> LoopResult:
-    """Run (or resume) ``config.distill.iterations`` MTT iterations on ``traj``'s experts.
-
-    Args:
-      config: full config (``model``, ``seed``, ``distill``).
-      dataset: the real ``Dataset`` (initial images).
-      traj: expert trajectories (from :func:`dp_jax.distill.experts.load_trajectories`).
-      workdir, log, evaluator: as for :func:`run_method`.
-      mask: optional params-shaped boolean mask: distil for a pruned student.
-    """
-    return run_method(config, mtt.build_method(config, dataset, traj, mask=mask), workdir,
-                      log=log, evaluator=evaluator)
