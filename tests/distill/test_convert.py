@@ -7,7 +7,6 @@ own decoding, so the torch-free reader and the NumPy decoder are checked against
 
 import os
 import pickle
-import types
 import zipfile
 
 import numpy as np
@@ -40,7 +39,7 @@ def run(out, *flags):
 
 
 def toy_dataset(toy_npz, kind="standard"):
-    return load_dataset(types.SimpleNamespace(name=f"npz:{toy_npz}", preprocess=kind), seed=0)
+    return load_dataset({"name": f"npz:{toy_npz}", "preprocess": kind}, seed=0)
 
 
 # ---- IDC multi-formation --------------------------------------------------------------------

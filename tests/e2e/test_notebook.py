@@ -24,7 +24,7 @@ def test_notebook_is_stored_without_outputs():
         assert cell.get("outputs", []) == [] and cell.get("execution_count") is None
     source = "".join("".join(c["source"]) for c in code)
     assert "pip" in source and "git+{REPO_URL}" in source
-    assert "dp_jax.cli.run" in source and "TASKS" in source  # the same entry as the CLI
+    assert "registry.get(config.task)" in source  # the same entry as the CLI (dp_jax.tasks)
 
 
 def test_notebook_runs_end_to_end(tmp_path, toy_npz, monkeypatch):

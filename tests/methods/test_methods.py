@@ -55,7 +55,7 @@ def _kernels(m):
 
 def test_plugin_method_runs_through_the_cli(toy_npz, tmp_path):
     wd = tmp_path / "wd"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=HERE + os.pathsep + ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([HERE, os.path.join(ROOT, "tests"), ROOT]))
     cmd = [sys.executable, "-m", "dp_jax.main", "--config=configs/fashion_mnist.py:smoke",
            f"--workdir={wd}", f"--config.data.name=npz:{toy_npz}", "--config.data.train_size=0",
            "--config.train.batch_size=40", "--config.prune.plugins=test_methods",

@@ -7,7 +7,6 @@ file runs in well under a minute on a 2-core CPU.
 from __future__ import annotations
 
 import math
-import types
 
 import jax
 import jax.numpy as jnp
@@ -371,8 +370,8 @@ def test_config_kinds_and_none_defaults():
     none_fields = {f: None for f in models.CONFIG_FIELDS}
     model = create_model(_cfg({"name": "lenet_300_100", **none_fields}), num_classes=10)
     assert isinstance(model, models.LeNet300100)
-    ns = types.SimpleNamespace(name="convnet", width=16, depth=None)
-    conv = create_model(ns, num_classes=5)
+    spec = models.ModelSpec.from_config({"name": "convnet", "width": 16, "depth": None})
+    conv = create_model(spec, num_classes=5)
     assert (conv.width, conv.depth, conv.norm, conv.pool, conv.num_classes) == (16, 3, "instance", "avg", 5)
     r18 = create_model({"name": "resnet18", "num_blocks": [1, 1, 2, 2]}, num_classes=10)
     assert r18.num_blocks == (1, 1, 2, 2) and r18.stem == "cifar"
@@ -385,7 +384,7 @@ def test_unknown_model_name():
         create_model(_cfg({"name": "vgg11"}), num_classes=10)
     assert "vgg11" in str(e.value) and str(sorted(models.MODELS)) in str(e.value)
     with pytest.raises(ValueError, match="unknown model"):
-        create_model(types.SimpleNamespace(), num_classes=10)
+        create_model({"name": None}, num_classes=10)
 
 
 @pytest.mark.parametrize(

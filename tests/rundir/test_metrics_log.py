@@ -64,7 +64,8 @@ def test_rows_map_to_tensorboard_runs_and_steps():
 
 def test_distillation_events_and_loss_plot(tmp_path):
     from dp_jax.reports import curves
-    log = metrics_log.MetricsLog(str(tmp_path), type("S", (), {"tensorboard": True})())
+    log = metrics_log.MetricsLog(str(tmp_path), metrics_log.MetricsSettings.from_config(
+        tensorboard=True))
     losses = [3.0, 2.0, 1.5]
     for i, v in enumerate(losses, 1):
         log(phase="distill", iteration=10 * i, loss=v, lr=0.01)

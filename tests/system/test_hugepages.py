@@ -9,7 +9,7 @@ import pytest
 from dp_jax.system import hugepages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROBE = ("import os, sys; from dp_jax import hugepages; print('start', flush=True); "
+PROBE = ("import os, sys; from dp_jax.system import hugepages; print('start', flush=True); "
          "hugepages.reexec(); print('args', sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))")
 
 

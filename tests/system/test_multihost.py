@@ -192,10 +192,8 @@ def test_class_subset_and_eval_batches(mock, tmp_path):
 # dp_jax.system.distributed in this process (single host)
 
 def test_initialize_is_a_noop_without_multihost():
-    import ml_collections
     from dp_jax.system import distributed
-    cfg = ml_collections.ConfigDict({"parallel": {"data_parallel": False}})
-    info = distributed.initialize(cfg)
+    info = distributed.initialize(distributed.ParallelSettings.from_config())
     assert info["process_count"] == 1 and info["process_index"] == 0
     assert distributed.is_main_process()
     assert distributed.main_process_only(lambda: 7)() == 7
@@ -361,14 +359,13 @@ def _process_step(single: bool) -> dict:
     """One data-parallel SGD step of a linear model on pipeline batches (mock CIFAR-10)."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import tensorflow_datasets as tfds
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from dp_jax.system import distributed
     from dp_jax.data import pipeline
 
     if not single:
-        distributed.initialize(ml_collections.ConfigDict({"parallel": {"multihost": True}}))
+        distributed.initialize(distributed.ParallelSettings.from_config(multihost=True))
     pid, count = (0, 1) if single else (jax.process_index(), jax.process_count())
     with tfds.testing.mock_data(num_examples=NUM_MOCK):
         it = pipeline.HostIterator(_source(), global_batch_size=8, seed=5, num_steps=1,

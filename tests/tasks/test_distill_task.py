@@ -13,6 +13,7 @@ from dp_jax import distill
 from dp_jax.data import load_dataset
 from dp_jax.distill import config as config_lib
 from dp_jax.tasks import distill as distill_task
+from dp_jax.tasks import settings as settings_lib
 from dp_jax.tasks.distill import distill_into
 
 from conftest import load_config_module
@@ -164,7 +165,7 @@ def test_config_variants_and_validation(tiny_npz):
     for v in ("", "lenet", "zca", "smoke", "lenet,zca"):
         c = _get_config(v)
         assert c.task == "distill"
-        config_lib.validate(c)
+        settings_lib.parse(c)
     with pytest.raises(ValueError, match="allowed: lenet, zca, smoke"):
         _get_config("bigger")
 
@@ -185,16 +186,16 @@ def test_config_variants_and_validation(tiny_npz):
              (dict(expert_augment="mixup"), "distill.expert_augment")]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
-            config_lib.validate(bad(**kw))
+            settings_lib.parse(bad(**kw))
     c = _get_config("smoke")
     c.distill.unknown_field = 1
-    with pytest.raises(ValueError, match="unknown field"):
-        config_lib.validate(c)
+    with pytest.raises(ValueError, match="config.distill has no field 'unknown_field'; valid: "):
+        settings_lib.parse(c)
     c = bad(batch_syn=100)
     c.data.name = f"npz:{tiny_npz}"
     ds = load_dataset(c.data, seed=0)
     with pytest.raises(ValueError, match="distill.batch_syn=100 is invalid"):
-        config_lib.validate_with_data(c, ds)
+        config_lib.validate_with_data(settings_lib.parse(c).distill, ds)
     c = bad(factor=3)
     with pytest.raises(ValueError, match="distill.factor=3"):
-        config_lib.validate_with_data(c, ds)
+        config_lib.validate_with_data(settings_lib.parse(c).distill, ds)

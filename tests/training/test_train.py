@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from dp_jax import masks
+from dp_jax.training.settings import TrainSettings
 from dp_jax.training import small_set
 from dp_jax.training import trainer as train
 from dp_jax.training.outputs import TrainingDivergedError
@@ -79,8 +80,8 @@ def test_pruned_weights_stay_exactly_zero(optimizer):
     model = lenet()
     v = init_variables(model, jax.random.key(0), (4, 4, 1))
     mask = masks.prune(masks.magnitude_scores(v["params"]), masks.ones_like(v["params"]), 0.7)
-    cfg = ml_collections.ConfigDict(dict(optimizer=optimizer, lr=0.05, momentum=0.9,
-                                         weight_decay=1e-2, schedule="constant"))
+    cfg = TrainSettings.from_config(optimizer=optimizer, lr=0.05, momentum=0.9,
+                                    weight_decay=1e-2, schedule="constant")
     tx = train.make_optimizer(cfg, 100)
     x = jax.random.normal(jax.random.key(1), (64, 4, 4, 1))
     y = jnp.arange(64) % 10
@@ -170,12 +171,12 @@ def test_divergence_is_reported_with_steps():
 
 
 def test_schedules():
-    cfg = ml_collections.ConfigDict(dict(lr=1.0, schedule="multistep", decay_at=(0.5, 0.75),
-                                         decay_factor=0.1))
+    cfg = TrainSettings.from_config(lr=1.0, schedule="multistep", decay_at=(0.5, 0.75),
+                                    decay_factor=0.1)
     s = train.make_schedule(cfg, 100)
     assert [float(s(t)) for t in (0, 49, 50, 74, 75, 99)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01])
-    cfg.schedule = "bogus"
+    cfg = cfg.replace(schedule="bogus")
     with pytest.raises(ValueError, match="train.schedule"):
         train.make_schedule(cfg, 100)
 
