@@ -127,8 +127,8 @@ def cmd_export() -> None:
 
 def cmd_import_distilled() -> None:
     """``dp-jax import-distilled``: ``python -m dp_jax.distill.convert`` (published sets)."""
-    from dp_jax.distill import convert  # entry set-up: a subcommand's module (its flags, JAX) loads only when chosen
-    sys.exit(convert.main(sys.argv[1:]))
+    from dp_jax.cli import distill_tools  # entry set-up: a subcommand's module (its flags, JAX) loads only when chosen
+    sys.exit(distill_tools.convert_main(sys.argv[1:]))
 
 
 COMMANDS = {"run": cmd_run, "analyze": cmd_analyze, "report": cmd_report,

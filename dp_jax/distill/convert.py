@@ -20,12 +20,10 @@ file and the field); provenance goes into the set's ``meta['provenance']``.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import math
 import os
-import sys
 import zipfile
 
 import numpy as np
@@ -49,34 +47,6 @@ DATA_FLAGS = {"dataset": ("data.name", None), "preprocess": ("data.preprocess", 
 
 # The data fields a converted set records (its provenance).
 _DATA_FIELDS = ("name", "data_dir", "train_size", "preprocess", "zca_eps", "image_size")
-
-def parse_args(argv) -> argparse.Namespace:
-    """Flags (``argv`` without the program name); see the module docstring."""
-    p = argparse.ArgumentParser(prog="python -m dp_jax.distill.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", required=True, help="|".join(FORMATS))
-    p.add_argument("--out", required=True, help="distilled.npz to write")
-    p.add_argument("--images", help="mtt: images_*.pt (N, C, H, W)")
-    p.add_argument("--labels", help="mtt: labels_*.pt (N,) integer")
-    p.add_argument("--data", help="idc: data.pt, a saved [data (N, C, H, W), target (N,)]")
-    p.add_argument("--factor", type=int, help="idc: multi-formation factor (1 = none)")
-    p.add_argument("--npz", help="npz: file with images, labels and optional lr")
-    p.add_argument("--layout", default="auto", help="npz images: auto|nhwc|nchw")
-    p.add_argument("--lr", type=float, help="step size, when the source has none")
-    p.add_argument("--lr_file", help="mtt: a torch-saved scalar step size (synthetic_lr)")
-    p.add_argument("--space", help="|".join(SPACES) + " (default: pixels for idc, else model)")
-    p.add_argument("--source_mean", help="space=standardised: per-channel mean, comma-separated")
-    p.add_argument("--source_std", help="space=standardised: per-channel std, comma-separated")
-    p.add_argument("--config", help="experiment config path[:variant] giving the data settings")
-    p.add_argument("--dataset", help="fashion_mnist | tfds:<name> | npz:<path>")
-    p.add_argument("--preprocess", help="standard|zca|none, as data.preprocess")
-    p.add_argument("--zca_eps", type=float, help="as data.zca_eps (0.1)")
-    p.add_argument("--train_size", type=int, help="as data.train_size (0 = all)")
-    p.add_argument("--data_dir", help="as data.data_dir")
-    p.add_argument("--image_size", type=int, help="as data.image_size (tfds)")
-    p.add_argument("--seed", type=int, help="as config seed (picks the train_size subset)")
-    return p.parse_args(argv)
-
 
 def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) weights of PyTorch's bilinear resize, align_corners=False: source coordinate
@@ -357,19 +327,9 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def main(argv=None) -> int:
-    """Command-line entry; ``argv`` excludes the program name. Returns the exit status."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        dset = convert(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {len(dset)} images ({dset.stored_images.shape[0]} stored, factor "
-          f"{dset.factor}) of {dset.dataset}, lr {dset.lr:.4g}, preprocessing "
-          f"{dset.preprocessing['kind']}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    import sys
+
+    from dp_jax.cli import distill_tools  # entry shim: the command line lives in dp_jax.cli
+
+    sys.exit(distill_tools.convert_main(sys.argv[1:]))

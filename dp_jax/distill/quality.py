@@ -3,6 +3,6 @@
 if __name__ == "__main__":
     import sys
 
-    from dp_jax.reports import distill_quality  # entry shim
+    from dp_jax.cli import distill_tools  # entry shim: the command line lives in dp_jax.cli
 
-    sys.exit(distill_quality.main())
+    sys.exit(distill_tools.quality_main())

@@ -14,9 +14,7 @@ The budget of a periodic point excludes the periodic evaluations themselves.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Sequence
 
 from dp_jax.storage import fileio
@@ -122,24 +120,12 @@ def plot(runs: Sequence[dict], path: str) -> bool:
     return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point (see the module docstring)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("workdirs", nargs="+", help="finished distillation workdirs")
-    ap.add_argument("--out", required=True, help="directory for compare.md and the plot")
-    args = ap.parse_args(argv)
-    try:
-        runs = [load_run(w) for w in args.workdirs]  # all validated before anything is written
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out, exist_ok=True)
+def write(workdirs: Sequence[str], out: str) -> str:
+    """Compare finished distillation workdirs into ``out`` (compare.md and the plot); every
+    workdir is read and validated before anything is written. Returns the table."""
+    runs = [load_run(w) for w in workdirs]
+    os.makedirs(out, exist_ok=True)
     text = table(runs)
-    fileio.atomic_write_bytes(os.path.join(args.out, "compare.md"), text.encode())
-    plot(runs, os.path.join(args.out, "accuracy_vs_budget.png"))
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    fileio.atomic_write_bytes(os.path.join(out, "compare.md"), text.encode())
+    plot(runs, os.path.join(out, "accuracy_vs_budget.png"))
+    return text

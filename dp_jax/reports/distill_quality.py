@@ -15,9 +15,7 @@ seeds, and per sparsity the least-squares line through the sets and its correlat
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -120,31 +118,14 @@ def plot(sets: list[dict], fits: dict, path: str) -> None:
     save_figure(fig, path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point (see the module docstring)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("pairs", nargs="+", help="NAME=SET_WORKDIR[#random],PRUNE_WORKDIR[:LABEL]")
-    ap.add_argument("--sparsities", default="0.893,0.956")
-    ap.add_argument("--seeds", default="", help="only these seeds, e.g. 0,1 (default: all)")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    try:
-        sparsities = [float(s) for s in args.sparsities.split(",") if s]
-        seeds = [int(v) for v in args.seeds.split(",") if v] or None
-        sets = collect(args.pairs, sparsities, seeds)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def write(pairs: Sequence[str], sparsities: Sequence[float], seeds, out: str) -> str:
+    """quality.md and the plot of ``pairs`` (``NAME=SET,PRUNING``) into ``out``; returns the
+    text. A ValueError names what is wrong before anything is written."""
+    sets = collect(pairs, sparsities, seeds)
     if len(sets) < 2:
-        print("error: a fit needs at least two sets", file=sys.stderr)
-        return 2
+        raise ValueError("a fit needs at least two sets")
     text, fits = report(sets, sparsities)
-    os.makedirs(args.out, exist_ok=True)
-    fileio.atomic_write_bytes(os.path.join(args.out, "quality.md"), text.encode())
-    plot(sets, fits, os.path.join(args.out, "quality_vs_dp.png"))
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    os.makedirs(out, exist_ok=True)
+    fileio.atomic_write_bytes(os.path.join(out, "quality.md"), text.encode())
+    plot(sets, fits, os.path.join(out, "quality_vs_dp.png"))
+    return text

@@ -189,13 +189,14 @@ def test_rewind_smoke_runs_both_rewind_points(tmp_path):
 def test_paper_variant_runs_an_imported_idc_set_end_to_end(tmp_path):
     """cifar10_resnet18:paper -- an IDC-format set imported and pruned with, under mock_data."""
     tfds = pytest.importorskip("tensorflow_datasets")
-    from dp_jax.distill import convert, load_distilled
+    from dp_jax.cli import distill_tools
+    from dp_jax.distill import load_distilled
     fixture = os.path.join(ROOT, "tests", "fixtures", "distilled",
                            "idc_cifar10_smoke.pt")
     out = str(tmp_path / "idc.npz")
     mod = load_config_module("cifar10_resnet18")
     with tfds.testing.mock_data(num_examples=64):
-        assert convert.main(["--format=idc", f"--data={fixture}", "--factor=2", "--lr=0.01",
+        assert distill_tools.convert_main(["--format=idc", f"--data={fixture}", "--factor=2", "--lr=0.01",
                              "--config=configs/cifar10_resnet18.py:smoke", f"--out={out}"]) == 0
         c = mod.get_config(f"paper,smoke,set={out}")
         wd = str(tmp_path / "wd")

@@ -15,6 +15,7 @@ import pytest
 from dp_jax.storage import fileio
 from dp_jax.data import apply_preprocessing, load_dataset
 from dp_jax.distill import check_compatible, load_distilled
+from dp_jax.cli import distill_tools
 from dp_jax.distill import convert
 from dp_jax.distill import torch_pickle
 
@@ -35,7 +36,7 @@ def expected():
 
 def run(out, *flags):
     """convert with ``flags``; returns the set it wrote."""
-    return convert.convert(convert.parse_args([f"--out={out}", *flags]))
+    return convert.convert(distill_tools.convert_args([f"--out={out}", *flags]))
 
 
 def toy_dataset(toy_npz, kind="standard"):
@@ -336,10 +337,10 @@ def test_bad_input(tmp_path, toy_npz, case):
 
 def test_main_exit_status(tmp_path, toy_npz, capsys):
     out = tmp_path / "d.npz"
-    assert convert.main(["--format=npz", f"--npz={fix('set.npz')}", "--layout=bad",
+    assert distill_tools.convert_main(["--format=npz", f"--npz={fix('set.npz')}", "--layout=bad",
                          f"--dataset=npz:{toy_npz}", f"--out={out}"]) == 2
     assert "--layout='bad' is invalid" in capsys.readouterr().err and not out.exists()
-    assert convert.main(["--format=npz", f"--npz={fix('set.npz')}", f"--dataset=npz:{toy_npz}",
+    assert distill_tools.convert_main(["--format=npz", f"--npz={fix('set.npz')}", f"--dataset=npz:{toy_npz}",
                          f"--out={out}"]) == 0
     assert "20 images" in capsys.readouterr().out and out.exists()
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from dp_jax.cli import distill_tools
 from dp_jax.reports import distill_compare as compare
 
 
@@ -42,7 +43,7 @@ def test_table_and_curve_count_experts_and_compare_with_random(tmp_path):
     b = _workdir(str(tmp_path), "dm_run", method="dm", expert_wall=0.0, distill_wall=50.0,
                  evals=[], final=0.75, random=0.78, random_stored=0.72)  # factor > 1
     out = str(tmp_path / "out")
-    assert compare.main([a, b, "--out", out]) == 0
+    assert distill_tools.compare_main([a, b, "--out", out]) == 0
     run = compare.load_run(a)
     # Periodic points sit at experts + distillation so far; the final one at the whole budget.
     assert [(x, y, it) for x, y, _, it in run["curve"]] == [
@@ -62,7 +63,7 @@ def test_a_directory_that_is_not_a_distillation_is_refused(tmp_path, capsys):
     bad.mkdir()
     (bad / "summary.json").write_text(json.dumps({"methods": {}}))
     out = tmp_path / "out"
-    assert compare.main([good, str(bad), "--out", str(out)]) == 2
+    assert distill_tools.compare_main([good, str(bad), "--out", str(out)]) == 2
     assert "not a distillation summary" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(ValueError, match="no summary.json"):

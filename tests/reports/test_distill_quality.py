@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from dp_jax.cli import distill_tools
 from dp_jax.reports import distill_quality as quality
 
 
@@ -41,7 +42,7 @@ def test_pairs_read_the_right_rows_and_the_fit_is_least_squares(tmp_path):
     pb = _pruning(root, "pb", "dp", {0.8926: [0.88, 0.88], 0.9560: [0.86, 0.84]})
     pr = _pruning(root, "pr", "subset_n100", {0.8926: [0.84], 0.9560: [0.79]})
     out = str(tmp_path / "out")
-    assert quality.main([f"a={a},{pa}", f"b={b},{pb}", f"real={a}#random,{pr}:subset_n100",
+    assert distill_tools.quality_main([f"a={a},{pa}", f"b={b},{pb}", f"real={a}#random,{pr}:subset_n100",
                          "--out", out]) == 0
     sets = quality.collect([f"a={a},{pa}", f"b={b},{pb}", f"real={a}#random,{pr}:subset_n100"],
                            [0.893, 0.956])
@@ -67,7 +68,7 @@ def test_bad_pairs_are_refused_and_nothing_is_written(tmp_path, capsys):
                       (f"x={a}#best,{pa}", "allowed suffix: #random"),
                       (f"x={pa},{pa}", "no summary.json"),
                       (f"x={a}", "expected NAME=")]:
-        assert quality.main([pair, f"y={a},{pa}", "--sparsities", "0.893", "--out",
+        assert distill_tools.quality_main([pair, f"y={a},{pa}", "--sparsities", "0.893", "--out",
                              str(out)]) == 2
         assert msg in capsys.readouterr().err
     assert not out.exists()
