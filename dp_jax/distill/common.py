@@ -2,9 +2,9 @@
 images, per-class real batches, optimisers and the network's forward and training steps.
 
 A method (MTT in ``mtt.py``, gradient matching in ``gm.py``, distribution matching in ``dm.py``)
-is a :class:`Method`: a state pytree (the stored images plus whatever else it optimises) and a
+is a :class:`DistillProgram`: a state pytree (the stored images plus whatever else it optimises) and a
 step ``(state, it) -> (state, loss, info)`` that depends only on the state and the iteration
-number, so that :func:`dp_jax.distill.loop.run_method` can checkpoint, resume, log and evaluate
+number, so that :func:`dp_jax.distill.loop.run_distillation` can checkpoint, resume, log and evaluate
 every method the same way.
 """
 
@@ -32,7 +32,7 @@ PyTree = Any
 
 
 @dataclasses.dataclass
-class Method:
+class DistillProgram:
     """A distillation method as the shared loop runs it.
 
     Attributes:
@@ -95,7 +95,7 @@ class RealData(NamedTuple):
     counts: jax.Array  # (num_classes,) examples per class
 
 
-class Context(NamedTuple):
+class MatchData(NamedTuple):
     """The arrays a matching program reads, passed to its jitted functions as an argument
     (constants would be baked into every compiled program)."""
     data: RealData
@@ -213,8 +213,8 @@ def train_step(model, tx: optax.GradientTransformation, params: PyTree, bn: PyTr
 
 
 def matching_method(config, dataset, *, name: str, program: Callable, settings_cls,
-                    purpose: int, hint: str, mask: Optional[PyTree] = None) -> "Method":
-    """The :class:`Method` of a matching distiller (gm, dm): initial images, real data, its
+                    purpose: int, hint: str, mask: Optional[PyTree] = None) -> "DistillProgram":
+    """The :class:`DistillProgram` of a matching distiller (gm, dm): initial images, real data, its
     compiled program (``program(model, settings)``, cached by the caller) and its key.
 
     The set's step size is ``distill.lr_init`` (these methods learn none).
@@ -223,13 +223,13 @@ def matching_method(config, dataset, *, name: str, program: Callable, settings_c
     model = create_model(config.model, num_classes=dataset.num_classes)
     images, labels = initial_images(config, dataset)
     data = real_data(dataset.x_train, dataset.y_train, dataset.num_classes)
-    ctx = Context(data=data, labels=labels,
+    ctx = MatchData(data=data, labels=labels,
                   mask=dense_mask(model, dataset.image_shape) if mask is None else mask)
     prog = program(model, settings_cls.from_config(d, data=data, num_stored=labels.shape[0],
                                                    image_shape=dataset.image_shape))
     key = jax.random.fold_in(distill_key(config), purpose)
     lr = float(d.lr_init)
-    return Method(
+    return DistillProgram(
         name=name, state={"images": images, "opt": prog.tx_img.init(images)},
         step=functools.partial(prog.step, key=key, ctx=ctx), lr=lambda state: lr,
         labels=labels, factor=int(d.factor), examples=prog.examples(), hint=hint)

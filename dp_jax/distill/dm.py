@@ -124,7 +124,7 @@ class DistributionMatching:
         u, opt = self.tx_img.update(g, opt, images)
         return optax.apply_updates(images, u), opt, loss, optax.tree.norm(g)
 
-    def step(self, state: dict, it: int, *, key: jax.Array, ctx: common.Context):
+    def step(self, state: dict, it: int, *, key: jax.Array, ctx: common.MatchData):
         """One iteration: ``(state, loss per class, info)``; ``key`` is
         ``fold(distill_key, DISTILL_DM)``."""
         with fast_convs(self.s.fast_conv):
@@ -140,8 +140,8 @@ def _program(model, settings: Settings) -> DistributionMatching:
     return DistributionMatching(model, settings)
 
 
-def build_method(config, dataset, *, mask: Optional[PyTree] = None) -> common.Method:
-    """The :class:`dp_jax.distill.common.Method` of ``config.distill`` (method ``dm``)."""
+def build_method(config, dataset, *, mask: Optional[PyTree] = None) -> common.DistillProgram:
+    """The :class:`dp_jax.distill.common.DistillProgram` of ``config.distill`` (method ``dm``)."""
     d = config.distill
     return common.matching_method(config, dataset, name="dm", program=_program,
                                   settings_cls=Settings, purpose=rng.DISTILL_DM, mask=mask,

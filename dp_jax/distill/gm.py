@@ -190,7 +190,7 @@ class GradientMatching:
     """The jitted pieces of a gradient-matching iteration for one static configuration.
 
     Arrays (real data, labels, mask) reach the jitted functions as a
-    :class:`dp_jax.distill.common.Context` argument, never as constants, so one program serves
+    :class:`dp_jax.distill.common.MatchData` argument, never as constants, so one program serves
     every run with the same settings.
 
     Args:
@@ -277,7 +277,7 @@ class GradientMatching:
         images, opt, gnorm = self._apply(images, opt, grad)
         return images, opt, gnorm, total
 
-    def step(self, state: dict, it: int, *, key: jax.Array, ctx: common.Context):
+    def step(self, state: dict, it: int, *, key: jax.Array, ctx: common.MatchData):
         """One iteration: ``(state, mean class loss, info)`` (see module docstring).
 
         ``key`` is ``fold(distill_key, DISTILL_GM)``.
@@ -308,8 +308,8 @@ def _program(model, settings: Settings) -> GradientMatching:
     return GradientMatching(model, settings)
 
 
-def build_method(config, dataset, *, mask: Optional[PyTree] = None) -> common.Method:
-    """The :class:`dp_jax.distill.common.Method` of ``config.distill`` (method ``gm``)."""
+def build_method(config, dataset, *, mask: Optional[PyTree] = None) -> common.DistillProgram:
+    """The :class:`dp_jax.distill.common.DistillProgram` of ``config.distill`` (method ``gm``)."""
     d = config.distill
     return common.matching_method(config, dataset, name="gm", program=_program,
                                   settings_cls=Settings, purpose=rng.DISTILL_GM, mask=mask,

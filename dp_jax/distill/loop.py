@@ -1,7 +1,7 @@
 """The distillation loop every method runs through: iterations with checkpoints, metrics and
 periodic evaluation.
 
-A method is a :class:`dp_jax.distill.common.Method`: a state pytree and a step
+A method is a :class:`dp_jax.distill.common.DistillProgram`: a state pytree and a step
 ``(state, it) -> (state, loss, info)`` whose randomness comes only from keys folded from the
 iteration number (MTT: ``mtt.py``, gradient matching: ``gm.py``, distribution matching:
 ``dm.py``). So a run restored from the checkpoint after iteration ``it`` continues exactly as an
@@ -31,7 +31,7 @@ from dp_jax.storage import fileio
 from dp_jax import rng
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.distill import synthetic
-from dp_jax.distill.common import Method
+from dp_jax.distill.common import DistillProgram
 from dp_jax.distill.experts import distill_key
 from dp_jax.training.outputs import TrainingDivergedError
 
@@ -130,7 +130,7 @@ def _host(info: dict) -> dict:
     return {k: v if isinstance(v, int) else float(v) for k, v in info.items()}
 
 
-def run_method(config, method: Method, workdir: str, *,
+def run_distillation(config, method: DistillProgram, workdir: str, *,
                log: Callable[..., None] = lambda **kw: None, evaluator=None) -> LoopResult:
     """Run (or resume) ``config.distill.iterations`` iterations of ``method``.
 

@@ -306,8 +306,8 @@ def _matcher(model, num_steps, batch, dsa, memory, loop, unroll, fast_conv, comp
 
 
 def build_method(config, dataset, traj: Trajectories, *,
-                 mask: Optional[PyTree] = None) -> common.Method:
-    """MTT as a :class:`dp_jax.distill.common.Method` (state: images, log step size and both
+                 mask: Optional[PyTree] = None) -> common.DistillProgram:
+    """MTT as a :class:`dp_jax.distill.common.DistillProgram` (state: images, log step size and both
     optimiser states).
 
     Iteration ``it`` uses ``k = fold_in(fold_in(distill_key, rng.DISTILL_MTT), it)``: the expert
@@ -357,7 +357,7 @@ def build_method(config, dataset, traj: Trajectories, *,
         info = {"grad_norm_images": optax.tree.norm(g_img), "expert": e, "start_epoch": t}
         return {"images": imgs, "log_lr": lr, "opt": (opt_img, opt_lr)}, loss, info
 
-    return common.Method(
+    return common.DistillProgram(
         name="mtt", state={"images": images, "log_lr": log_lr,
                            "opt": (tx_img.init(images), tx_lr.init(log_lr))},
         step=step, lr=lambda state: float(jnp.exp(state["log_lr"])), labels=labels,

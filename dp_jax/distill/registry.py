@@ -1,6 +1,6 @@
 """The distillers, registered by name (the values of ``distill.method``).
 
-A distiller builds the :class:`dp_jax.distill.common.Method` the loop runs
+A distiller builds the :class:`dp_jax.distill.common.DistillProgram` the loop runs
 (``build(config, dataset, *, trajectories, mask)``), describes its settings in one line of the
 report, and says whether it matches expert trajectories (then the task trains or resumes the
 experts first and passes their :class:`~dp_jax.distill.experts.Trajectories`).
@@ -19,7 +19,7 @@ class Distiller:
     """One distillation method."""
     name: str
     title: str
-    build: Callable          # (config, dataset, *, trajectories, mask) -> common.Method
+    build: Callable          # (config, dataset, *, trajectories, mask) -> common.DistillProgram
     describe: Callable       # (DistillSettings) -> one line for the report
     needs_experts: bool = False
 

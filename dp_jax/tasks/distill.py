@@ -29,7 +29,7 @@ from dp_jax.distill import sets as dist_lib
 from dp_jax.distill import evaluate as eval_lib
 from dp_jax.distill import experts as experts_lib
 from dp_jax.distill import registry as distill_registry
-from dp_jax.distill.loop import run_method
+from dp_jax.distill.loop import run_distillation
 
 import jax
 from dp_jax.tasks import settings as settings_lib
@@ -69,7 +69,7 @@ def distill_into(config, workdir: str, dataset, *, mask=None,
     distilled.npz and distilled.png."""
     d = config.distill
     method, cost = build_method(config, dataset, workdir, mask=mask, log=log)
-    res = run_method(config, method, workdir, log=log, evaluator=evaluator)
+    res = run_distillation(config, method, workdir, log=log, evaluator=evaluator)
     ds = dist_lib.DistilledSet(
         images=res.images, labels=res.labels, lr=res.lr, preprocessing=dataset.preprocessing,
         dataset=dataset.name, stored_images=res.stored_images, stored_labels=res.stored_labels,

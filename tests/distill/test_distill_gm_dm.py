@@ -201,7 +201,7 @@ def test_image_gradients_match_finite_differences(net):
         data = _real(jnp.float64)
         data = data._replace(x=data.x.astype(jnp.float64))
         labels = jnp.arange(3, dtype=jnp.int32)
-        ctx = common.Context(data=data, labels=labels, mask=common.dense_mask(model, (8, 8, 1)))
+        ctx = common.MatchData(data=data, labels=labels, mask=common.dense_mask(model, (8, 8, 1)))
         params = jax.tree.map(lambda a: a.astype(jnp.float64),
                               init_variables(model, jax.random.key(4), (8, 8, 1))["params"])
         images = jax.random.normal(jax.random.key(5), (3, 8, 8, 1), jnp.float64)
@@ -234,7 +234,7 @@ def test_batchnorm_follows_dc_real_statistics_then_eval_mode_matching():
         dict(name="convnet", width=3, depth=1, norm="batch")), num_classes=3)
     data = _real(jnp.float32, per_class=20, shape=shape)
     mask = common.dense_mask(model, shape)
-    ctx = common.Context(data=data, labels=jnp.arange(3, dtype=jnp.int32), mask=mask)
+    ctx = common.MatchData(data=data, labels=jnp.arange(3, dtype=jnp.int32), mask=mask)
     prog = gm.GradientMatching(model, gm.Settings.from_config(
         _settings_d(dsa=False), data=data, num_stored=3, image_shape=shape))
     k_it = jax.random.key(3)
@@ -296,7 +296,7 @@ def test_losses_vanish_when_synthetic_equals_real_under_siamese_dsa():
     x = jax.random.normal(jax.random.key(0), (12, 8, 8, 1))
     y = np.repeat(np.arange(3), 4)
     data = common.real_data(np.asarray(x), y, 3)
-    ctx = common.Context(data=data, labels=jnp.asarray(y, jnp.int32),
+    ctx = common.MatchData(data=data, labels=jnp.asarray(y, jnp.int32),
                          mask=common.dense_mask(model, (8, 8, 1)))
     params = init_variables(model, jax.random.key(1), (8, 8, 1))["params"]
     d = _settings_d(ipc=4, factor=1, dsa_strategy="color_rotate", gm_distance="mse")
@@ -328,7 +328,7 @@ def test_jitted_steps_trace_once_across_iterations():
     model = MLP(num_classes=3)
     data = _real(jnp.float32)
     labels = jnp.arange(3, dtype=jnp.int32)
-    ctx = common.Context(data=data, labels=labels, mask=common.dense_mask(model, (8, 8, 1)))
+    ctx = common.MatchData(data=data, labels=labels, mask=common.dense_mask(model, (8, 8, 1)))
     d = _settings_d(gm_net_train="real", dsa=False)
     wrap = lambda f: chex.assert_max_traces(f, n=1)  # noqa: E731
     progs = {

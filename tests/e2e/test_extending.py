@@ -46,7 +46,7 @@ def build_class_means(config, dataset, *, trajectories=None, mask=None):
         x = state["images"] + 0.5 * (means - state["images"])
         return {"images": x}, jnp.mean((x - means) ** 2), {}
 
-    return common.Method(name="class_means", state={"images": images}, step=step,
+    return common.DistillProgram(name="class_means", state={"images": images}, step=step,
                          lr=lambda s: float(config.distill.lr_init), labels=labels, factor=1,
                          examples=0, hint="distill.iterations")
 
