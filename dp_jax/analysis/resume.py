@@ -59,16 +59,16 @@ def finished(workdir: str, label: str, seed: int, rnd: int, digest: str,
 
 
 def write_results(workdir: str, label: str, seed: int, rnd: int, digest: str, meta: dict,
-                  results: dict, arrays: dict) -> dict:
+                  results: dict, arrays: dict, extra: Optional[dict] = None) -> dict:
     """Write one mask's outputs (``results``: analysis -> JSON dict, ``arrays``: (prefix,
-    suffix) -> npz arrays) with ``meta`` merged into each, then record them as finished."""
+    suffix) -> npz arrays) with ``meta`` and ``extra[analysis]`` (fields naming this mask's
+    files) merged into each, then record them as finished."""
     out_dir = workdir_lib.analysis_dir(workdir)
     stem = workdir_lib.analysis_stem(label, seed, rnd)
     out, names, files = {}, {}, []
+    extra = extra or {}
     for name, r in results.items():
-        r = dict(r, **meta)
-        if name == "landscape":
-            r["directions_file"] = f"landscape_{stem}_directions.npz"
+        r = {**r, **meta, **extra.get(name, {})}
         names[name] = workdir_lib.analysis_file(name, label, seed, rnd)
         fileio.write_json(os.path.join(out_dir, names[name]), r)
         out[name] = r

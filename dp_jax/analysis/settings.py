@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-ANALYSES = ("instability", "hessian", "landscape")
 BN_CHOICES = ("interpolate", "recompute", "both")
 HESSIAN_POINTS = ("trained", "start")
 
@@ -13,7 +12,7 @@ HESSIAN_POINTS = ("trained", "start")
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Knobs of the analyses; the defaults are sized for a 2-core CPU."""
-    copies: int = 2                      # copies per start point (landscape raises it to 3)
+    copies: int = 2                      # copies per start point (an analysis may need more: landscape 3)
     alphas: int = 11                     # interpolation grid points on [0, 1]
     bn_mode: str = "both"                # BatchNorm statistics: interpolate | recompute | both
     bn_batches: int = 20                 # training batches for "recompute"

@@ -12,19 +12,21 @@ import time
 
 from absl import app, flags, logging
 
+from dp_jax.analysis import registry as analyses_lib
+from dp_jax.analysis import settings as analysis_settings
 from dp_jax.reports import analysis as report_lib
 from dp_jax.system import hugepages
 from dp_jax.tasks import analyze as run_lib
 from dp_jax.system import compile_cache
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished dp_jax workdir.")
-_ANALYSES = flags.DEFINE_list("analyses", list(run_lib.ANALYSES),
-                              "Any of: " + ", ".join(run_lib.ANALYSES))
+_ANALYSES = flags.DEFINE_list("analyses", list(analyses_lib.ANALYSES),
+                              "Any of: " + ", ".join(analyses_lib.ANALYSES))
 _RUNS = flags.DEFINE_list("runs", None, "Run labels (e.g. imp_k0,random); default: all.")
 _ROUNDS = flags.DEFINE_list("rounds", None, "Rounds to analyse; default: every saved round.")
 _SEED = flags.DEFINE_integer("seed", None, "One seed; default: every seed of the workdir.")
 _COPIES = flags.DEFINE_integer("copies", 2, "Copies per start point (landscape uses >= 3).")
-_BN = flags.DEFINE_enum("bn_mode", "both", list(run_lib.BN_CHOICES),
+_BN = flags.DEFINE_enum("bn_mode", "both", list(analysis_settings.BN_CHOICES),
                         "BatchNorm statistics along paths (BatchNorm models only).")
 _K = flags.DEFINE_list("k_values", None, "Rewind steps of the dense instability curve.")
 _HESSIAN_EXAMPLES = flags.DEFINE_integer("hessian_examples", 2000,

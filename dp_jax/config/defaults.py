@@ -193,7 +193,7 @@ def distill_defaults() -> ml_collections.ConfigDict:
     d.expert_momentum = 0.0
     d.expert_weight_decay = 0.0
     d.expert_batch_size = 256
-    d.expert_augment = "dsa"  # none | dsa | flip_crop
+    d.expert_augment = "dsa"  # none | dsa | flip_translate
     d.expert_train_size = 0   # 0 = the whole training split; else a stratified subset
 
     # Evaluation of the distilled set (and of the random-subset / full-data baselines).

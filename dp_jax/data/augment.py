@@ -37,7 +37,11 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-AUGMENTATIONS = ("none", "dsa", "flip_crop")
+AUGMENTATIONS = ("none", "dsa", "flip_translate")
+# Earlier name of "flip_translate" (accepted so that configs and workdirs that use it still
+# work). The data section's "crop_flip" is another transform: zero-pad crop + flip
+# (dp_jax.data.crops), applied to real-data training.
+ALIASES = {"flip_crop": "flip_translate"}
 DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
@@ -229,8 +233,8 @@ def dsa(key: jax.Array, x: jax.Array, *, strategy: str = DEFAULT_STRATEGY,
     return jax.lax.switch(choice, [lambda v, f=f: f(sub, v, p) for f in fns], x)
 
 
-def flip_crop(key: jax.Array, x: jax.Array, *, strength: float = 1.0) -> jax.Array:
-    """Standard real-data augmentation: random horizontal flip, then random translation."""
+def flip_translate(key: jax.Array, x: jax.Array, *, strength: float = 1.0) -> jax.Array:
+    """Random horizontal flip, then DSA's random translation (its ``crop``)."""
     p = DSAParams().scaled(strength)
     return crop(jax.random.fold_in(key, 2), flip(jax.random.fold_in(key, 1), x, p), p)
 
@@ -250,18 +254,20 @@ def siamese(augment: Augment) -> Augment:
 
 def make_augment(name: str, *, strength: float = 1.0, strategy: str = DEFAULT_STRATEGY,
                  all_ops: bool = False) -> Optional[Augment]:
-    """Augmentation by name for the training code: ``'none'`` -> None, ``'dsa'``, ``'flip_crop'``.
+    """Augmentation by name for the training code: ``'none'`` -> None, ``'dsa'``,
+    ``'flip_translate'`` (``'flip_crop'``: its earlier name).
 
     The result is ``augment(key, x) -> x``, pure and jit/vmap/grad-friendly.
     """
+    name = ALIASES.get(name, name)
     if name not in AUGMENTATIONS:
         raise ValueError(f"augmentation {name!r} is unknown; allowed: {', '.join(AUGMENTATIONS)}")
     if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0):
         raise ValueError(f"augmentation strength must be a finite number >= 0, got {strength!r}")
     if name == "none":
         return None
-    if name == "flip_crop":
-        return lambda key, x: flip_crop(key, x, strength=strength)
+    if name == "flip_translate":
+        return lambda key, x: flip_translate(key, x, strength=strength)
     parse_strategy(strategy)  # fail at build time, not inside a trace
 
     def augment(key, x):

@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from dp_jax.data.augment import AUGMENTATIONS, parse_strategy
+from dp_jax.data.augment import ALIASES, AUGMENTATIONS, parse_strategy
 from dp_jax.distill.gm import DISTANCES, NET_TRAIN
 from dp_jax.distill.mtt import LOOPS, MEMORY_MODES
 from dp_jax.distill import registry
@@ -66,7 +66,8 @@ def validate(d: DistillSettings) -> None:
     _need(d.eval_loop in EVAL_LOOPS, "eval_loop", " | ".join(EVAL_LOOPS), d.eval_loop)
     _need(d.init in INITS, "init", " | ".join(INITS), d.init)
     for f in ("expert_augment", "eval_augment"):
-        _need(getattr(d, f) in AUGMENTATIONS, f, " | ".join(AUGMENTATIONS), getattr(d, f))
+        _need(getattr(d, f) in AUGMENTATIONS + tuple(ALIASES), f, " | ".join(AUGMENTATIONS),
+              getattr(d, f))
     try:
         parse_strategy(d.dsa_strategy)
     except ValueError as e:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
-from dp_jax.pruning.plan import Context, Plan, Spec
+from dp_jax.pruning.plan import Context, Plan, Spec, Start
 
 __all__ = ["Context", "Method", "Option", "Plan", "Spec"]
 
@@ -56,9 +56,9 @@ class Method:
     def validate_with_data(self, spec: Spec, config, num_train: int, num_classes: int) -> None:
         """Checks that need the training set's size and class count."""
 
-    def start(self, spec: Spec) -> tuple:
-        """Where every round's training starts: ``("rewind", k)`` or ``("reinit",)``."""
-        return ("rewind", spec.rewind_step)
+    def start(self, spec: Spec) -> Start:
+        """Where every round's training starts (:class:`~dp_jax.pruning.plan.Start`)."""
+        return Start("rewind", spec.rewind_step)
 
     def plan(self, spec: Spec, ctx: Context) -> Plan:
         """The plan of one run (see :class:`Plan`)."""

@@ -15,6 +15,7 @@ from dp_jax import masks as masks_lib
 from dp_jax import rng
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.methods import base, registry
+from dp_jax.pruning.plan import REINIT
 
 
 class Reinit(base.Method):
@@ -39,7 +40,7 @@ class Reinit(base.Method):
                              f"{spec.source!r} listed before it; runs: {labels + [spec.label]}")
 
     def start(self, spec):
-        return ("reinit",)
+        return REINIT
 
     def plan(self, spec, ctx):
         like = ctx.dense["variables"]["params"]

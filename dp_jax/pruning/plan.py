@@ -35,6 +35,21 @@ class Spec:
         return self.opt("of")
 
 
+class Start(NamedTuple):
+    """Where every round's training starts: the dense run's weights at ``step`` (``rewind``;
+    step 0 is the init) or a fresh initialisation from the seed's reinit key (``reinit``)."""
+    kind: str      # "rewind" | "reinit"
+    step: int = 0
+
+    @property
+    def reinit(self) -> bool:
+        """True for a fresh initialisation."""
+        return self.kind == "reinit"
+
+
+REINIT = Start("reinit")
+
+
 class Distilled(NamedTuple):
     """The distilled set on the devices and Distilled Pruning's compiled inner loop on it."""
     x: jax.Array

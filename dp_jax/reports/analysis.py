@@ -4,16 +4,24 @@ Everything is read back from disk, so analyses run in several invocations (say
 ``--runs=imp_k0`` then ``--runs=random``) end up in one report. The section
 lives between ``<!-- analysis -->`` and ``<!-- /analysis -->``; the rest of
 report.md is left untouched.
+
+Each analysis shows itself through a :class:`Section` registered under its name in
+:data:`SECTIONS` (:func:`register`): the glob of its per-mask JSON files, a function drawing
+its plots and one returning its markdown. The report takes them in the order of
+:data:`dp_jax.analysis.registry.ANALYSES`, after a summary over seeds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import re
+from typing import Callable
 
 import numpy as np
 
+from dp_jax.analysis import registry as analyses
 from dp_jax.storage import fileio
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.reports import analysis_plots as plots
@@ -190,37 +198,92 @@ def _summary_section(workdir) -> list[str]:
     return out + [""]
 
 
+def _curves(workdir: str) -> list[dict]:
+    return _load(workdir, "instability_dense_k_seed*.json")
+
+
+def _instability_plots(workdir: str, rows: list[dict], pdir: str) -> None:
+    curves = _curves(workdir)
+    if rows:
+        plots.barrier_vs_sparsity(rows, os.path.join(pdir, "instability_barrier.png"))
+        plots.interpolation_curves(rows, os.path.join(pdir, "instability_curves.png"))
+    if curves:
+        plots.rewind_curves(curves, os.path.join(pdir, "instability_dense_k.png"))
+
+
+def _instability_lines(workdir: str, rows: list[dict]) -> list[str]:
+    curves = _curves(workdir)
+    if not (rows or curves):
+        return []
+    mpath = workdir_lib.analysis_path(workdir, "masks.json")
+    masks = fileio.read_json(mpath) if os.path.exists(mpath) else None
+    return _instability_section(workdir, rows, curves, masks)
+
+
+def _hessian_plots(workdir: str, rows: list[dict], pdir: str) -> None:
+    if rows:
+        plots.hessian_vs_sparsity(rows, os.path.join(pdir, "hessian.png"))
+        plots.hessian_density(rows, os.path.join(pdir, "hessian_density.png"))
+
+
+def _landscape_plots(workdir: str, rows: list[dict], pdir: str) -> None:
+    for r in rows:
+        stem = workdir_lib.analysis_stem(r['run'], r['seed'], r['round'])
+        plots.landscape(r, os.path.join(pdir, f"landscape_{stem}.png"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """How the report shows one analysis.
+
+    ``pattern``: glob of its per-mask JSON files under ``analysis/`` (files without a ``run``
+    field, such as summaries, are left out of the rows); ``plots(workdir, rows, plot_dir)``
+    draws its figures; ``lines(workdir, rows)`` returns its markdown ([] to show nothing).
+    """
+    pattern: str
+    plots: Callable[[str, list[dict], str], None]
+    lines: Callable[[str, list[dict]], list[str]]
+
+
+SECTIONS: dict[str, Section] = {}
+
+
+def register(name: str, section: Section) -> Section:
+    """Show the registered analysis ``name`` with ``section``; a name that already has a
+    section, or that is no registered analysis, is refused."""
+    if name in SECTIONS:
+        raise ValueError(f"analysis {name!r} already has a report section")
+    analyses.get(name)  # a section for an unknown analysis would never be shown
+    SECTIONS[name] = section
+    return section
+
+
+register("instability", Section("instability_*.json", _instability_plots, _instability_lines))
+register("hessian", Section("hessian_*.json", _hessian_plots,
+                            lambda workdir, rows: _hessian_section(rows)))
+register("landscape", Section("landscape_*.json", _landscape_plots,
+                              lambda workdir, rows: _landscape_section(rows)))
+
+
 def write(workdir: str) -> str:
-    """Redraw the aggregate plots and rewrite the analysis section of report.md.
+    """Redraw the plots and rewrite the analysis section of report.md: a summary over seeds,
+    then the section of every registered analysis that has one.
 
     Returns:
       The section's markdown.
     """
-    inst = [r for r in _load(workdir, "instability_*.json") if "run" in r]
-    curves = _load(workdir, "instability_dense_k_seed*.json")
-    hess = _load(workdir, "hessian_*.json")
-    land = _load(workdir, "landscape_*.json")
-    mpath = workdir_lib.analysis_path(workdir, "masks.json")
-    masks = fileio.read_json(mpath) if os.path.exists(mpath) else None
     pdir = os.path.dirname(workdir_lib.plot_path(workdir, "x"))
-    if inst:
-        plots.barrier_vs_sparsity(inst, os.path.join(pdir, "instability_barrier.png"))
-        plots.interpolation_curves(inst, os.path.join(pdir, "instability_curves.png"))
-    if curves:
-        plots.rewind_curves(curves, os.path.join(pdir, "instability_dense_k.png"))
-    if hess:
-        plots.hessian_vs_sparsity(hess, os.path.join(pdir, "hessian.png"))
-        plots.hessian_density(hess, os.path.join(pdir, "hessian_density.png"))
-    for r in land:
-        stem = workdir_lib.analysis_stem(r['run'], r['seed'], r['round'])
-        plots.landscape(r, os.path.join(pdir, f"landscape_{stem}.png"))
     lines = ["## Analyses", "",
              "Written by `python -m dp_jax.analysis`; numbers in `analysis/*.json` "
              "(see docs/analysis.md).", ""]
     lines += _summary_section(workdir)
-    if inst or curves:
-        lines += _instability_section(workdir, inst, curves, masks)
-    lines += _hessian_section(hess) + _landscape_section(land)
+    for name in analyses.ANALYSES:
+        entry = SECTIONS.get(name)
+        if entry is None:
+            continue
+        rows = [r for r in _load(workdir, entry.pattern) if "run" in r]
+        entry.plots(workdir, rows, pdir)
+        lines += entry.lines(workdir, rows)
     section = "\n".join(lines)
     path = workdir_lib.report_path(workdir)
     old = open(path).read() if os.path.exists(path) else ""

@@ -38,6 +38,7 @@ from dp_jax import methods
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax import rng
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.pruning.plan import Start
 from dp_jax.pruning.settings import Experiment
 from dp_jax.tasks import settings as settings_lib
 
@@ -78,12 +79,12 @@ def _find(workdir: str, settings: Experiment, label: str, seed: int, rnd: int):
 def start_point(setup: prune_lib.Setup, workdir: str, spec, seed: int, rnd: int):
     """``(variables, start_step, description)`` that round ``rnd`` of the run trained from."""
     start = methods.get(spec.name).start(spec)
-    if rnd == 0 or start == ("rewind", 0):
+    if rnd == 0 or start == Start("rewind", 0):
         v, step, desc = setup.init_fn(rng.key_for(seed, rng.INIT)), 0, {"kind": "init"}
-    elif start == ("reinit",):
+    elif start.reinit:
         v, step, desc = setup.init_fn(rng.key_for(seed, rng.REINIT)), 0, {"kind": "reinit"}
     else:
-        step = int(start[1])
+        step = int(start.step)
         v = dense.dense_run(setup, workdir, seed, [step])["snapshots"][step]
         desc = {"kind": "rewind"}
     desc.update(step=step, seed=seed)

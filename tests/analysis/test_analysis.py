@@ -172,10 +172,9 @@ def test_copy_with_the_run_key_retraces_the_trainer(loop):
 
 
 def train_lib_cfg():
-    import ml_collections
-    return ml_collections.ConfigDict({"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-                                      "optimizer": "sgd", "schedule": "multistep",
-                                      "decay_at": (0.5,), "decay_factor": 0.1})
+    from dp_jax.training.settings import TrainSettings
+    return TrainSettings.from_config(lr=0.1, momentum=0.9, weight_decay=5e-4, optimizer="sgd",
+                                     schedule="multistep", decay_at=(0.5,), decay_factor=0.1)
 
 
 def test_copy_keys():

@@ -20,7 +20,7 @@ def test_shapes_and_dtype(op):
     assert bool(jnp.isfinite(y).all())
 
 
-@pytest.mark.parametrize("name", ["dsa", "flip_crop"])
+@pytest.mark.parametrize("name", ["dsa", "flip_translate", "flip_crop"])
 def test_same_key_same_transform_other_key_differs(name):
     f = jax.jit(aug.make_augment(name))
     x = _batch()
@@ -49,7 +49,7 @@ def test_zero_strength_identity_through_make_augment_all_ops():
     x = _batch()
     f = aug.make_augment("dsa", strength=0.0, all_ops=True)
     np.testing.assert_allclose(np.asarray(f(jax.random.key(0), x)), np.asarray(x), atol=5e-5)
-    g = aug.make_augment("flip_crop", strength=0.0)
+    g = aug.make_augment("flip_translate", strength=0.0)
     np.testing.assert_allclose(np.asarray(g(jax.random.key(0), x)), np.asarray(x), atol=0)
 
 
@@ -99,7 +99,7 @@ def test_affine_matches_torch_grid_sample():
 def test_make_augment_names_and_errors():
     assert aug.make_augment("none") is None
     assert callable(aug.make_augment("dsa")) and callable(aug.make_augment("flip_crop"))
-    with pytest.raises(ValueError, match="allowed: none, dsa, flip_crop"):
+    with pytest.raises(ValueError, match="allowed: none, dsa, flip_translate"):
         aug.make_augment("cutmix")
     with pytest.raises(ValueError, match="strength"):
         aug.make_augment("dsa", strength=-1.0)

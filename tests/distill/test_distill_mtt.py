@@ -80,7 +80,7 @@ def test_memory_modes_agree_scan_loop():
     with jax.enable_x64(True):
         model, p0, p1, x, y = _mlp_problem(jnp.float64)
         mask = masks.ones_like(p0)
-        aug = make_augment("flip_crop")
+        aug = make_augment("flip_translate")
         key = jax.random.key(4)
         log_lr = jnp.log(jnp.float64(0.05))
         ref = mtt.TrajectoryMatcher(model, num_steps=5, batch_size=4, augment=aug,

@@ -31,6 +31,17 @@ def test_changed_settings_are_refused_before_any_work(tiny_config, tmp_path):
     tiny_config.prune.method = "imp"
     tiny_config.prune.rounds = 1
     experiment.run(tiny_config, wd)
+    src = "npz:" + os.path.abspath(tiny_config.data.name[len("npz:"):])
+    assert fileio.read_json(os.path.join(wd, "config.json"))["data_source"] == src
+    assert fileio.read_json(os.path.join(wd, "summary.json"))["data_source"] == src
+    # Each run records its identity; a run directory from other settings is refused.
+    path = workdir.identity_path(wd, "imp_k0", 0)
+    fields = fileio.read_json(path)
+    assert fields["train.lr"] == tiny_config.train.lr and fields["run"] == "imp_k0"
+    assert not any(k.startswith(("dp.", "distill.")) for k in fields)  # IMP reads neither
+    fileio.write_json(path, dict(fields, **{"train.lr": 1.0}))  # as if copied from elsewhere
+    with pytest.raises(ValueError, match=r"imp_k0-seed0 was made by other settings \(train.lr"):
+        experiment.run(tiny_config, wd)
     before = {f: _bytes(wd, f) for f in ("config.json", "rounds.jsonl")}
     tiny_config.train.lr = 0.01
     tiny_config.train.momentum = 0.5
@@ -229,25 +240,6 @@ def test_restart_changed_reruns_only_the_affected_runs(tiny_config, tmp_path):
                              if "run" in r])
 
 
-def test_a_run_directory_from_other_settings_is_refused(tiny_config, tmp_path):
-    c = tiny_config
-    c.prune.method = "imp"
-    c.prune.rounds = 1
-    wd = str(tmp_path / "wd")
-    experiment.run(c, wd)
-    src = "npz:" + os.path.abspath(c.data.name[len("npz:"):])
-    assert fileio.read_json(os.path.join(wd, "config.json"))["data_source"] == src
-    assert fileio.read_json(os.path.join(wd, "summary.json"))["data_source"] == src
-    path = workdir.identity_path(wd, "imp_k0", 0)
-    fields = fileio.read_json(path)
-    assert fields["train.lr"] == c.train.lr and fields["run"] == "imp_k0"
-    assert not any(k.startswith(("dp.", "distill.")) for k in fields)  # IMP reads neither
-    fields["train.lr"] = 1.0  # as if copied in from another workdir
-    fileio.write_json(path, fields)
-    with pytest.raises(ValueError, match=r"imp_k0-seed0 was made by other settings \(train.lr"):
-        experiment.run(c, wd)
-
-
 def test_a_full_disk_is_a_clear_error_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
     import errno
     from dp_jax.cli import common as cli_common
@@ -303,23 +295,3 @@ def test_supersede_moves_exactly_the_affected_files(tmp_path):
     assert all(os.path.exists(os.path.join(wd, f)) == ("reinit" in f) for f in files)
     assert [r.get("run") for r in fileio.read_jsonl(os.path.join(wd, "metrics.jsonl"))] == \
         ["reinit_imp_k0", None]
-
-
-def test_a_workdir_made_before_new_fields_existed_resumes(tiny_config, tmp_path):
-    c = tiny_config
-    c.prune.method = "imp"
-    c.prune.rounds = 1
-    wd = str(tmp_path / "wd")
-    experiment.run(c, wd)
-    cfg = fileio.read_json(os.path.join(wd, "config.json"))
-    for section, field in (("dp", "epochs"), ("dp", "cutmix_prob"), ("distill", "method")):
-        del cfg[section][field]  # as written before these fields were added
-    fileio.write_json(os.path.join(wd, "config.json"), cfg)
-    experiment.run(c, wd)  # defaults reproduce the old behaviour: accepted
-    for section, field in (("dp", "epochs"), ("distill", "method")):
-        cfg = fileio.read_json(os.path.join(wd, "config.json"))
-        del cfg[section][field]
-        fileio.write_json(os.path.join(wd, "config.json"), cfg)
-    c.dp.epochs = 5  # not the old behaviour: refused
-    with pytest.raises(ValueError, match=r"dp.epochs: 0 -> 5"):
-        experiment.run(c, wd)
