@@ -77,10 +77,7 @@ class SetEvaluator:
         self.x_test, self.y_test = jnp.asarray(x_test), jnp.asarray(y_test)
         self._init = jax.jit(lambda k: init_variables(model, k, self.image_shape))
         n_test = int(self.y_test.shape[0])
-        # Trainer is only used for its evaluation program (test accuracy over every example).
-        self._tester = train_lib.Trainer(model, optax.sgd(0.0), batch_size=1, num_train=1,
-                                         loop="python", eval_batch_size=min(eval_batch_size,
-                                                                            n_test))
+        self.eval_batch_size = min(int(eval_batch_size), n_test)
         self._programs: dict = {}
 
     def _steps(self, n: int) -> tuple[int, int]:
@@ -158,7 +155,8 @@ class SetEvaluator:
                 losses.append(float(l))
         accs, test_losses = [], []
         for s in trained:
-            ev = self._tester.evaluate(s.params, s.batch_stats, s.mask, self.x_test, self.y_test)
+            ev = train_lib.evaluate(self.model, s.params, s.batch_stats, s.mask, self.x_test,
+                                    self.y_test, batch_size=self.eval_batch_size)
             accs.append(ev["accuracy"])
             test_losses.append(ev["loss"])
         return {"accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),

@@ -328,21 +328,38 @@ class Trainer(StreamTraining):
                  x: jax.Array, y: jax.Array) -> dict:
         """Accuracy and loss over *every* example of ``(x, y)`` (the last batch is padded)."""
         params, batch_stats, mask = self._replicate((params, batch_stats, mask))
-        n = int(x.shape[0])
-        B = min(self.eval_batch_size, n)
-        totals = None
-        for s in range(0, n, B):
-            xb, yb = x[s:s + B], y[s:s + B]
-            w = jnp.ones((xb.shape[0],), jnp.float32)
-            if xb.shape[0] < B:  # pad to one compiled shape; padded rows get weight 0
-                pad = B - xb.shape[0]
-                xb = jnp.concatenate([xb, jnp.zeros((pad,) + xb.shape[1:], xb.dtype)])
-                yb = jnp.concatenate([yb, jnp.zeros((pad,), yb.dtype)])
-                w = jnp.concatenate([w, jnp.zeros((pad,), jnp.float32)])
-            out = self._eval(params, batch_stats, mask, xb, yb, w)
-            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-        totals = jax.device_get(totals)
-        return {"accuracy": float(totals["correct"] / n), "loss": float(totals["loss"] / n)}
+        return evaluate(self.model, params, batch_stats, mask, x, y,
+                        batch_size=self.eval_batch_size, program=self._eval)
+
+
+@functools.lru_cache(maxsize=32)
+def _eval_program(model):
+    # One compiled evaluation per model (models are hashable Flax modules).
+    return jax.jit(functools.partial(_eval_batch, model=model))
+
+
+def evaluate(model, params: PyTree, batch_stats: PyTree, mask: PyTree, x: jax.Array,
+             y: jax.Array, *, batch_size: int, program: Optional[Callable] = None) -> dict:
+    """Accuracy and loss of the masked network over *every* example of ``(x, y)``, in batches
+    of ``batch_size`` (the last one padded to the same compiled shape, its padding weighted 0).
+
+    ``program`` is the compiled batch evaluation (default: one per model, cached)."""
+    program = program or _eval_program(model)
+    n = int(x.shape[0])
+    B = min(int(batch_size), n)
+    totals = None
+    for s in range(0, n, B):
+        xb, yb = x[s:s + B], y[s:s + B]
+        w = jnp.ones((xb.shape[0],), jnp.float32)
+        if xb.shape[0] < B:  # pad to one compiled shape; padded rows get weight 0
+            pad = B - xb.shape[0]
+            xb = jnp.concatenate([xb, jnp.zeros((pad,) + xb.shape[1:], xb.dtype)])
+            yb = jnp.concatenate([yb, jnp.zeros((pad,), yb.dtype)])
+            w = jnp.concatenate([w, jnp.zeros((pad,), jnp.float32)])
+        out = program(params, batch_stats, mask, xb, yb, w)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    return {"accuracy": float(totals["correct"] / n), "loss": float(totals["loss"] / n)}
 
 
 def _vmapped_segment(segment):
