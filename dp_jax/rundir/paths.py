@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from dp_jax.config import files as config_files
+from dp_jax.config import defaults
 from dp_jax.storage import fileio, integrity
 
 CONFIG, METRICS, ROUNDS, SUMMARY, REPORT = (
@@ -212,9 +212,8 @@ def identity_diff(workdir: str, config: dict) -> dict:
 
 
 def base_defaults() -> dict:
-    """The result-deciding fields of the base config (configs/fashion_mnist.py) at defaults."""
-    path = config_files.resolve_config("fashion_mnist")
-    return identity_fields(config_files.load_module(path).get_config().to_dict())
+    """The result-deciding fields of the base config (dp_jax/config/defaults.py) at defaults."""
+    return identity_fields(defaults.base_config().to_dict())
 
 
 def check_identity(workdir: str, config: dict, *, restart: bool = False) -> dict:
@@ -263,6 +262,10 @@ def check_run_identity(workdir: str, label: str, seed: int, fields: dict) -> Non
     path = identity_path(workdir, label, seed)
     if os.path.exists(path):
         old = fileio.read_json(path)
+        # As for config.json: a field added after the run was made takes its default.
+        added = set(fields) - set(old)
+        defaults_now = base_defaults() if added else {}
+        old.update({k: defaults_now[k] for k in added if k in defaults_now})
         diff = [f"{k}: {old.get(k)!r} -> {fields.get(k)!r}" for k in sorted(set(old) | set(fields))
                 if old.get(k) != fields.get(k)]
         if diff:

@@ -192,18 +192,17 @@ def test_a_run_directory_from_other_settings_is_refused(tmp_path):
     wd = str(tmp_path)
     old = {"train.lr": 1.0, "model.name": "conv", "run": "imp_k0", "seed": 0}
     _write(paths.identity_path(wd, "imp_k0", 0), old)
-    new = {"train.lr": 0.05, "model.name": "conv", "run": "imp_k0", "seed": 0, "data.zca_eps": 0.1}
+    # data.zca_eps is absent from the old file: it takes its default (0.1), here changed.
+    new = {"train.lr": 0.05, "model.name": "conv", "run": "imp_k0", "seed": 0, "data.zca_eps": 0.5}
     with pytest.raises(ValueError) as e:
         paths.check_run_identity(wd, "imp_k0", 0, new)
     assert str(e.value) == (
         f"{os.path.join(wd, 'runs', 'imp_k0-seed0')} was made by other settings "
-        "(data.zca_eps: None -> 0.1; train.lr: 1.0 -> 0.05); use a new --workdir or --restart_changed")
+        "(data.zca_eps: 0.1 -> 0.5; train.lr: 1.0 -> 0.05); use a new --workdir or --restart_changed")
     with open(paths.identity_path(wd, "imp_k0", 0)) as f:
         assert json.load(f) == old
 
 
-@pytest.mark.xfail(strict=True, reason="check_run_identity does not apply the added-field rule "
-                   "of identity_diff: an identity.json older than a field is refused")
 def test_a_run_identity_older_than_a_field_resumes(tmp_path):
     """A run's identity.json lacking a field added later is accepted when the field is at its default."""
     wd = _old_workdir(tmp_path, _config(), drop=("train.nesterov",))
