@@ -42,14 +42,10 @@ def check_override_keys(argv: list[str]) -> None:
         return
     config = config_files.load_config(spec)
     for dotted in overrides:
-        node, parts = config, dotted.split(".")
-        for i, part in enumerate(parts):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if part not in keys:
-                where = ".".join(parts[:i]) or "the config"
-                raise ValueError(f"--config.{dotted}: {where} has no field {part!r}; valid: "
-                                 f"{', '.join(sorted(keys)) or 'none (not a section)'}")
-            node = node[part]
+        try:
+            config_files.check_override_key(config, dotted)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
 
 
 # ---- user errors: one line, exit 2 -----------------------------------------------------------

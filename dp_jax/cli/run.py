@@ -39,27 +39,23 @@ def main(argv):
     # Imported here, after the huge-pages re-exec of run(): the tasks import JAX and the
     # whole library, which the first (replaced) process would load in vain.
     from dp_jax.reports import pruning as report
-    from dp_jax.rundir import paths as workdir_lib
-    from dp_jax.storage import fileio
-    from dp_jax.tasks import registry
+    from dp_jax.tasks import api, registry
     config = _CONFIG.value
     try:
-        task = registry.get(config.get("task", "prune"))
+        registry.get(config.get("task", "prune"))
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:
-        summary = task(config, _WORKDIR.value, restart_changed=_RESTART.value)
+        results = api.run(config, _WORKDIR.value, restart_changed=_RESTART.value)
     except USER_ERRORS as e:
         if _VERBOSE.value:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if summary.get("methods"):
-        # Sample std over seeds from the records (the report's convention), not summary.json's.
-        rows = fileio.read_jsonl(workdir_lib.rounds_path(_WORKDIR.value))
-        for label, f in report.final_figures(rows).items():
-            print(f"{label:>16}: sparsity {f['sparsity']:.3f}  test accuracy "
-                  f"{report.mean_std(f['acc_mean'], f['acc_std'], f['n'], digits=4)}")
+    # Sample std over seeds from the records (the report's convention), not summary.json's.
+    for label, f in report.final_figures(results.records).items():
+        print(f"{label:>16}: sparsity {f['sparsity']:.3f}  test accuracy "
+              f"{report.mean_std(f['acc_mean'], f['acc_std'], f['n'], digits=4)}")
     print(f"report: {_WORKDIR.value}/report.md")
 
 

@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.classes = ()  # stream: label indices to keep, relabelled 0..k-1 (() = all)
     c.data.label_cache = placeholder(str)  # stream + classes: where the label index is cached
     c.data.eval_split = placeholder(str)  # stream: split to test on (default test, else validation)
+    c.data.plugins = ""  # comma-separated modules to import; they register dataset sources
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "lenet_300_100"
@@ -42,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.norm = placeholder(str)
     c.model.pool = placeholder(str)
     c.model.width_multiplier = placeholder(float)
+    c.model.plugins = ""  # comma-separated modules to import; they register models
 
     # Training on real data: every evaluation of a mask, and IMP's inner loop.
     c.train = ml_collections.ConfigDict()

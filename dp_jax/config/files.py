@@ -3,8 +3,11 @@ loading them (``configs/`` holds files, not a package)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from collections.abc import Mapping
+from typing import Any, Optional
 
 PACKAGED_CONFIGS = "dp_jax_configs"  # configs/ as shipped in the wheel (pyproject.toml)
 
@@ -68,3 +71,45 @@ def load_config(spec: str):
     path, _, variant = spec.partition(":")
     mod = load_module(path)
     return mod.get_config(variant) if variant else mod.get_config()
+
+
+def check_override_key(config, dotted: str) -> None:
+    """``dotted`` (``"train.lr"``) names a field of ``config``; else a ValueError naming the
+    section and listing its valid keys."""
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            where = ".".join(parts[:i]) or "the config"
+            raise ValueError(f"config.{dotted}: {where} has no field {part!r}; valid: "
+                             f"{', '.join(sorted(keys)) or 'none (not a section)'}")
+        node = node[part]
+
+
+def apply_overrides(config, overrides: Optional[Mapping[str, Any]]):
+    """Set dotted-name fields of ``config`` in place (``{"train.epochs": 2}``), as
+    ``--config.train.epochs=2`` does; an unknown field or a value of the wrong type is a
+    ValueError naming the field. Returns ``config``."""
+    for dotted, value in (overrides or {}).items():
+        check_override_key(config, dotted)
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.{dotted}={value!r} is invalid: {e}") from None
+    return config
+
+
+def import_plugins(field: str, modules) -> None:
+    """Import the comma-separated ``modules`` of config field ``field`` (``"prune.plugins"``):
+    they register methods, models or dataset sources. A module that fails to import is a
+    ValueError naming the field and the module."""
+    for name in [m.strip() for m in str(modules or "").split(",") if m.strip()]:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # a plugin's own error is the user's to see, in one line
+            raise ValueError(f"config.{field}: cannot import {name!r}: "
+                             f"{type(e).__name__}: {e}") from e

@@ -14,7 +14,10 @@ without editing the package:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Callable, Optional
+
+import numpy as np
 
 from dp_jax.data import sources
 from dp_jax.data.sources import RawData
@@ -76,12 +79,63 @@ def load(spec) -> RawData:
     return source.load(arg, spec)
 
 
+# In-memory arrays handed to the library (``dp_jax.run(..., data=...)``), by fingerprint.
+_ARRAYS: dict[str, RawData] = {}
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """SHA-256 of the arrays' dtypes, shapes and bytes (what identifies user data in a run)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def put_arrays(x_train, y_train, x_test, y_test) -> str:
+    """Hold user arrays in memory and return the ``data.name`` that reads them
+    (``arrays:<sha256>``). Images are (N, H, W, C) or (N, H, W); labels integers in
+    [0, classes), classes = the largest training label + 1. Shape errors are ValueErrors
+    naming the array, raised here, before any work."""
+    xs, ys = {"x_train": np.asarray(x_train), "x_test": np.asarray(x_test)}, \
+        {"y_train": np.asarray(y_train), "y_test": np.asarray(y_test)}
+    for k, x in xs.items():
+        if x.ndim == 3:
+            xs[k] = x = x[..., None]
+        if x.ndim != 4:
+            raise ValueError(f"data: {k} has shape {x.shape}; allowed: (N, H, W, C) or (N, H, W)")
+    for split in ("train", "test"):
+        x, y = xs[f"x_{split}"], ys[f"y_{split}"]
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"data: y_{split} must be 1-D integer labels, got shape {y.shape} "
+                             f"dtype {y.dtype}")
+        if len(y) != len(x):
+            raise ValueError(f"data: x_{split} has {len(x)} images but y_{split} {len(y)} labels")
+    if min(ys["y_train"].min(initial=0), ys["y_test"].min(initial=0)) < 0:
+        raise ValueError("data: labels must lie in [0, classes); found a negative label")
+    fp = fingerprint(xs["x_train"], ys["y_train"], xs["x_test"], ys["y_test"])
+    _ARRAYS[fp] = RawData(f"arrays:{fp[:12]}", xs["x_train"], ys["y_train"], xs["x_test"],
+                          ys["y_test"], num_classes=int(ys["y_train"].max(initial=-1)) + 1)
+    return f"arrays:{fp}"
+
+
+def _load_arrays(arg, spec) -> RawData:
+    if arg not in _ARRAYS:
+        raise ValueError(f"config.data.name=arrays:{arg[:12]}... names arrays held by the Python "
+                         "process that ran it; pass the same arrays again with "
+                         "dp_jax.run(config, workdir, data=(x_train, y_train, x_test, y_test))")
+    return _ARRAYS[arg]
+
+
 for _s in (
         Source("fashion_mnist", lambda arg, spec: sources.load_fashion_mnist(spec.data_dir or None)),
         Source("tfds", lambda arg, spec: sources.load_tfds(arg, data_dir=spec.data_dir or None,
                                                            image_size=spec.image_size or None),
                form="tfds:<name>", takes_arg=True, image_size=True, streams=True),
         Source("npz", lambda arg, spec: sources.load_npz(arg), form="npz:<path>",
+               takes_arg=True),
+        Source("arrays", _load_arrays, form="arrays:<sha256> (dp_jax.run(..., data=...))",
                takes_arg=True)):
     register(_s)
     _BUILTIN.add(_s.name)

@@ -23,3 +23,4 @@ class DataSpec(Section):
     preprocess: str
     train_size: int
     zca_eps: float
+    plugins: str

@@ -131,7 +131,8 @@ def _host(info: dict) -> dict:
 
 
 def run_distillation(config, method: DistillProgram, workdir: str, *,
-               log: Callable[..., None] = lambda **kw: None, evaluator=None) -> LoopResult:
+                     log: Callable[..., None] = lambda **kw: None, evaluator=None,
+                     progress: bool = True) -> LoopResult:
     """Run (or resume) ``config.distill.iterations`` iterations of ``method``.
 
     Args:
@@ -141,6 +142,7 @@ def run_distillation(config, method: DistillProgram, workdir: str, *,
         ``<workdir>/metrics.jsonl`` through ``log``.
       log: called with keyword metrics (one JSON line each).
       evaluator: optional :class:`dp_jax.distill.evaluate.SetEvaluator` for periodic evaluation.
+      progress: show a progress bar (on a terminal).
     """
     d = config.distill
     total = int(d.iterations)
@@ -151,7 +153,7 @@ def run_distillation(config, method: DistillProgram, workdir: str, *,
         window: list[float] = []
         loss_f = float("nan")
         bar = tqdm(range(start, total), desc=f"distill ({method.name})", dynamic_ncols=True,
-                   mininterval=1.0, disable=None)
+                   mininterval=1.0, disable=None if progress else True)
         for it in bar:
             state, loss, info = method.step(state, it)
             loss_f = float(loss)

@@ -3,7 +3,7 @@ parser and the report's names of run labels. dp_jax.methods registers the built-
 
 from __future__ import annotations
 
-import importlib
+from dp_jax.config import files as config_files
 
 from dp_jax.methods.base import Method
 from dp_jax.pruning.plan import DENSE, Spec
@@ -34,11 +34,7 @@ def get(name: str) -> Method:
 
 def load_plugins(modules) -> None:
     """Import the modules named in ``prune.plugins`` (they call :func:`register`)."""
-    for name in [m.strip() for m in str(modules or "").split(",") if m.strip()]:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise ValueError(f"config.prune.plugins: cannot import {name!r}: {e}") from e
+    config_files.import_plugins("prune.plugins", modules)
 
 
 def _syntax() -> str:

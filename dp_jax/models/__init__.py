@@ -7,6 +7,7 @@ BatchNorm models also carry a ``batch_stats`` collection (running mean/var, mome
 updated by ``apply(..., train=True, mutable=["batch_stats"])`` and read when ``train=False``.
 Every model's classifier is a top-level dense layer named ``head``; ``apply_features`` returns
 what enters it (the embedding distribution matching uses).
+:func:`dp_jax.models.contract.check` checks all of this, abstractly, when a model is first built.
 
 Config fields (:class:`~dp_jax.models.spec.ModelSpec`; ``None`` or absent means "model default"):
 

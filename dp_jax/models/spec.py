@@ -16,6 +16,7 @@ class ModelSpec:
     """A model of the registry (``name``) and its set architecture fields, sorted by name."""
     name: str
     fields: tuple = ()  # ((field, value), ...): only fields that are set
+    plugins: str = ""   # modules that register models (model.plugins), imported by the tasks
 
     @classmethod
     def from_config(cls, section: Optional[Mapping] = None, **overrides) -> "ModelSpec":
@@ -23,8 +24,9 @@ class ModelSpec:
         given = dict(plain(section) or {})
         given.update(overrides)
         name = given.pop("name", defaults.section("model")["name"])
+        plugins = given.pop("plugins", "") or ""
         return cls(name=name, fields=tuple(sorted((k, v) for k, v in given.items()
-                                                  if v is not None)))
+                                                  if v is not None)), plugins=plugins)
 
     def get(self, field: str, default: Any = None) -> Any:
         """The value of architecture field ``field`` (``default`` when not set)."""

@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dp_jax import masks as masks_lib
 from dp_jax.data import crops, load_dataset, pipeline
-from dp_jax.models import create_model, init_variables
+from dp_jax.models import contract, create_model, init_variables
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax.pruning.settings import Experiment
 from dp_jax.storage import fileio
@@ -34,6 +34,8 @@ def build_setup(config: Experiment, dataset, *, metrics_path: str | None = None,
     a ``pipeline.StreamingData`` (read by the host while training).
     """
     model = create_model(config.model, num_classes=dataset.num_classes)
+    # A model that breaks the contract fails here, by name, not inside a compiled training step.
+    contract.check(model, dataset.image_shape, dataset.num_classes)
     stream = dataset if isinstance(dataset, pipeline.StreamingData) else None
     n = stream.num_train if stream is not None else len(dataset.y_train)
     num_steps = train_lib.total_steps(config.train.epochs, n, config.train.batch_size)

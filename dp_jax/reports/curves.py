@@ -51,25 +51,34 @@ def save_figure(fig, path: str, *, dpi: int = 110) -> None:
 
 
 def plot_training_curves(rows: list[dict], path: str, *, pretty=str) -> bool:
-    """One panel per run label: training loss per epoch, one line per round (darker = later).
+    """Write :func:`figure_training_curves` to ``path``; False (nothing written) when there
+    are no training rows."""
+    fig = figure_training_curves(rows, pretty=pretty)
+    if fig is None:
+        return False
+    save_figure(fig, path)
+    return True
 
-    Returns False (and writes nothing) when there are no training rows.
-    """
+
+def figure_training_curves(rows: list[dict], *, pretty=str):
+    """One panel per run label: training loss per epoch, one line per round (darker = later);
+    a matplotlib figure, or None when there are no training rows."""
     curves = epoch_curves(rows)
     if not curves:
-        return False
+        return None
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # outside pyplot, as reports.pruning._figure
     labels = sorted(curves, key=lambda s: (s != workdir_lib.DENSE, s))
     cols = min(3, len(labels))
     nrows = -(-len(labels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    viridis = matplotlib.colormaps["viridis"]
     for ax, label in zip(axes.flat, labels):
         rounds = sorted(curves[label])
         for i, rnd in enumerate(rounds):
             y = curves[label][rnd]
-            shade = plt.cm.viridis(0.9 - 0.8 * i / max(len(rounds) - 1, 1))
+            shade = viridis(0.9 - 0.8 * i / max(len(rounds) - 1, 1))
             ax.plot(np.arange(1, len(y) + 1), y, color=shade, lw=1.2,
                     label=f"round {rnd}" if i in (0, len(rounds) - 1) else None)
         ax.set_title(pretty(label), fontsize=10)
@@ -79,8 +88,8 @@ def plot_training_curves(rows: list[dict], path: str, *, pretty=str) -> bool:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
-    save_figure(fig, path)
-    return True
+    fig.tight_layout()
+    return fig
 
 
 def plot_distillation(rows: list[dict], path: str) -> bool:

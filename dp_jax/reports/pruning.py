@@ -93,13 +93,14 @@ def accuracy_table(agg: dict[str, list[dict]]) -> str:
 
 
 def _figure():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt.subplots(figsize=(7, 4.5))
+    # A Figure outside pyplot: no display backend needed, and a notebook shows the returned
+    # figure once (pyplot would show it again at the end of the cell).
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 4.5))
+    return fig, fig.subplots()
 
 
-def _finish(fig, ax, path: str, xlabel: str, title: str) -> None:
+def _finish(fig, ax, xlabel: str, title: str):
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
@@ -107,11 +108,23 @@ def _finish(fig, ax, path: str, xlabel: str, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    save_figure(fig, path, dpi=120)
+    fig.tight_layout()
+    return fig
 
 
 def plot_accuracy_vs_sparsity(agg: dict[str, list[dict]], path: str, title: str = "") -> None:
-    """Test accuracy vs fraction of weights remaining (log axis), ± sample-std bands (n > 1)."""
+    """Write :func:`figure_accuracy_vs_sparsity` to ``path``."""
+    save_figure(figure_accuracy_vs_sparsity(agg, title), path, dpi=120)
+
+
+def plot_accuracy_vs_examples(agg: dict[str, list[dict]], path: str) -> None:
+    """Write :func:`figure_accuracy_vs_examples` to ``path``."""
+    save_figure(figure_accuracy_vs_examples(agg), path, dpi=120)
+
+
+def figure_accuracy_vs_sparsity(agg: dict[str, list[dict]], title: str = ""):
+    """Test accuracy vs fraction of weights remaining (log axis), ± sample-std bands (n > 1);
+    a matplotlib figure (``agg``: :func:`aggregate`)."""
     fig, ax = _figure()
     for m in sorted(agg):
         rows = agg[m]
@@ -122,19 +135,19 @@ def plot_accuracy_vs_sparsity(agg: dict[str, list[dict]], path: str, title: str 
         if np.isfinite(std).any():  # single-seed points have no spread to draw
             ax.fill_between(remaining, mean - std, mean + std, alpha=0.2)
     ax.invert_xaxis()
-    _finish(fig, ax, path, "weights remaining (%)", title or "Accuracy vs sparsity")
+    return _finish(fig, ax, "weights remaining (%)", title or "Accuracy vs sparsity")
 
 
-def plot_accuracy_vs_examples(agg: dict[str, list[dict]], path: str) -> None:
-    """Test accuracy vs examples processed by the mask search (log axis)."""
+def figure_accuracy_vs_examples(agg: dict[str, list[dict]]):
+    """Test accuracy vs examples processed by the mask search (log axis); a figure."""
     fig, ax = _figure()
     for m in sorted(agg):
         rows = [a for a in agg[m] if a["train_examples"] > 0]
         if rows:
             ax.plot([a["train_examples"] for a in rows], [100 * a["acc_mean"] for a in rows],
                     marker="o", ms=3, label=pretty(m))
-    _finish(fig, ax, path, "examples processed by the mask search (cumulative)",
-            "Cost of finding each mask")
+    return _finish(fig, ax, "examples processed by the mask search (cumulative)",
+                   "Cost of finding each mask")
 
 
 def ticket_sparsity(agg: dict[str, list[dict]], tolerance: float = 0.01) -> dict[str, float]:

@@ -10,9 +10,9 @@ from tqdm import tqdm
 class Progress:
     """A tqdm bar over rounds; each update shows the round's method, sparsity and accuracy."""
 
-    def __init__(self, total: int, desc: str = "rounds"):
+    def __init__(self, total: int, desc: str = "rounds", *, enabled: bool = True):
         self._bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                         mininterval=0.5, smoothing=0.1)
+                         mininterval=0.5, smoothing=0.1, disable=not enabled)
 
     def update(self, record: dict) -> None:
         """Advance by one round and show its headline numbers."""

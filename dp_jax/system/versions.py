@@ -9,6 +9,8 @@ from __future__ import annotations
 import warnings
 from importlib import metadata
 
+DP_JAX_VERSION = "0.1.0"  # dp_jax.__version__; recorded in exported tickets
+
 # (distribution, version) -> what is wrong and where it is recorded.
 KNOWN_BAD = {
     ("jax", "0.10.2"): "jit of a vmapped matrix-vector product followed by a reduction returns "

@@ -63,13 +63,14 @@ def build_method(config, dataset, workdir: str, *, mask=None, log=lambda **kw: N
     return distiller.build(config, dataset, trajectories=traj, mask=mask), buf.cost()
 
 
-def distill_into(config, workdir: str, dataset, *, mask=None,
+def distill_into(config, workdir: str, dataset, *, mask=None, progress: bool = True,
                  log=lambda **kw: None, evaluator=None) -> dist_lib.DistilledSet:
     """Distil with ``distill.method`` (MTT: experts first), resuming whatever exists, and write
     distilled.npz and distilled.png."""
     d = config.distill
     method, cost = build_method(config, dataset, workdir, mask=mask, log=log)
-    res = run_distillation(config, method, workdir, log=log, evaluator=evaluator)
+    res = run_distillation(config, method, workdir, log=log, evaluator=evaluator,
+                           progress=progress)
     ds = dist_lib.DistilledSet(
         images=res.images, labels=res.labels, lr=res.lr, preprocessing=dataset.preprocessing,
         dataset=dataset.name, stored_images=res.stored_images, stored_labels=res.stored_labels,
@@ -122,7 +123,7 @@ def ensure_distilled(config, workdir: str, dataset, *,
     return distill_into(config, workdir, dataset, log=log)
 
 
-def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
+def run(config, workdir: str, *, restart_changed: bool = False, progress: bool = True) -> dict:
     """The 'distill' task: distillation -> evaluation; returns summary.json's content.
 
     Nothing is written before the config, the data and the workdir's identity are checked;
@@ -142,18 +143,19 @@ def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
             workdir_lib.supersede(workdir, [], distill=True)
         fileio.write_json(workdir_lib.config_path(workdir),
                           dict(raw, data_source=dataset.source or dataset.name))
-        return _run_locked(settings, workdir, dataset, t_start)
+        return _run_locked(settings, workdir, dataset, t_start, progress)
 
 
-def _run_locked(config, workdir: str, dataset, t_start: float) -> dict:
+def _run_locked(config, workdir: str, dataset, t_start: float, progress: bool) -> dict:
     sink = MetricsLog(workdir, config.metrics)
     try:
-        return _distill_and_evaluate(config, workdir, dataset, t_start, sink)
+        return _distill_and_evaluate(config, workdir, dataset, t_start, sink, progress)
     finally:
         sink.close()
 
 
-def _distill_and_evaluate(config, workdir: str, dataset, t_start: float, sink) -> dict:
+def _distill_and_evaluate(config, workdir: str, dataset, t_start: float, sink,
+                          progress: bool = True) -> dict:
     d = config.distill
 
     def log(**kw):
@@ -173,7 +175,8 @@ def _distill_and_evaluate(config, workdir: str, dataset, t_start: float, sink) -
         dist_lib.save_grid(workdir_lib.distilled_grid_path(workdir), ds,
                            num_classes=dataset.num_classes)
     else:
-        ds = distill_into(config, workdir, dataset, log=log, evaluator=evaluator)
+        ds = distill_into(config, workdir, dataset, log=log, evaluator=evaluator,
+                          progress=progress)
     phases["experts_and_distill_s"] = time.time() - t0
 
     key = jax.random.fold_in(experts_lib.distill_key(config), rng.DISTILL_EVAL)

@@ -29,7 +29,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from dp_jax import __version__
+from dp_jax.system.versions import DP_JAX_VERSION as __version__
 from dp_jax.pruning import setup as setup_lib
 from dp_jax.pruning import dense
 from dp_jax.storage import fileio
@@ -113,17 +113,6 @@ def _flat(tree) -> dict[str, np.ndarray]:
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _nest(flat: dict[str, np.ndarray]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
 def _trained(setup, workdir, spec, seed, rnd, variables, step, mask, source):
     """``(trained, source, note)``: the round's trained weights, restored or retrained."""
     arrays, why = (None, "--source=retrain") if source == "retrain" else _checkpointed(
@@ -143,9 +132,10 @@ def _trained(setup, workdir, spec, seed, rnd, variables, step, mask, source):
             f"retrained from the start point with the seed's data key ({why})")
 
 
-def export_ticket(workdir: str, label: str, seed: int, rnd: int, out: str, *,
-                  source: str = "auto", setup: Optional[prune_lib.Setup] = None) -> dict:
-    """Write the ticket of round ``rnd`` of run ``label``, seed ``seed`` to ``out``; returns meta.
+def build_ticket(workdir: str, label: str, seed: int, rnd: int, *, source: str = "auto",
+                 setup: Optional[prune_lib.Setup] = None) -> tuple[dict, dict]:
+    """The ticket of round ``rnd`` of run ``label``, seed ``seed``: ``(meta, sections)`` with
+    ``sections`` = ``{"mask" | "init/params" | ...: {parameter path: array}}``.
 
     ``source``: ``auto`` (the round checkpoint when kept, else retrain), ``checkpoint`` or
     ``retrain``. ``setup`` reuses an already built setup of this workdir's config.
@@ -176,6 +166,13 @@ def export_ticket(workdir: str, label: str, seed: int, rnd: int, out: str, *,
             "trained_note": note, "record": record, "config": config,
             "sparsity": masks_lib.sparsity(mask), "check": check,
             "arrays": {sec: list(flat) for sec, flat in sections.items()}}
+    return meta, sections
+
+
+def export_ticket(workdir: str, label: str, seed: int, rnd: int, out: str, *,
+                  source: str = "auto", setup: Optional[prune_lib.Setup] = None) -> dict:
+    """Write the ticket of :func:`build_ticket` to ``out`` (one npz); returns its meta."""
+    meta, sections = build_ticket(workdir, label, seed, rnd, source=source, setup=setup)
     payload = {f"{sec}/{k}": v for sec, flat in sections.items() for k, v in flat.items()}
     buf = _io.BytesIO()
     np.savez_compressed(buf, **{META: np.array(json.dumps(meta))}, **payload)
@@ -217,12 +214,20 @@ def load_ticket(path: str) -> dict:
                              f"unexpected {sorted(set(arrays) - want)[:4]}")
     sec = {s: {k: arrays[f"{s}/{k}"] for k in meta["arrays"][s]} for s in SECTIONS}
     _check_sections(path, sec)
+    return ticket_objects(meta, sec)
+
+
+def ticket_objects(meta: dict, sections: dict) -> dict:
+    """``{"meta", "config", "record", "mask", "init", "trained"}`` of a ticket's sections:
+    ``mask`` the params-shaped bool tree, ``init``/``trained`` ``params`` and ``batch_stats``
+    trees (nested dicts of numpy arrays)."""
+    nest = masks_lib.from_flat
     return {"meta": meta, "config": meta["config"], "record": meta["record"],
-            "mask": _nest(sec["mask"]),
-            "init": {"params": _nest(sec["init/params"]),
-                     "batch_stats": _nest(sec["init/batch_stats"])},
-            "trained": {"params": _nest(sec["trained/params"]),
-                        "batch_stats": _nest(sec["trained/batch_stats"])}}
+            "mask": nest(sections["mask"]),
+            "init": {"params": nest(sections["init/params"]),
+                     "batch_stats": nest(sections["init/batch_stats"])},
+            "trained": {"params": nest(sections["trained/params"]),
+                        "batch_stats": nest(sections["trained/batch_stats"])}}
 
 
 def _check_sections(path: str, sec: dict) -> None:

@@ -46,7 +46,7 @@ from dp_jax.rundir.metrics import MetricsLog
 from dp_jax.reports import pruning as report
 
 
-def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
+def run(config, workdir: str, *, restart_changed: bool = False, progress: bool = True) -> dict:
     """Run the experiment described by ``config`` into ``workdir``; returns summary.json's content.
 
     Nothing is written until the config, the data and the workdir's identity have been
@@ -69,7 +69,7 @@ def run(config, workdir: str, *, restart_changed: bool = False) -> dict:
             _supersede_changed(workdir, changed, settings.specs)
         fileio.write_json(workdir_lib.config_path(workdir),
                           dict(raw, data_source=data_source(dataset)))
-        return _run_locked(settings, raw, workdir, dataset, t_start)
+        return _run_locked(settings, raw, workdir, dataset, t_start, progress)
 
 
 def small_set_labels(specs) -> set:
@@ -103,20 +103,21 @@ def data_source(dataset) -> str:
     return getattr(dataset, "source", "") or dataset.name
 
 
-def _run_locked(config: Experiment, raw: dict, workdir, dataset, t_start) -> dict:
+def _run_locked(config: Experiment, raw: dict, workdir, dataset, t_start, progress) -> dict:
     sink = MetricsLog(workdir, config.metrics)
     try:
-        return _run_all(config, raw, workdir, dataset, t_start, sink)
+        return _run_all(config, raw, workdir, dataset, t_start, sink, progress)
     finally:
         sink.close()
 
 
-def _run_all(config: Experiment, raw: dict, workdir, dataset, t_start, sink) -> dict:
+def _run_all(config: Experiment, raw: dict, workdir, dataset, t_start, sink,
+             show_progress: bool = True) -> dict:
     specs = config.specs
     setup = setup_lib.build_setup(config, dataset, log=sink)
     seeds = [config.seed + i for i in range(config.seeds)]
     total_rounds = len(seeds) * len(specs) * (config.prune.rounds + 1)
-    progress = Progress(total_rounds, desc="rounds")
+    progress = Progress(total_rounds, desc="rounds", enabled=show_progress)
     log_metrics = setup.log_epoch
     setup.log_epoch = lambda **kw: (log_metrics(**kw), progress.epoch(kw))
     phases = {"load_s": time.time() - t_start, "dense_s": 0.0}

@@ -21,6 +21,7 @@ from dp_jax.data import registry as data_registry
 from dp_jax.models import MODELS, create_model, init_variables
 from dp_jax import distill
 from dp_jax.config import defaults
+from dp_jax.config import files as config_files
 from dp_jax.data import DataSpec
 from dp_jax.distill.settings import DistillSettings
 from dp_jax.models import ModelSpec
@@ -159,6 +160,9 @@ def build(config) -> Experiment:
 
 def _validate_common(s: Experiment) -> None:
     """What every task reads: seed, data, model and the metrics stream."""
+    # Plugins first: they register the sources and models the names below may refer to.
+    config_files.import_plugins("data.plugins", s.data.plugins)
+    config_files.import_plugins("model.plugins", s.model.plugins)
     _need(isinstance(s.seed, int) and s.seed >= 0, "seed", "an integer >= 0", s.seed)
     _need(isinstance(s.seeds, int) and s.seeds >= 1, "seeds", "an integer >= 1", s.seeds)
     _validate_data(s.data)

@@ -20,6 +20,7 @@ from dp_jax.pruning import records as records_lib
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax.pruning import setup as setup_lib
 from dp_jax.pruning.plan import DENSE, Spec
+from dp_jax.rundir import paths
 from dp_jax.storage import fileio
 from dp_jax.tasks import settings as settings_lib
 from dp_jax.training import trainer as train_lib
@@ -60,25 +61,17 @@ def _numpy_eval(params, mask, x, y):
     return float(np.mean(z.argmax(1) == y)), float(-logp[np.arange(len(y)), y].mean())
 
 
-def _numpy_magnitude_prune(params, mask, fraction, min_per_layer=1):
-    """Global magnitude pruning of the alive kernel weights; the guard keeps each layer's best."""
+def _numpy_magnitude_prune(params, mask, fraction):
+    """Global magnitude pruning of the alive kernel weights (no layer empties here: no guard)."""
     p, m = _flat(params), _flat(mask)
     s = np.concatenate([np.abs(p[k]).ravel() for k in KERNELS])
-    a = np.concatenate([m[k].ravel() for k in KERNELS])
-    alive = np.flatnonzero(a)
-    n = int(round(fraction * alive.size))
-    keep = a.copy()
-    keep[alive[np.argsort(s[alive], kind="stable")[:n]]] = False
-    out, off = dict(m), 0
-    for k in KERNELS:
-        size = m[k].size
-        out[k] = keep[off:off + size].reshape(m[k].shape)
-        if out[k].sum() < min(min_per_layer, m[k].sum()):
-            sc = np.where(m[k], np.abs(p[k]), -np.inf).ravel()
-            out[k] = np.zeros(size, bool)
-            out[k][np.argsort(-sc, kind="stable")[:min_per_layer]] = True
-            out[k] = out[k].reshape(m[k].shape)
-        off += size
+    keep = np.concatenate([m[k].ravel() for k in KERNELS])
+    alive = np.flatnonzero(keep)
+    keep[alive[np.argsort(s[alive], kind="stable")[:int(round(fraction * alive.size))]]] = False
+    ends = np.cumsum([m[k].size for k in KERNELS])
+    out = dict(m, **{k: part.reshape(m[k].shape) for k, part in
+                     zip(KERNELS, np.split(keep, ends[:-1]))})
+    assert all(out[k].any() for k in KERNELS)
     return out
 
 
@@ -105,7 +98,7 @@ def _plan(setup, dense, log, fail_at=None):
 
 def _run(setup, dense, workdir, log, seen, fail_at=None):
     run = prune_lib.Run(workdir, SPEC, 0)
-    try:
+    try:  # like dp_jax.tasks.prune.run_method, with IMP's plan (k=0) spelled out
         return prune_lib.run_rounds(setup, run, dense, seed_key=rng.seed_key(0),
                                     on_round=seen.append, **_plan(setup, dense, log, fail_at))
     finally:
@@ -113,7 +106,7 @@ def _run(setup, dense, workdir, log, seen, fail_at=None):
 
 
 def _masks(workdir):
-    return [dict(np.load(prune_lib.Run(workdir, SPEC, 0).mask_path(r))) for r in range(ROUNDS + 1)]
+    return [dict(np.load(paths.mask_path(workdir, SPEC.label, 0, r))) for r in range(ROUNDS + 1)]
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +127,15 @@ def test_sparsity_after_and_switch_round_match_the_closed_form():
             want = 0 if s == 0 else math.ceil(math.log(1 - s) / math.log(1 - f) - 1e-9)
             assert prune_lib.switch_round(s, f) == want, (s, f)
     assert prune_lib.switch_round(0.75, 0.5) == 2 and prune_lib.switch_round(0.76, 0.5) == 3
+    # Float round-off: 1-0.8**2 = 0.35999..., yet 36 % sparsity is reached in round 2.
+    assert prune_lib.switch_round(0.36, 0.2) == 2 and prune_lib.switch_round(0.488, 0.2) == 3
 
 
 def _toy_setup(**kw):
-    base = dict(model=None, trainer=None, tx=None, x_train=None, y_train=None, x_test=None,
-                y_test=None, image_shape=(), num_steps=0, rounds=1, fraction=0.5,
-                scope="global", on_empty_layer="ignore", init_fn=None)
-    return prune_lib.Setup(**dict(base, **kw))
+    none = dict.fromkeys(("model", "trainer", "tx", "x_train", "y_train", "x_test", "y_test",
+                          "init_fn"))
+    return prune_lib.Setup(**none, image_shape=(), num_steps=0, rounds=1, **dict(
+        dict(fraction=0.5, scope="global", on_empty_layer="ignore"), **kw))
 
 
 def test_prune_step_applies_the_setups_fraction_scope_rates_and_guard():
@@ -151,29 +146,19 @@ def test_prune_step_applies_the_setups_fraction_scope_rates_and_guard():
     ones = {"a": {"kernel": np.ones_like(a, bool), "bias": np.ones(5, bool)},
             "b": {"kernel": np.ones_like(b, bool)}}
     ones["a"]["kernel"][1, 1] = False  # the best-scoring weight is already pruned: stays so
-
-    def got(mask):
-        return np.asarray(mask["a"]["kernel"]), np.asarray(mask["b"]["kernel"])
-    # global 0.5 of 13 alive: the 6 lowest (b's four, a's 1 and 2) go, b empties (ignored).
-    ma, mb = got(prune_lib.prune_step(_toy_setup(), scores, ones))
-    np.testing.assert_array_equal(ma, (a > 2) & (a != 10))
-    assert not mb.any() and np.asarray(prune_lib.prune_step(_toy_setup(), scores, ones)
-                                       ["a"]["bias"]).all()
-    # The guard keeps b's best weight.
-    ma, mb = got(prune_lib.prune_step(_toy_setup(min_per_layer=1), scores, ones))
-    np.testing.assert_array_equal(mb, b == 0.4)
-    np.testing.assert_array_equal(ma, (a > 2) & (a != 10))
-    # fraction override 0.3: round(3.9) = 4 lowest, all of b.
-    ma, mb = got(prune_lib.prune_step(_toy_setup(), scores, ones, fraction=0.3))
-    assert not mb.any() and ma.sum() == 9
-    # layerwise: a loses round(4.5)=4 of 9, b round(2)=2 of 4.
-    ma, mb = got(prune_lib.prune_step(_toy_setup(scope="layerwise"), scores, ones))
-    np.testing.assert_array_equal(ma, (a > 4) & (a != 10))
-    np.testing.assert_array_equal(mb, b > 0.2)
-    # layer rate 0.5 on b: b loses round(1) = 1 on its own; a loses round(4.5) = 4 globally.
-    ma, mb = got(prune_lib.prune_step(_toy_setup(layer_rates={"b": 0.5}), scores, ones))
-    np.testing.assert_array_equal(mb, b > 0.1)
-    np.testing.assert_array_equal(ma, (a > 4) & (a != 10))
+    live = a != 10
+    cases = [  # (setup fields, fraction override, a's mask, b's mask), by hand
+        ({}, None, live & (a > 2), b > 1),  # global 0.5 of 13: the 6 lowest, b empties (ignored)
+        ({"min_per_layer": 1}, None, live & (a > 2), b == 0.4),  # the guard keeps b's best
+        ({}, 0.3, live, b > 1),  # round(0.3 * 13) = 4 lowest: all of b
+        ({"scope": "layerwise"}, None, live & (a > 4), b > 0.2),  # round(4.5)=4 of a, 2 of b
+        ({"layer_rates": {"b": 0.5}}, None, live & (a > 4), b > 0.1),  # b alone: round(1) = 1
+    ]
+    for fields, fraction, want_a, want_b in cases:
+        new = prune_lib.prune_step(_toy_setup(**fields), scores, ones, fraction=fraction)
+        np.testing.assert_array_equal(new["a"]["kernel"], want_a, err_msg=str(fields))
+        np.testing.assert_array_equal(new["b"]["kernel"], want_b, err_msg=str(fields))
+        assert np.asarray(new["a"]["bias"]).all()
     with pytest.raises(ValueError, match="every weight"):
         prune_lib.prune_step(_toy_setup(on_empty_layer="error"), scores, ones)
 
@@ -198,19 +183,15 @@ def test_make_record_and_without_timings_fields_by_hand():
 
 def test_method_figures_against_numpy_on_hand_rows():
     """method_figures: last round's mean and ddof=1 std over seeds, dense mean, compute sums."""
-    rows, acc = [], {(s, r): 0.5 + 0.1 * s + 0.01 * r + 0.003 * s * s for s in range(3)
-                     for r in range(3)}
-    for s in range(3):
-        for r in range(3):
-            rows.append({"method": "imp_k0", "seed": s, "round": r, "sparsity": 1 - 0.5 ** r
-                         + 0.001 * s, "test_accuracy": acc[s, r], "train_examples": 400 * r + s,
-                         "wall_s": 1.0 + r + s, "search_s": 0.5 * r + s, "compile_s": 0.1})
-    rows.insert(0, {"method": "random", "seed": 7, "round": 1, "sparsity": 0.5,
-                    "test_accuracy": 0.3, "train_examples": 0, "wall_s": 2.0})
+    acc = {(s, r): 0.5 + 0.1 * s + 0.01 * r + 0.003 * s * s for s in range(3) for r in range(3)}
+    rows = [{"method": "random", "seed": 7, "round": 1, "sparsity": 0.5, "test_accuracy": 0.3,
+             "train_examples": 0, "wall_s": 2.0}] + [
+        {"method": "imp_k0", "seed": s, "round": r, "sparsity": 1 - 0.5 ** r + 0.001 * s,
+         "test_accuracy": acc[s, r], "train_examples": 400 * r + s, "wall_s": 1.0 + r + s,
+         "search_s": 0.5 * r + s, "compile_s": 0.1} for s in range(3) for r in range(3)]
     figs = records_lib.method_figures(rows)
     assert list(figs) == ["random", "imp_k0"]
-    final = [acc[s, 2] for s in range(3)]
-    imp = figs["imp_k0"]
+    final, imp = [acc[s, 2] for s in range(3)], figs["imp_k0"]
     assert imp["rounds"] == 2 and imp["seeds"] == [0, 1, 2]
     assert imp["final_sparsity"] == pytest.approx(0.75 + 0.001)
     assert imp["final_test_accuracy_mean"] == pytest.approx(np.mean(final))
@@ -331,10 +312,13 @@ def test_killed_run_resumes_to_the_uninterrupted_records_and_masks(setup, dense,
     assert [r["round"] for r in seen] == list(range(ROUNDS + 1))
     strip = records_lib.without_timings
     assert [strip(r) for r in got] == [strip(r) for r in ref]
-    assert [strip(r) for r in fileio.read_jsonl(prune_lib.Run(wd, SPEC, 0).rounds_path)] == \
-        [strip(r) for r in ref]
     for a, b in zip(_masks(wd), _masks(wd_ref)):
         assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    # Killed after the last checkpoint, before rounds.jsonl: a rerun only rewrites the file.
+    fileio.write_jsonl(paths.run_rounds_path(wd, SPEC.label, 0), got[:2])
+    log = []
+    assert _run(setup, dense, wd, log, []) == got and log == []
+    assert fileio.read_jsonl(paths.run_rounds_path(wd, SPEC.label, 0)) == got
 
 
 def _commit_rounds(wd, keep="all", n=3):
@@ -354,7 +338,9 @@ def _commit_rounds(wd, keep="all", n=3):
 def test_run_resume_falls_back_and_repairs(tmp_path):
     """Run.resume: last good round; a lost mask is rewritten from its checkpoint; a damaged
     latest checkpoint is dropped and recomputed; keep='last' cannot repair a dropped round."""
-    assert prune_lib.Run(str(tmp_path / "new"), SPEC, 0).resume({}) == (0, None, [])
+    fresh = prune_lib.Run(str(tmp_path / "new"), SPEC, 0)
+    assert fresh.resume({}) == (0, None, [])
+    fresh.close()
     wd = str(tmp_path / "a")
     run, masks, recs, like = _commit_rounds(wd)
     nxt, arrays, got = run.resume(like)
