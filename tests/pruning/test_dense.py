@@ -81,8 +81,7 @@ def _no_training(monkeypatch):
 
 
 def test_dense_run_snapshots_equal_trainings_that_stop_there(setup, first):
-    """Snapshots at k = 3, 7 (0 dropped, duplicates merged) equal trainings stopped at k; the
-    final weights equal an uninterrupted training."""
+    """Snapshots at k = 3, 7 (0 dropped) equal trainings stopped at k; final weights equal too."""
     _, got = first
     assert sorted(got["snapshots"]) == [3, 7]
     for k in (3, 7):
@@ -94,8 +93,7 @@ def test_dense_run_snapshots_equal_trainings_that_stop_there(setup, first):
 
 
 def test_dense_record_counts_and_accuracy(setup, first):
-    """The dense record: round 0, no sparsity, all 64*300+300*100+100*10 weights, the training's
-    examples, and the test accuracy and loss of a NumPy forward pass."""
+    """The dense record's counts by hand, and its accuracy and loss from a NumPy forward pass."""
     _, got = first
     r = got["record"]
     n = 64 * 300 + 300 * 100 + 100 * 10
@@ -110,7 +108,7 @@ def test_dense_record_counts_and_accuracy(setup, first):
 
 
 def test_finished_dense_run_is_restored_not_retrained(setup, first, tmp_path, monkeypatch):
-    """A second dense_run (fewer steps asked) restores the checkpoint bit for bit, without training."""
+    """A second dense_run restores the checkpoint bit for bit, without training."""
     wd, ref = first
     _no_training(monkeypatch)
     got = dense_lib.dense_run(setup, wd, 0, [7])
@@ -123,8 +121,7 @@ def test_finished_dense_run_is_restored_not_retrained(setup, first, tmp_path, mo
 
 
 def test_missing_rewind_step_is_recomputed_and_kept(setup, tmp_path, monkeypatch):
-    """A rewind step added later is retrained up to (equal to a training stopped there), stored,
-    and restored afterwards without training; a streamed setup refuses to replay."""
+    """A rewind step added later is retrained exactly, stored, then restored; streams refuse."""
     wd = str(tmp_path)
     ref = dense_lib.dense_run(setup, wd, 0, [3])
     with pytest.raises(ValueError, match="streamed"):
@@ -144,8 +141,7 @@ def test_missing_rewind_step_is_recomputed_and_kept(setup, tmp_path, monkeypatch
 
 
 def test_dense_runs_equal_each_seeds_own_dense_run(setup, first, tmp_path, monkeypatch):
-    """dense_runs (seeds as one program) gives each seed what dense_run gives it alone, and
-    restores a finished seed instead of training it."""
+    """dense_runs gives each seed what dense_run gives it alone, and restores finished seeds."""
     wd = str(tmp_path)
     group = dense_lib.dense_runs(setup, wd, [0, 1], [3])
     alone = [first[1], dense_lib.dense_run(setup, str(tmp_path / "alone"), 1, [3])]

@@ -118,7 +118,7 @@ def full(setup, dense, tmp_path_factory):
 
 
 def test_sparsity_after_and_switch_round_match_the_closed_form():
-    """sparsity_after is 1-(1-f)^r; switch_round is the least r with it >= s, ceil(log(1-s)/log(1-f))."""
+    """sparsity_after is 1-(1-f)^r; switch_round is ceil(log(1-s)/log(1-f)), float-tolerant."""
     for f in (0.2, 0.36, 0.5):
         for r in range(8):
             assert prune_lib.sparsity_after(r, f) == pytest.approx(1 - (1 - f) ** r, abs=1e-15)
@@ -139,7 +139,7 @@ def _toy_setup(**kw):
 
 
 def test_prune_step_applies_the_setups_fraction_scope_rates_and_guard():
-    """prune_step forwards fraction, scope, layer rates, the guard and on_empty_layer (masks by hand)."""
+    """prune_step applies the setup's fraction, scope, rates, guard, on_empty_layer (hand masks)."""
     a = np.array([[5, 1, 9, 3, 7], [2, 10, 4, 8, 6]], np.float32)
     b = np.array([[0.1, 0.4, 0.2, 0.3]], np.float32)
     scores = {"a": {"kernel": a, "bias": np.zeros(5, np.float32)}, "b": {"kernel": b}}
@@ -207,7 +207,7 @@ def test_method_figures_against_numpy_on_hand_rows():
 
 
 def test_merge_rounds_rewrites_rounds_jsonl_from_the_runs_own_files(tmp_path):
-    """merge_rounds concatenates runs/<label>-seed<s>/rounds.jsonl in sorted order, replacing the old file."""
+    """merge_rounds rewrites rounds.jsonl as every run's own rows, in sorted run order."""
     wd = str(tmp_path)
     per_run = {("random", 1): [{"method": "random", "seed": 1, "round": 0}],
                ("imp_k0", 0): [{"method": "imp_k0", "seed": 0, "round": r} for r in range(2)],
@@ -224,8 +224,7 @@ def test_merge_rounds_rewrites_rounds_jsonl_from_the_runs_own_files(tmp_path):
 
 
 def test_train_and_eval_evaluates_like_numpy_and_continues_the_data_order(setup, dense):
-    """Masked training keeps pruned weights at 0, its evaluation equals NumPy's, and (plain SGD)
-    start_step=k from the step-k snapshot reproduces the uninterrupted run exactly."""
+    """train_and_eval: pruned stay 0, eval equals NumPy, start_step=k from snapshot k continues."""
     tx = optax.sgd(0.05)  # stateless: a snapshot holds everything the run continues from
     s = dataclasses.replace(setup, tx=tx, trainer=train_lib.Trainer(
         setup.model, tx, batch_size=40, num_train=200, loop=setup.trainer.loop, eval_batch_size=64))
@@ -253,8 +252,7 @@ def test_train_and_eval_evaluates_like_numpy_and_continues_the_data_order(setup,
 
 
 def test_run_rounds_masks_counts_records_and_files(setup, dense, full):
-    """IMP rounds prune f of the survivors by |trained w| (NumPy), nest, and record counts,
-    cumulative search examples, search time and NumPy-checked accuracies."""
+    """run_rounds: NumPy-checked IMP masks and counts, nested, and hand-checked record fields."""
     wd, recs, log, seen = full
     files = _masks(wd)
     n = sum(files[0][k].size for k in KERNELS)
@@ -296,8 +294,7 @@ def test_run_rounds_masks_counts_records_and_files(setup, dense, full):
 
 
 def test_killed_run_resumes_to_the_uninterrupted_records_and_masks(setup, dense, full, tmp_path):
-    """A run killed in round 2 (and before rounds.jsonl caught up) resumes from round 1's
-    checkpoint and ends with the uninterrupted run's records and masks."""
+    """A run killed mid-run resumes to the uninterrupted run's records, masks and rounds.jsonl."""
     wd_ref, ref, _, _ = full
     wd = str(tmp_path)
     with pytest.raises(RuntimeError, match="killed"):
@@ -336,8 +333,7 @@ def _commit_rounds(wd, keep="all", n=3):
 
 
 def test_run_resume_falls_back_and_repairs(tmp_path):
-    """Run.resume: last good round; a lost mask is rewritten from its checkpoint; a damaged
-    latest checkpoint is dropped and recomputed; keep='last' cannot repair a dropped round."""
+    """Run.resume: last good round, lost mask rewritten, damaged checkpoint dropped, keep='last'."""
     fresh = prune_lib.Run(str(tmp_path / "new"), SPEC, 0)
     assert fresh.resume({}) == (0, None, [])
     fresh.close()

@@ -155,8 +155,7 @@ def test_one_streamed_step_is_numpy_masked_sgd(parts):
 
 
 def test_stream_errors_name_the_step_and_always_close(parts):
-    """A batch of the wrong step or a stream that ends early raises; extra batches are left
-    unread; the stream is closed every time."""
+    """Wrong-step and short streams raise, extra batches stay unread, the stream always closes."""
     model, _, labels, x, v, mask = parts
     tx, key = optax.sgd(0.01), jax.random.key(0)
     tr = train_lib.Trainer(model, tx, batch_size=B, num_train=N, loop="python")
@@ -187,7 +186,7 @@ def _numpy_eval(params, mask, x, y):
 
 
 def test_evaluate_stream_counts_every_example_once(parts):
-    """evaluate_stream over padded host batches (20, 20, 8+12 padding) equals NumPy and evaluate."""
+    """evaluate_stream over padded batches (20, 20, 8 + 12 pad) equals NumPy and evaluate."""
     model, images, labels, x, v, mask = parts
     tr = train_lib.Trainer(model, optax.sgd(0.1), batch_size=B, num_train=N)
     params = jax.tree.map(lambda a: a * 3.0, v["params"])  # sharper logits: a non-trivial loss
@@ -201,8 +200,7 @@ def test_evaluate_stream_counts_every_example_once(parts):
 
 
 def test_host_iterator_epoch_trains_like_train_on_the_same_examples(parts):
-    """A real HostIterator's epoch equals Trainer.train on data laid out so its permutation
-    picks the iterator's batches."""
+    """A real HostIterator epoch equals Trainer.train on data laid out to give the same batches."""
     model, images, labels, x, v, mask = parts
     tx, key = _tx(), jax.random.key(11)
     tr = train_lib.Trainer(model, tx, batch_size=B, num_train=N, loop="python")
@@ -238,8 +236,7 @@ class FakeStream:
 
 
 def test_round_training_takes_the_stream_path_like_memory(parts):
-    """rounds.train_and_eval with setup.stream trains and evaluates like the in-memory path; the
-    stream's seed depends on the key alone, not on start_step."""
+    """train_and_eval's stream path equals the in-memory one; its seed ignores start_step."""
     model, images, labels, x, v, mask = parts
     tx, key = _tx(), jax.random.key(5)
     tr = train_lib.Trainer(model, tx, batch_size=B, num_train=N, loop="python",
