@@ -112,8 +112,7 @@ class CopyTrainer:
 
     def init(self, variables: dict, mask: PyTree, num_copies: int, start_step: int):
         """``P`` identical states at global step ``start_step`` (fresh optimiser state)."""
-        state = train_lib.create_state(variables, mask, self.tx)
-        state = state.replace(step=jnp.asarray(start_step, jnp.int32))
+        state = train_lib.create_state(variables, mask, self.tx, start_step=start_step)
         return jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a)[None], num_copies, axis=0), state)
 
     def train(self, state, x, y, keys: jax.Array, num_steps: int):

@@ -19,7 +19,6 @@ import warnings
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 
 from dp_jax.system import compile_time
 from dp_jax.storage import integrity
@@ -81,8 +80,7 @@ def train_and_eval(setup: Setup, variables: dict, mask: PyTree, key: jax.Array, 
     Returns:
       ``(state, eval_metrics, snapshots, train_metrics)``.
     """
-    state = train_lib.create_state(variables, mask, setup.tx)
-    state = state.replace(step=jnp.asarray(start_step, jnp.int32))
+    state = train_lib.create_state(variables, mask, setup.tx, start_step=start_step)
     last = {}
 
     def on_epoch(epoch, m):

@@ -56,9 +56,8 @@ def train_and_eval_seeds(setup: prune_lib.Setup, variables: list, masks: list, k
     Returns one ``(trained, eval_metrics, snapshots, train_metrics)`` per run.
     """
     n = len(variables)
-    states = [train_lib.create_state(v, m, setup.tx)
-              for v, m in zip(_fill(variables, width), _fill(masks, width))]
-    states = train_lib.stack(states).replace(step=jnp.full((width,), start_step, jnp.int32))
+    states = train_lib.stack([train_lib.create_state(v, m, setup.tx, start_step=start_step)
+                              for v, m in zip(_fill(variables, width), _fill(masks, width))])
     last = [{} for _ in range(n)]
 
     def on_epoch(epoch, metrics):

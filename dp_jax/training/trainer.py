@@ -93,15 +93,30 @@ def make_optimizer(cfg: TrainSettings, total_steps: int) -> optax.GradientTransf
     return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
 
 
-def create_state(variables: dict, mask: PyTree, tx: optax.GradientTransformation) -> TrainState:
-    """Fresh state for ``variables`` (from ``model.init``) under ``mask``; params are masked."""
+def create_state(variables: dict, mask: PyTree, tx: optax.GradientTransformation, *,
+                 start_step: int = 0) -> TrainState:
+    """Fresh state for ``variables`` (from ``model.init``) under ``mask``; params are masked.
+
+    ``start_step`` > 0 (rewinding to step k): the state is at global step k, and so is the
+    learning-rate schedule, which goes on from k as in the run rewound to; the optimiser's
+    moments start fresh.
+    """
     params = masks_lib.apply(variables["params"], mask)
     # Copies: the jitted steps donate the state, which must not invalidate the
     # caller's mask or initial batch statistics (they are reused across rounds).
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    return TrainState(step=jnp.asarray(start_step, jnp.int32), params=params,
                       batch_stats=copy(variables.get("batch_stats", {})),
-                      opt_state=tx.init(params), mask=copy(mask))
+                      opt_state=schedule_at(tx.init(params), start_step), mask=copy(mask))
+
+
+def schedule_at(opt_state, step: int):
+    """``opt_state`` with every learning-rate schedule's step count set to ``step`` (the
+    schedules of :func:`make_optimizer`; other counts, such as Adam's, are left alone)."""
+    is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(
+        lambda s: s._replace(count=jnp.asarray(step, s.count.dtype)) if is_schedule(s) else s,
+        opt_state, is_leaf=is_schedule)
 
 
 def _variables(params, batch_stats):

@@ -45,11 +45,13 @@ def test_old_workdir_extends_without_a_settings_refusal(tmp_path, monkeypatch):
     # ... and every run gains round 3.
     assert sorted(r["method"] for r in after if r["round"] == 3) == ["imp_k0", "imp_k5", "random"]
     assert {m["rounds"] for m in summary["methods"].values()} == {3}
-    # config.json is today's config: the same fields and values but the extended schedule.
+    # config.json is today's config: the same values but the extended schedule.
     with open("wd/config.json") as f:
         new_config = json.load(f)
     assert new_config["prune"].pop("rounds") == 3 and old_config["prune"].pop("rounds") == 2
     # data_source is where the data was read from: the absolute path of this copy's toy.npz.
     assert new_config.pop("data_source") == f"npz:{tmp_path / 'fx' / 'toy.npz'}"
     old_config.pop("data_source")
+    # Fields added since the fixture was made appear at their defaults.
+    assert new_config["data"].pop("plugins") == new_config["model"].pop("plugins") == ""
     assert new_config == old_config

@@ -361,3 +361,22 @@ def test_run_resume_falls_back_and_repairs(tmp_path):
     with pytest.raises(ValueError, match="no longer kept"):
         run.resume(like)
     run.close()
+
+
+def test_rewinding_continues_the_learning_rate_schedule(setup, dense):
+    """Rewound to step k, a run goes on with the schedule of step k: with momentum-free SGD and
+    a multistep schedule, training from snapshot k equals the uninterrupted run."""
+    from dp_jax.training.settings import TrainSettings
+    cfg = TrainSettings.from_config(lr=0.2, momentum=0.0, weight_decay=0.0,
+                                    schedule="multistep", decay_at=(0.3, 0.6), decay_factor=0.1)
+    tx = train_lib.make_optimizer(cfg, setup.num_steps)
+    s = dataclasses.replace(setup, tx=tx, trainer=train_lib.Trainer(
+        setup.model, tx, batch_size=40, num_train=200, loop=setup.trainer.loop, eval_batch_size=64))
+    variables, key = dense["variables"], rng.key_for(0, rng.DATA)
+    mask = masks_lib.ones_like(variables["params"])
+    k = setup.num_steps // 2  # after the first decay (30 %), before the second (60 %)
+    full, _, snaps, _ = prune_lib.train_and_eval(s, variables, mask, key, snapshot_steps=[k])
+    again, _, _, _ = prune_lib.train_and_eval(s, snaps[k], mask, key, start_step=k)
+    for name, v in _flat(again.params).items():
+        np.testing.assert_allclose(v, _flat(full.params)[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
