@@ -21,10 +21,17 @@ _API = ("Results", "load_config", "load_results", "run")
 __all__ = list(_API)
 
 
+_PACKAGES = ("analysis", "config", "data", "distill", "masks", "methods", "models", "pruning",
+             "reports", "rng", "rundir", "storage", "system", "tasks", "training")
+
+
 def __getattr__(name):
+    # Loaded on first use: `import dp_jax` stays light for the command line, which
+    # re-executes itself (huge pages) before it imports JAX.
     if name in _API:
-        # Loaded on first use: `import dp_jax` stays light for the command line, which
-        # re-executes itself (huge pages) before it imports JAX.
-        from dp_jax.tasks import api
+        from dp_jax.tasks import api  # on first use (see above)
         return getattr(api, name)
+    if name in _PACKAGES:  # `dp_jax.models.register(...)` without importing dp_jax.models
+        import importlib
+        return importlib.import_module(f"dp_jax.{name}")
     raise AttributeError(f"module 'dp_jax' has no attribute {name!r}")
