@@ -55,23 +55,22 @@ def worker(args) -> dict:
     import functools
 
     import jax
-    import ml_collections
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from dp_jax import masks
+    from dp_jax.training import optimizers
     from dp_jax.training import trainer as train
+    from dp_jax.training.settings import TrainSettings
     from dp_jax.models import create_model, init_variables
 
     devices = jax.devices()[:n]
     if len(devices) < n:
         raise SystemExit(f"asked for {n} devices, found {len(devices)}")
-    model = create_model(ml_collections.ConfigDict({"name": "resnet18", "width": args.width}),
-                         num_classes=10)
+    model = create_model({"name": "resnet18", "width": args.width}, num_classes=10)
     variables = init_variables(model, jax.random.key(0), (32, 32, 3))
-    tx = train.make_optimizer(ml_collections.ConfigDict(
-        {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
-         "schedule": "constant"}), 1000)
+    tx = optimizers.make_optimizer(TrainSettings.from_config(
+        optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="constant"), 1000)
     mesh = Mesh(np.array(devices), ("data",))
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = jax.device_put(train.create_state(variables, masks.ones_like(variables["params"]), tx),

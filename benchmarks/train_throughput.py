@@ -6,7 +6,7 @@
 What is measured (per model, images/s at batch 128, 28x28x1 inputs, 10 classes):
   * ours: ``dp_jax.training.trainer.Trainer.train`` -- the code path every experiment uses -- with a full
     (all-True) mask pytree, SGD momentum 0.9 + coupled weight decay 5e-4 from
-    ``dp_jax.training.trainer.make_optimizer``, the dataset resident on the device, for both loop forms
+    ``dp_jax.training.optimizers.make_optimizer``, the dataset resident on the device, for both loop forms
     (``scan``: one compiled program per segment; ``python``: a jitted step per iteration);
   * torch: the same model and optimiser in PyTorch (NCHW, eager), masked the usual way
     (forward with ``weight * mask``, gradients masked, weights re-masked after the step), the
@@ -132,16 +132,17 @@ class JaxRunner:
 
     def __init__(self, loop, spec, x, y, *, num_train, steps, unroll, seed=0):
         import jax
-        import ml_collections
         from dp_jax import masks as masks_lib
-        from dp_jax.training import trainer as train_lib
         from dp_jax.models import create_model, init_variables
+        from dp_jax.training import optimizers
+        from dp_jax.training import trainer as train_lib
+        from dp_jax.training.settings import TrainSettings
 
         self.jax = jax
-        cfg = ml_collections.ConfigDict(dict(optimizer="sgd", lr=LR, momentum=MOMENTUM,
-                                             weight_decay=WEIGHT_DECAY, schedule="constant"))
+        cfg = TrainSettings.from_config(optimizer="sgd", lr=LR, momentum=MOMENTUM,
+                                        weight_decay=WEIGHT_DECAY, schedule="constant")
         model = create_model(spec, num_classes=NUM_CLASSES)
-        tx = train_lib.make_optimizer(cfg, total_steps=10**6)
+        tx = optimizers.make_optimizer(cfg, total_steps=10**6)
         variables = init_variables(model, jax.random.key(seed), IMAGE_SHAPE)
         mask = masks_lib.ones_like(variables["params"])
         self.model, self.variables = model, variables

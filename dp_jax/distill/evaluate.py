@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dp_jax.training import optimizers
 from dp_jax import masks as masks_lib
 from dp_jax.training import small_set
 from dp_jax.training import trainer as train_lib
@@ -191,7 +192,7 @@ def full_data_baseline(config, dataset, key: jax.Array, *, num_models: int,
     cfg = config.train
     batch = min(int(cfg.batch_size), n)
     steps = train_lib.total_steps(epochs, n, batch)
-    tx = train_lib.make_optimizer(cfg, steps)
+    tx = optimizers.make_optimizer(cfg, steps)
     like = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
                           jax.random.key(0))
     trainer = train_lib.Trainer(model, tx, batch_size=batch, num_train=n,

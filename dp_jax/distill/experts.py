@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dp_jax.training import optimizers
 from dp_jax.storage import integrity
 from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
@@ -57,7 +58,7 @@ def model_fields(model: ModelSpec) -> dict:
 
 
 def optimizer_config(dcfg) -> TrainSettings:
-    """The experts' optimiser as ``train.make_optimizer`` settings (constant lr)."""
+    """The experts' optimiser as ``optimizers.make_optimizer`` settings (constant lr)."""
     return TrainSettings.from_config(
         optimizer="sgd", lr=float(dcfg.expert_lr), momentum=float(dcfg.expert_momentum),
         weight_decay=float(dcfg.expert_weight_decay), schedule="constant", nesterov=False)
@@ -307,7 +308,7 @@ def train_experts(config, dataset, directory: str, *,
     model = create_model(config.model, num_classes=dataset.num_classes)
     batch = int(d.expert_batch_size)
     spe = len(y) // batch
-    tx = train_lib.make_optimizer(optimizer_config(d), epochs * spe)
+    tx = optimizers.make_optimizer(optimizer_config(d), epochs * spe)
     like = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
                           jax.random.key(0))
     loop = train_lib.resolve_loop(config.train.loop, like["params"], model, dataset.image_shape)

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dp_jax.training import optimizers
 from dp_jax import masks as masks_lib
 from dp_jax.data import crops, load_dataset, pipeline
 from dp_jax.models import contract, create_model, init_variables
@@ -39,7 +40,7 @@ def build_setup(config: Experiment, dataset, *, metrics_path: str | None = None,
     stream = dataset if isinstance(dataset, pipeline.StreamingData) else None
     n = stream.num_train if stream is not None else len(dataset.y_train)
     num_steps = train_lib.total_steps(config.train.epochs, n, config.train.batch_size)
-    tx = train_lib.make_optimizer(config.train, num_steps)
+    tx = optimizers.make_optimizer(config.train, num_steps)
     mesh = None
     put = jax.device_put
     if config.parallel.data_parallel:

@@ -11,6 +11,7 @@ import os
 
 import jax
 
+from dp_jax.training import optimizers
 from dp_jax import masks as masks_lib
 from dp_jax import methods
 from dp_jax.training import precision
@@ -94,10 +95,10 @@ def _validate_train(config) -> None:
     _need(t.lr > 0, "train.lr", "a number > 0", t.lr)
     _need(0 <= t.momentum < 1, "train.momentum", "a number in [0, 1)", t.momentum)
     _need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
-    _need(t.optimizer in train_lib.OPTIMIZERS, "train.optimizer",
-          " | ".join(train_lib.OPTIMIZERS), t.optimizer)
-    _need(t.schedule in train_lib.SCHEDULES, "train.schedule",
-          " | ".join(train_lib.SCHEDULES), t.schedule)
+    _need(t.optimizer in optimizers.OPTIMIZERS, "train.optimizer",
+          " | ".join(optimizers.OPTIMIZERS), t.optimizer)
+    _need(t.schedule in optimizers.SCHEDULES, "train.schedule",
+          " | ".join(optimizers.SCHEDULES), t.schedule)
     _need(all(0 < f < 1 for f in t.decay_at), "train.decay_at",
           "fractions of training in (0, 1)", t.decay_at)
     _need(0 < t.decay_factor <= 1, "train.decay_factor", "a number in (0, 1]", t.decay_factor)

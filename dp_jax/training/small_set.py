@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dp_jax.training import optimizers
 from dp_jax.training import trainer as train_lib
 from dp_jax.training.settings import DPSettings
 from dp_jax.data.cutmix import cutmix as cutmix_batch
@@ -82,16 +83,14 @@ def sgd(lr, *, num_steps: int, momentum: float = 0.9, weight_decay: float = 5e-4
     ``torch.optim.SGD``) and lr x ``decay_factor`` at each fraction in ``decay_at``.
 
     ``lr`` may be traced (the distilled-set evaluator compiles one program for every step
-    size); the same construction as :func:`dp_jax.training.trainer.make_optimizer` for SGD.
+    size); :func:`dp_jax.training.optimizers.sgd` on a multistep schedule.
     """
     if decay_at:
         sched = optax.piecewise_constant_schedule(
             lr, {int(round(f * num_steps)): float(decay_factor) for f in decay_at})
     else:
         sched = optax.constant_schedule(lr)
-    tx = optax.sgd(sched, momentum=float(momentum) or None, nesterov=False)
-    return optax.chain(optax.add_decayed_weights(float(weight_decay)), tx) \
-        if weight_decay else tx
+    return optimizers.sgd(sched, momentum=momentum, weight_decay=weight_decay)
 
 
 def passes_per_epoch(n: int, batch_size: int) -> int:

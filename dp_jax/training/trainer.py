@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dp_jax.training.settings import TrainSettings
+from dp_jax.training import optimizers
 from dp_jax import masks as masks_lib
 from dp_jax.training import precision
 from dp_jax.models.convs import fast_convs, only_fast_convs
@@ -41,8 +41,6 @@ from dp_jax.training.stream import StreamTraining
 
 PyTree = Any
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "multistep", "cosine")
 LOOPS = ("auto", "scan", "python")
 
 
@@ -54,43 +52,6 @@ class TrainState:
     batch_stats: PyTree
     opt_state: PyTree
     mask: PyTree
-
-
-def make_schedule(cfg: TrainSettings, total_steps: int) -> optax.Schedule:
-    """Learning-rate schedule from ``cfg`` (lr, schedule, decay_at, decay_factor)."""
-    lr = float(cfg.lr)
-    kind = cfg.schedule
-    if kind == "constant":
-        return optax.constant_schedule(lr)
-    if kind == "multistep":
-        decay_at = tuple(cfg.decay_at or ())
-        factor = float(cfg.decay_factor)
-        bounds = {int(round(f * total_steps)): factor for f in decay_at}
-        return optax.piecewise_constant_schedule(lr, bounds)
-    if kind == "cosine":
-        return optax.cosine_decay_schedule(lr, max(total_steps, 1))
-    raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {kind!r}")
-
-
-def make_optimizer(cfg: TrainSettings, total_steps: int) -> optax.GradientTransformation:
-    """Optimiser from ``cfg``: optimizer, lr, momentum, weight_decay, schedule.
-
-    SGD and Adam use coupled L2 weight decay (added to the gradient, as
-    ``torch.optim.SGD(weight_decay=...)`` does); AdamW uses decoupled decay.
-    """
-    sched = make_schedule(cfg, total_steps)
-    name = cfg.optimizer
-    wd = float(cfg.weight_decay)
-    mom = float(cfg.momentum)
-    if name == "sgd":
-        tx = optax.sgd(sched, momentum=mom or None, nesterov=bool(cfg.nesterov))
-    elif name == "adam":
-        tx = optax.adam(sched)
-    elif name == "adamw":
-        return optax.adamw(sched, weight_decay=wd)
-    else:
-        raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {name!r}")
-    return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
 
 
 def create_state(variables: dict, mask: PyTree, tx: optax.GradientTransformation, *,
@@ -107,16 +68,7 @@ def create_state(variables: dict, mask: PyTree, tx: optax.GradientTransformation
     copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
     return TrainState(step=jnp.asarray(start_step, jnp.int32), params=params,
                       batch_stats=copy(variables.get("batch_stats", {})),
-                      opt_state=schedule_at(tx.init(params), start_step), mask=copy(mask))
-
-
-def schedule_at(opt_state, step: int):
-    """``opt_state`` with every learning-rate schedule's step count set to ``step`` (the
-    schedules of :func:`make_optimizer`; other counts, such as Adam's, are left alone)."""
-    is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)  # noqa: E731
-    return jax.tree.map(
-        lambda s: s._replace(count=jnp.asarray(step, s.count.dtype)) if is_schedule(s) else s,
-        opt_state, is_leaf=is_schedule)
+                      opt_state=optimizers.schedule_at(tx.init(params), start_step), mask=copy(mask))
 
 
 def _variables(params, batch_stats):

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from dp_jax.training import optimizers
 from dp_jax import masks as masks_lib
 from dp_jax import rng
 from dp_jax.training import trainer as train_lib
@@ -153,7 +154,7 @@ def test_copy_with_the_run_key_retraces_the_trainer(loop):
     v = model.init(jax.random.key(0), x)
     _, mask = _masked(v["params"])
     num_steps = 7  # 2 epochs of 4 steps, stopping mid-epoch
-    tx = train_lib.make_optimizer(train_lib_cfg(), num_steps)
+    tx = optimizers.make_optimizer(train_lib_cfg(), num_steps)
     key = jax.random.key(5)
     trainer = train_lib.Trainer(model, tx, batch_size=10, num_train=40, loop="scan")
     ref, _ = trainer.train(train_lib.create_state(v, mask, tx), x, y, key, num_steps)

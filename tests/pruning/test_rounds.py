@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from dp_jax.training import optimizers
 from dp_jax import masks as masks_lib
 from dp_jax import rng
 from dp_jax.pruning import records as records_lib
@@ -369,7 +370,7 @@ def test_rewinding_continues_the_learning_rate_schedule(setup, dense):
     from dp_jax.training.settings import TrainSettings
     cfg = TrainSettings.from_config(lr=0.2, momentum=0.0, weight_decay=0.0,
                                     schedule="multistep", decay_at=(0.3, 0.6), decay_factor=0.1)
-    tx = train_lib.make_optimizer(cfg, setup.num_steps)
+    tx = optimizers.make_optimizer(cfg, setup.num_steps)
     s = dataclasses.replace(setup, tx=tx, trainer=train_lib.Trainer(
         setup.model, tx, batch_size=40, num_train=200, loop=setup.trainer.loop, eval_batch_size=64))
     variables, key = dense["variables"], rng.key_for(0, rng.DATA)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from dp_jax.training import optimizers
 from dp_jax import masks
 from dp_jax.training.settings import TrainSettings
 from dp_jax.training import small_set
@@ -82,7 +83,7 @@ def test_pruned_weights_stay_exactly_zero(optimizer):
     mask = masks.prune(masks.magnitude_scores(v["params"]), masks.ones_like(v["params"]), 0.7)
     cfg = TrainSettings.from_config(optimizer=optimizer, lr=0.05, momentum=0.9,
                                     weight_decay=1e-2, schedule="constant")
-    tx = train.make_optimizer(cfg, 100)
+    tx = optimizers.make_optimizer(cfg, 100)
     x = jax.random.normal(jax.random.key(1), (64, 4, 4, 1))
     y = jnp.arange(64) % 10
     tr = train.Trainer(model, tx, batch_size=16, num_train=64, loop="scan")
@@ -173,12 +174,12 @@ def test_divergence_is_reported_with_steps():
 def test_schedules():
     cfg = TrainSettings.from_config(lr=1.0, schedule="multistep", decay_at=(0.5, 0.75),
                                     decay_factor=0.1)
-    s = train.make_schedule(cfg, 100)
+    s = optimizers.make_schedule(cfg, 100)
     assert [float(s(t)) for t in (0, 49, 50, 74, 75, 99)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01])
     cfg = cfg.replace(schedule="bogus")
     with pytest.raises(ValueError, match="train.schedule"):
-        train.make_schedule(cfg, 100)
+        optimizers.make_schedule(cfg, 100)
 
 
 def test_inner_loop_vmaps_over_seeds():
