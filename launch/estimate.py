@@ -1,6 +1,7 @@
-r"""Expected compute of a config, from model FLOPs: the numbers in the configs' docstrings.
+r"""Expected compute and device memory of a config: the numbers in the configs' docstrings.
 
   python launch/estimate.py configs/cifar10_resnet18.py:width=64 [--tflops 25]
+  python launch/estimate.py configs/cifar10_resnet18.py --device_memory_gb 16   # exit 2 if too big
 
 Model FLOPs per training image come from XLA's cost analysis of one lowered
 forward+backward pass (``jax.jit(...).lower(...).cost_analysis()``: no compilation,
@@ -10,6 +11,20 @@ training it), plus Distilled Pruning's mask search on the distilled set; masked
 weights are not skipped (dense kernels), so sparsity does not reduce the FLOPs.
 GPU-hours assume a sustained rate (``--tflops``, default 25 TFLOP/s: an A100 in
 f32/TF32 at ~16% of peak); scale by your own measured rate.
+
+Peak device memory (``memory``) comes from the compiled real-data training step:
+``jax.jit(train_step, donate_argnums=0).lower(...).compile().memory_analysis()`` at the
+config's batch size, model, optimiser, augmentation and ``train.compute_dtype``. The step
+needs its arguments, outputs and temporaries at once; the donated state is counted once
+(``argument + output + temp - alias``). On top come what a run keeps on the device between
+steps: the training and test sets (``data.pipeline=memory``) and two copies of the weights
+(the initial weights and a rewinding snapshot). Not counted: evaluation, ``vmap_seeds``
+(multiplies the state), DP's inner loop and distillation, which run between trainings. The
+program is compiled for the backend JAX finds; ``JAX_PLATFORMS`` defaults to ``cpu`` here, so
+run with ``JAX_PLATFORMS=cuda`` on a GPU host for that backend's own figure (convolution
+workspaces differ). With ``--device_memory_gb G`` a config whose peak exceeds G GB (2^30
+bytes, as nvidia-smi and jax count) is refused: one line on stderr naming the need and the
+limit, exit status 2. ``--skip_memory`` skips the compilation (FLOPs only).
 Prints one JSON object.
 """
 
@@ -17,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -70,7 +86,66 @@ def flops_per_image(config, num_classes: int, image_shape: tuple) -> dict:
             "params": count_params(shapes["params"])}
 
 
-def estimate(config, *, tflops: float) -> dict:
+GB = 2 ** 30
+
+
+def _nbytes(tree) -> int:
+    import jax
+    import numpy as np
+    return int(sum(np.prod(a.shape, dtype=np.int64) * np.dtype(a.dtype).itemsize
+                   for a in jax.tree.leaves(tree)))
+
+
+def peak_memory(config, *, num_classes: int, image_shape: tuple, n_train: int,
+                n_test: int) -> dict:
+    """Device memory of a training run of ``config`` (bytes; see the module doc)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from dp_jax import masks
+    from dp_jax.data import crops
+    from dp_jax.models import create_model, init_variables
+    from dp_jax.training import trainer as train_lib
+    from dp_jax.training.settings import TrainSettings
+    from dp_jax.training.optimizers import make_optimizer
+
+    cfg = TrainSettings.from_config(config.train)
+    B = int(cfg.batch_size)
+    model = create_model(config.model, num_classes=num_classes)
+    tx = make_optimizer(cfg, train_lib.total_steps(cfg.epochs, n_train, B))
+    variables = jax.eval_shape(lambda k: init_variables(model, k, image_shape),
+                               jax.random.key(0))
+    state = jax.eval_shape(
+        lambda v: train_lib.create_state(v, masks.ones_like(v["params"]), tx), variables)
+    memory_data = config.data.get("pipeline", "memory") != "stream"
+    augment = (crops.device_crop_flip
+               if memory_data and config.data.get("augment", "none") == "crop_flip" else None)
+    step = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx, augment=augment,
+                                     compute_dtype=cfg.compute_dtype), donate_argnums=0)
+    x = jax.ShapeDtypeStruct((B, *image_shape), jnp.float32)
+    y = jax.ShapeDtypeStruct((B,), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    ma = step.lower(state, x, y, key).compile().memory_analysis()
+    arg, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+    temp, alias = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
+    step_bytes = arg + out + temp - alias
+    pixels = math.prod(int(d) for d in image_shape)
+    data = (n_train + n_test) * (pixels * 4 + 4) if memory_data else 0  # float32 x, int32 y
+    held = 2 * _nbytes(variables)
+    peak = step_bytes + data + held
+    return {
+        "backend": jax.default_backend(), "program": f"train_step, batch {B}, state donated",
+        "argument_bytes": arg, "output_bytes": out, "temp_bytes": temp, "alias_bytes": alias,
+        "step_bytes": step_bytes, "resident_data_bytes": data, "held_weights_bytes": held,
+        "peak_bytes": peak, "peak_gb": peak / GB,
+        "note": ("step (argument + output + temp - donated alias) + training and test sets on "
+                 "the device + initial weights and a rewinding snapshot; evaluation, "
+                 "vmap_seeds, DP's inner loop and distillation are not included"),
+    }
+
+
+def estimate(config, *, tflops: float, memory: bool = True) -> dict:
     """Compute budget of ``config`` per seed and for all its seeds."""
     from dp_jax import methods
 
@@ -103,7 +178,7 @@ def estimate(config, *, tflops: float) -> dict:
     per_seed = trainings * per_training + search
     seeds = int(config.seeds)
     hours = lambda flop: flop / (tflops * 1e12) / 3600  # noqa: E731
-    return {
+    out = {
         "data": name, "train_examples": n_train, "test_examples": n_test, "classes": classes,
         "image_shape": list(shape), "model": config.model.to_dict(), "params": f["params"],
         "gflop_per_image_forward": f["forward"] / 1e9, "gflop_per_image_train": f["train"] / 1e9,
@@ -113,6 +188,10 @@ def estimate(config, *, tflops: float) -> dict:
         "gpu_hours_per_seed": hours(per_seed), "gpu_hours_total": hours(per_seed) * seeds,
         "note": "distillation (experts + MTT) is not included; see the config docstring",
     }
+    if memory:
+        out["memory"] = peak_memory(config, num_classes=classes, image_shape=tuple(shape),
+                                    n_train=n_train, n_test=n_test or 0)
+    return out
 
 
 def main(argv=None) -> int:
@@ -120,10 +199,30 @@ def main(argv=None) -> int:
     ap.add_argument("config", help="config file, optionally with :variant")
     ap.add_argument("--tflops", type=float, default=25.0,
                     help="assumed sustained TFLOP/s per accelerator (default 25)")
+    ap.add_argument("--device_memory_gb", type=float, default=None,
+                    help="refuse (exit 2) a config whose peak device memory exceeds this many "
+                         "GB (2^30 bytes) per device")
+    ap.add_argument("--skip_memory", action="store_true",
+                    help="FLOPs only: do not compile the training step for its memory")
     args = ap.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # cost analysis only; no accelerator needed
+    if args.device_memory_gb is not None and args.skip_memory:
+        ap.error("--device_memory_gb needs the memory estimate; drop --skip_memory")
+    if args.device_memory_gb is not None and not args.device_memory_gb > 0:
+        ap.error(f"--device_memory_gb must be > 0, got {args.device_memory_gb}")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no accelerator needed (see the doc)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print(json.dumps(estimate(load_config(args.config), tflops=args.tflops), indent=2))
+    result = estimate(load_config(args.config), tflops=args.tflops, memory=not args.skip_memory)
+    if args.device_memory_gb is not None:
+        mem = result["memory"]
+        if mem["peak_bytes"] > args.device_memory_gb * GB:
+            print(f"estimate.py: {args.config} needs {mem['peak_gb']:.4g} GB of device memory "
+                  f"(training step {mem['step_bytes'] / GB:.4g} GB + data on the device "
+                  f"{mem['resident_data_bytes'] / GB:.4g} GB + weights held "
+                  f"{mem['held_weights_bytes'] / GB:.4g} GB, compiled for "
+                  f"{mem['backend']}), more than --device_memory_gb {args.device_memory_gb:g} "
+                  "GB: refused", file=sys.stderr)
+            return 2
+    print(json.dumps(result, indent=2))
     return 0
 
 

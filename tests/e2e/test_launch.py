@@ -130,3 +130,32 @@ def test_tpu_vm_rejects_unknown_actions():
     out = subprocess.run(["bash", "launch/tpu_vm.sh", "--dry-run", "explode"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "allowed" in out.stderr
+
+
+def _estimate(*args):
+    return subprocess.run([sys.executable, "launch/estimate.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_estimate_reports_peak_device_memory_and_refuses_what_does_not_fit():
+    config = "configs/fashion_mnist.py:smoke"
+    fits = _estimate(config, "--device_memory_gb", "1")
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    mem = json.loads(fits.stdout)["memory"]
+    # The compiled step's own figures, with the donated state counted once.
+    assert mem["step_bytes"] == (mem["argument_bytes"] + mem["output_bytes"] + mem["temp_bytes"]
+                                 - mem["alias_bytes"])
+    assert mem["alias_bytes"] > 0 and mem["temp_bytes"] > 0  # the state is donated
+    # LeNet-300-100: 266,610 float32 parameters; state = params + momentum (+ mask, step).
+    assert mem["argument_bytes"] > 2 * 266_610 * 4
+    # Fashion-MNIST smoke: 500 training and 10,000 test images of 28x28x1 stay on the device.
+    assert mem["resident_data_bytes"] == (500 + 10_000) * (28 * 28 * 4 + 4)
+    assert mem["peak_bytes"] == (mem["step_bytes"] + mem["resident_data_bytes"]
+                                 + mem["held_weights_bytes"])
+    assert 0 < mem["peak_gb"] < 1 and mem["backend"] == "cpu"
+    refused = _estimate(config, "--device_memory_gb", "0.0001")
+    assert refused.returncode == 2 and refused.stdout == ""
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert f"needs {mem['peak_gb']:.4g} GB" in lines[0]
+    assert "--device_memory_gb 0.0001 GB" in lines[0] and "refused" in lines[0]
