@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from dp_jax.system import figures
 from dp_jax.storage import fileio, npz
 from dp_jax.data import preprocess as pre
 
@@ -211,16 +212,13 @@ def check_compatible(distilled: DistilledSet, dataset) -> None:
 def save_grid(path: str, ds: DistilledSet, *, num_classes: int | None = None,
               max_per_class: int = 10) -> None:
     """Write a PNG grid (one row per class) of the stored images in pixel space."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     images = ds.stored_images if ds.stored_images is not None else ds.images
     labels = ds.stored_labels if ds.stored_labels is not None else ds.labels
     pixels = pre.to_pixels(images, ds.preprocessing)
     classes = int(num_classes or labels.max() + 1)
     cols = max(1, min(max_per_class, max(int(np.sum(labels == c)) for c in range(classes))))
-    fig, axes = plt.subplots(classes, cols, figsize=(cols * 0.9, classes * 0.9), squeeze=False)
+    fig, axes = figures.subplots(classes, cols, figsize=(cols * 0.9, classes * 0.9), squeeze=False)
     for c in range(classes):
         idx = np.flatnonzero(labels == c)[:cols]
         for j in range(cols):
@@ -235,5 +233,4 @@ def save_grid(path: str, ds: DistilledSet, *, num_classes: int | None = None,
     fig.tight_layout()
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     fileio.atomic_write_bytes(path, buf.getvalue())

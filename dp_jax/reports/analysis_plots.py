@@ -10,23 +10,15 @@ from collections import defaultdict
 
 import numpy as np
 
+from dp_jax.system import figures
 from dp_jax.storage import fileio
 from dp_jax.reports.pruning import pretty
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _save(fig, path: str) -> None:
-    plt = _plt()
     buf = _io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     fileio.atomic_write_bytes(path, buf.getvalue())
 
 
@@ -51,8 +43,7 @@ def _mean_by_round(rows, value):
 
 def barrier_vs_sparsity(rows: list[dict], path: str) -> None:
     """Error and loss barriers against weights remaining, one line per run (mean ± std, seeds)."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = figures.subplots(1, 2, figsize=(11, 4))
     for label, rs in _by_run(rows).items():
         for ax, f in zip(axes, (lambda r: 100 * r["barrier"], lambda r: r["loss_barrier"])):
             p = _mean_by_round(rs, f)
@@ -73,10 +64,9 @@ def barrier_vs_sparsity(rows: list[dict], path: str) -> None:
 
 def interpolation_curves(rows: list[dict], path: str) -> None:
     """Test error along the path, one panel per run, one line per round (first seed)."""
-    plt = _plt()
     groups = _by_run(rows)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    cmap = plt.get_cmap("viridis")
+    fig, axes = figures.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    cmap = figures.get_cmap("viridis")
     for ax, (label, rs) in zip(axes[0], groups.items()):
         seed = rs[0]["seed"]
         rs = [r for r in rs if r["seed"] == seed]
@@ -94,8 +84,7 @@ def interpolation_curves(rows: list[dict], path: str) -> None:
 
 def rewind_curves(curves: list[dict], path: str) -> None:
     """Dense-network error barrier against the rewind step k, one line per seed."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figures.subplots(figsize=(6, 4))
     for c in curves:
         ax.plot(c["k"], 100 * np.asarray(c["barrier"]), marker="o", label=f"seed {c['seed']}")
     ax.axhline(2.0, color="gray", ls="--", lw=1)
@@ -109,8 +98,7 @@ def rewind_curves(curves: list[dict], path: str) -> None:
 
 def hessian_vs_sparsity(rows: list[dict], path: str) -> None:
     """Top eigenvalue and trace of the restricted Hessian against weights remaining."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = figures.subplots(1, 2, figsize=(11, 4))
     for label, rs in _by_run(rows).items():
         for ax, f in zip(axes, (lambda r: r["top_eigenvalues"][0], lambda r: r["trace"])):
             p = _mean_by_round(rs, f)
@@ -129,10 +117,9 @@ def hessian_vs_sparsity(rows: list[dict], path: str) -> None:
 
 def hessian_density(rows: list[dict], path: str) -> None:
     """SLQ spectral densities (log scale), one panel per run, one line per round (first seed)."""
-    plt = _plt()
     groups = _by_run(rows)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    cmap = plt.get_cmap("viridis")
+    fig, axes = figures.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    cmap = figures.get_cmap("viridis")
     for ax, (label, rs) in zip(axes[0], groups.items()):
         seed = rs[0]["seed"]
         rs = [r for r in rs if r["seed"] == seed]
@@ -151,9 +138,8 @@ def hessian_density(rows: list[dict], path: str) -> None:
 
 def landscape(r: dict, path: str) -> None:
     """One mask's landscapes: 1-D lines, the plane through three copies, random 2-D (contours)."""
-    plt = _plt()
     panels = 3 if "plane" in r else 2
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4))
+    fig, axes = figures.subplots(1, panels, figsize=(4.6 * panels, 4))
     ax = axes[0]
     ax.plot(r["interpolation"]["alphas"], r["interpolation"]["loss"], marker=".",
             label="copy 0 -> copy 1 (alpha)")

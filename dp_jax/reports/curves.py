@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dp_jax.system import figures
 from dp_jax.storage import fileio
 from dp_jax.rundir import paths as workdir_lib
 
@@ -40,13 +41,11 @@ def epoch_curves(rows: list[dict], field: str = "loss") -> dict[str, dict[int, n
 
 
 def save_figure(fig, path: str, *, dpi: int = 110) -> None:
-    """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG) and close it."""
-    import matplotlib.pyplot as plt
+    """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG)."""
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -66,14 +65,11 @@ def figure_training_curves(rows: list[dict], *, pretty=str):
     curves = epoch_curves(rows)
     if not curves:
         return None
-    import matplotlib
-    from matplotlib.figure import Figure  # outside pyplot, as reports.pruning._figure
     labels = sorted(curves, key=lambda s: (s != workdir_lib.DENSE, s))
     cols = min(3, len(labels))
     nrows = -(-len(labels) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * nrows))
-    axes = fig.subplots(nrows, cols, squeeze=False)
-    viridis = matplotlib.colormaps["viridis"]
+    fig, axes = figures.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    viridis = figures.get_cmap("viridis")
     for ax, label in zip(axes.flat, labels):
         rounds = sorted(curves[label])
         for i, rnd in enumerate(rounds):
@@ -103,10 +99,7 @@ def plot_distillation(rows: list[dict], path: str) -> bool:
         return False
     evals = {int(r["iteration"]): r for r in rows
              if r.get("phase") == "distill_eval" and "accuracy_mean" in r}
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figures.subplots(figsize=(7, 4))
     its = sorted(last)
     ax.plot(its, [last[i]["loss"] for i in its], lw=1.2, label="matching loss (window mean)")
     ax.set_xlabel("iteration")

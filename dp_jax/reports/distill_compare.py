@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from dp_jax.system import figures
 from dp_jax.storage import fileio
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.reports.curves import save_figure
@@ -100,10 +101,7 @@ def plot(runs: Sequence[dict], path: str) -> bool:
     runs = [r for r in runs if r["curve"]]
     if not runs:
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = figures.subplots(figsize=(6.4, 4.2))
     for r in runs:
         x, y, e, _ = zip(*r["curve"])
         line = ax.errorbar(x, [100 * v for v in y], yerr=[100 * v for v in e], marker="o",

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dp_jax.system import figures
 from dp_jax.storage import fileio
 from dp_jax.reports.curves import save_figure
 
@@ -95,10 +96,7 @@ def report(sets: list[dict], sparsities: Sequence[float]) -> tuple[str, dict]:
 
 def plot(sets: list[dict], fits: dict, path: str) -> None:
     """Mask accuracy against set accuracy, one colour per sparsity, with the fitted lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = figures.subplots(figsize=(6.4, 4.2))
     x = np.array([s["set"][0] for s in sets])
     for sp, f in fits.items():
         y = [100 * s["masks"][sp].mean() for s in sets]

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dp_jax.storage import fileio, npz
+from dp_jax.system import figures
 from dp_jax import masks as masks_lib
 from dp_jax import methods
 from dp_jax.methods import dp as dp_method, imp as imp_method
@@ -93,11 +94,7 @@ def accuracy_table(agg: dict[str, list[dict]]) -> str:
 
 
 def _figure():
-    # A Figure outside pyplot: no display backend needed, and a notebook shows the returned
-    # figure once (pyplot would show it again at the end of the cell).
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, 4.5))
-    return fig, fig.subplots()
+    return figures.subplots(figsize=(7, 4.5))
 
 
 def _finish(fig, ax, xlabel: str, title: str):
