@@ -10,7 +10,9 @@ import copy
 from typing import Any, Mapping, Optional, Sequence
 
 from dp_jax.config import files as config_files
+from dp_jax import models
 from dp_jax.data import registry as data_registry
+from dp_jax.system import compile_cache
 from dp_jax.tasks import registry, settings
 from dp_jax.tasks.results import Results, load_results
 
@@ -26,10 +28,27 @@ def load_config(spec: str, overrides: Optional[Mapping[str, Any]] = None):
 
     >>> config = dp_jax.load_config("fashion_mnist:smoke", {"prune.method": "imp,dp"})
     """
+    compile_cache.enable()  # an entry point, like the command line (DP_JAX_COMPILE_CACHE=off)
     config = config_files.load_config(config_files.resolve_config(spec))
-    config_files.apply_overrides(config, overrides)
+    overrides = dict(overrides or {})
+    extra = {k: v for k, v in overrides.items() if _model_field(config, k, overrides)}
+    config_files.apply_overrides(config, {k: v for k, v in overrides.items() if k not in extra})
+    for key, value in extra.items():  # fields of a registered model the base config lacks
+        config.model[key.split(".", 1)[1]] = value
     settings.parse(config)
     return config
+
+
+def _model_field(config, key: str, overrides: Mapping) -> bool:
+    """Whether ``key`` is ``model.F`` for a field F that the config lacks but the (registered)
+    model named by the config or the overrides accepts."""
+    section, _, field = key.partition(".")
+    if section != "model" or field in config.model:
+        return False
+    config_files.import_plugins("model.plugins",
+                                overrides.get("model.plugins", config.model.plugins))
+    name = overrides.get("model.name", config.model.name)
+    return field in models.MODEL_FIELDS.get(name, ())
 
 
 def run(config, workdir: str, *, progress: bool = True, restart_changed: bool = False,
@@ -48,6 +67,7 @@ def run(config, workdir: str, *, progress: bool = True, restart_changed: bool = 
     >>> results = dp_jax.run(config, "runs/mine")
     >>> print(results.table())
     """
+    compile_cache.enable()  # an entry point, like the command line (DP_JAX_COMPILE_CACHE=off)
     if data is not None:
         if len(data) != 4:
             raise ValueError("data must be (x_train, y_train, x_test, y_test), got "

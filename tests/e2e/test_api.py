@@ -73,8 +73,9 @@ def _check(results, labels):
 
 
 def test_own_model_and_source_through_the_api_then_the_cli(tmp_path):
-    config = dp_jax.load_config("fashion_mnist:smoke", OVERRIDES)
-    config.model.hidden = 24
+    # model.hidden is a field of the registered model only: load_config accepts it.
+    config = dp_jax.load_config("fashion_mnist:smoke", {**OVERRIDES, "model.hidden": 24})
+    assert config.model.hidden == 24
     results = dp_jax.run(config, str(tmp_path / "api"), progress=False)
     labels = {"imp_k0", "dp", "snip", "subset_n8"}
     _check(results, labels)
