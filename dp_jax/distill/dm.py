@@ -33,6 +33,7 @@ import optax
 
 from dp_jax import rng
 from dp_jax.distill import common, synthetic
+from dp_jax.models import contract, create_model
 from dp_jax.models.convs import fast_convs
 
 PyTree = Any
@@ -143,6 +144,10 @@ def _program(model, settings: Settings) -> DistributionMatching:
 def build_method(config, dataset, *, mask: Optional[PyTree] = None) -> common.DistillProgram:
     """The :class:`dp_jax.distill.common.DistillProgram` of ``config.distill`` (method ``dm``)."""
     d = config.distill
+    # DM matches the embeddings that enter the classifier: the model must expose them.
+    contract.check(create_model(config.model, num_classes=dataset.num_classes),
+                   dataset.image_shape, dataset.num_classes, needs_head=True,
+                   needs_features=True)
     return common.matching_method(config, dataset, name="dm", program=_program,
                                   settings_cls=Settings, purpose=rng.DISTILL_DM, mask=mask,
                                   hint=f"distill.dm_lr_img ({d.dm_lr_img})")

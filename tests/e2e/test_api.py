@@ -192,3 +192,54 @@ def test_to_pandas_without_pandas_names_the_extra(monkeypatch):
     r = dp_jax.Results(workdirs=("w",), records=[{"method": "imp_k0"}], config={}, seeds={})
     with pytest.raises(ImportError, match=r"pip install pandas \(or dp_jax\[pandas\]\)"):
         r.to_pandas()
+
+
+def test_every_method_distiller_and_analysis_on_a_registered_model(tmp_path):
+    """Every pruning method, the three distillers and the analyses run on ApiMLP and api_bands;
+    a model without features is refused by distribution matching before any work."""
+    every = ("imp,imp:k=2,dp,dp_imp,subset:n=8,snip,grasp,synflow,mag_init,random,reinit:of=dp")
+    over = dict(OVERRIDES, **{"prune.method": every, "dp.switch_sparsity": 0.4,
+                              "train.epochs": 6})
+    results = dp_jax.run(dp_jax.load_config("fashion_mnist:smoke", over), str(tmp_path / "p"),
+                         progress=False)
+    assert set(results.summary()) == {"imp_k0", "imp_k2", "dp", "dp_imp_k0", "subset_n8", "snip",
+                                      "grasp", "synflow", "mag_init", "random", "reinit_dp"}
+    assert all(abs(r["sparsity"] - 0.75) < 0.01 for r in results.records if r["round"] == 2)
+    from dp_jax.analysis.settings import Settings
+    out = results.analyze(["instability", "hessian", "landscape"], runs=["imp_k0"], rounds=[1],
+                          settings=Settings(alphas=3, bn_mode="interpolate", hessian_examples=40,
+                                            hessian_batch=40, lanczos_steps=3, trace_probes=2,
+                                            slq_probes=1, landscape_grid=3, landscape_points=3,
+                                            landscape_examples=40), log=lambda m: None)
+    (res,) = out["results"].values()
+    assert set(res) == {"instability", "hessian", "landscape"}
+    unset = {"model.width": None, "model.depth": None, "model.norm": None, "model.pool": None}
+    for method in ("mtt", "gm", "dm"):
+        c = dp_jax.load_config("distill_fashion_mnist:smoke", {**unset,
+            **{k: v for k, v in over.items() if k.startswith(("model.", "data.", "distill."))},
+            "distill.method": method, "distill.gm_outer_loops": 1, "distill.gm_inner_loops": 1,
+            "distill.gm_batch_real": 4, "distill.dm_batch_real": 4, "distill.iterations": 2})
+        r = dp_jax.run(c, str(tmp_path / method), progress=False)
+        assert r.distillation["results"]["distilled"]["accuracy_mean"] >= 0
+
+
+def test_distribution_matching_needs_a_models_features(tmp_path):
+    """DM refuses, before distilling, a model whose classifier is not a `head` layer."""
+    class NoHead(nn.Module):
+        num_classes: int
+
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(self.num_classes, name="out")(x.reshape((x.shape[0], -1)))
+    models.register("api_nohead", NoHead)
+    try:
+        c = dp_jax.load_config("distill_fashion_mnist:smoke", {
+            "model.width": None, "model.depth": None, "model.norm": None, "model.pool": None,
+            "model.name": "api_nohead", "data.name": "api_bands:0", "data.train_size": 0,
+            "distill.method": "dm", "distill.ipc": 2, "distill.batch_syn": 0})
+        with pytest.raises(ValueError, match="head"):
+            dp_jax.run(c, str(tmp_path / "wd"), progress=False)
+        assert not os.path.exists(tmp_path / "wd" / "distilled.npz")
+    finally:
+        models.MODELS.pop("api_nohead")
+        models.MODEL_FIELDS.pop("api_nohead")
