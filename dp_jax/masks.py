@@ -13,10 +13,9 @@ mask never depends on sort stability or on the backend.
 
 from __future__ import annotations
 
+import io
 import math
 
-import os
-import tempfile
 import warnings
 from typing import Any
 
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dp_jax.models import is_prunable
-from dp_jax.storage import npz
+from dp_jax.storage import atomic, npz
 
 PyTree = Any
 
@@ -262,17 +261,9 @@ def save(path: str, mask: PyTree) -> None:
     """Write the mask to ``path`` (npz keyed by parameter path), atomically (process 0 only)."""
     if jax.process_index() != 0:
         return
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **to_flat(mask))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **to_flat(mask))
+    atomic.atomic_write_bytes(path, buf.getvalue())
 
 
 def load(path: str, like: PyTree) -> PyTree:

@@ -13,11 +13,9 @@ last *complete* round and rewrites its records exactly.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import tempfile
 from typing import Any, Iterable
 
 import jax
@@ -25,39 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-class NoSpaceError(RuntimeError):
-    """The disk (or quota) is full: a user problem, reported in one line by the command line."""
+from dp_jax.storage import atomic
 
 
-def no_space(path: str, e: OSError) -> NoSpaceError:
-    """The error to raise when writing ``path`` failed for lack of space."""
-    return NoSpaceError(f"no space left to write {path} ({e.strerror}); free some space or use "
-                        "a --workdir on another disk, then run the same command again to resume")
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically; only process 0 of a multi-host run writes."""
-    if jax.process_index() != 0:  # every process holds the same results: write them once
-        return
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in NO_SPACE:
-            raise no_space(path, e) from e
-        raise
+NO_SPACE, NoSpaceError, no_space, atomic_write_bytes = (
+    atomic.NO_SPACE, atomic.NoSpaceError, atomic.no_space, atomic.atomic_write_bytes)
 
 
 def _os_error(e: BaseException):

@@ -140,3 +140,16 @@ def test_edited_distilled_set_in_workdir_is_refused(tiny_config, tmp_path):
     distill.save_distilled(str(wd / "distilled.npz"), d2)  # edited after it was recorded
     with pytest.raises(ValueError, match="distilled.npz is damaged"):
         experiment.run(c, str(wd))
+
+
+def test_outputs_get_the_mode_a_plain_open_gives(tmp_path):
+    """Atomic writes (JSON, masks, reports) end with the umask's mode, not mkstemp's 0600."""
+    import stat
+    from dp_jax import masks as masks_lib
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    want = stat.S_IMODE(os.stat(plain).st_mode)
+    fileio.write_json(str(tmp_path / "a.json"), {"a": 1})
+    masks_lib.save(str(tmp_path / "m.npz"), {"w": {"kernel": np.ones((2, 2), bool)}})
+    for name in ("a.json", "m.npz"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == want, name
