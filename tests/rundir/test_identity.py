@@ -306,3 +306,50 @@ def test_a_dead_processs_lock_is_taken_over_only_on_its_own_host(tmp_path):
         with pytest.raises(RuntimeError, match="in use by process"):
             paths.Lock(wd).__enter__()
     assert not os.path.exists(paths.lock_path(wd))
+
+
+def _contend(wd, start, log):
+    """One contender: wait for the start, try the lock, record how long it held it."""
+    import time
+    while time.time() < start:
+        pass
+    try:
+        with paths.Lock(wd):
+            t0 = time.time()
+            time.sleep(0.05)
+            with open(log, "a") as f:
+                f.write(f"{t0} {time.time()}\n")
+    except RuntimeError:
+        pass
+
+
+def test_taking_over_a_stale_lock_is_atomic(tmp_path):
+    """Many processes racing for a dead holder's lock: the holders never overlap."""
+    import multiprocessing
+    import time
+    wd, log = str(tmp_path), str(tmp_path / "held.log")
+    for trial in range(5):
+        _write(paths.lock_path(wd), {"pid": 2**22 + 4321, "host": socket.gethostname()})
+        start = time.time() + 0.5
+        ctx = multiprocessing.get_context("fork")
+        procs = [ctx.Process(target=_contend, args=(wd, start, log)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+    spans = sorted(tuple(map(float, line.split())) for line in open(log))
+    assert spans, "nobody took the stale lock"
+    for (_, end), (begin, _) in zip(spans, spans[1:]):
+        assert begin >= end, "two processes held the lock at once"
+
+
+def test_an_empty_or_garbage_lock_file_is_taken_over(tmp_path):
+    """A lock file without a readable holder (empty, garbage) does not block the workdir."""
+    wd = str(tmp_path)
+    for content in ("", "not json", "[1, 2]"):
+        with open(paths.lock_path(wd), "w") as f:
+            f.write(content)
+        with paths.Lock(wd) as lock:
+            assert lock.held
+        assert not os.path.exists(paths.lock_path(wd))
