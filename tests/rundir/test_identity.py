@@ -323,6 +323,8 @@ def _contend(wd, start, log):
         pass
 
 
+# The contenders only take a file lock: no JAX runs in the forked children.
+@pytest.mark.filterwarnings("ignore:os.fork")
 def test_taking_over_a_stale_lock_is_atomic(tmp_path):
     """Many processes racing for a dead holder's lock: the holders never overlap."""
     import multiprocessing

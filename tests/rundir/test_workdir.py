@@ -93,9 +93,9 @@ def test_more_rounds_seeds_methods_and_rewind_steps_extend_a_workdir(tiny_config
 def test_a_second_process_on_a_workdir_fails_fast(tiny_config, tmp_path):
     wd = tmp_path / "wd"
     wd.mkdir()
-    (wd / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
-    with pytest.raises(RuntimeError, match=f"in use by process {os.getpid()}"):
-        experiment.run(tiny_config, str(wd))
+    with workdir.Lock(str(wd)):  # another holder (a second open file: flock refuses it too)
+        with pytest.raises(RuntimeError, match=f"in use by process {os.getpid()}"):
+            experiment.run(tiny_config, str(wd))
     assert not (wd / "config.json").exists()
 
 
