@@ -23,7 +23,7 @@ from dp_jax.system import hugepages
 from dp_jax.config.files import packaged_configs
 
 PROG = "dp-jax"
-from dp_jax.cli.common import fail, guarded, resolved_argv
+from dp_jax.cli.common import fail, guarded, resolved_argv, run_app
 
 
 # ---- subcommands ---------------------------------------------------------------------------
@@ -36,10 +36,10 @@ def cmd_run() -> None:
 
 def cmd_analyze() -> None:
     """``dp-jax analyze``: analyses of a finished workdir (python -m dp_jax.analysis)."""
-    from absl import app, flags
+    from absl import flags
     from dp_jax.cli import analyze as analysis_main  # defines the analysis flags
     verbose = flags.DEFINE_bool("verbose", False, "Show the full traceback of an error.")
-    app.run(guarded(analysis_main.main, lambda: verbose.value))
+    run_app(guarded(analysis_main.main, lambda: verbose.value))
 
 
 def cmd_report(argv: list[str] | None = None) -> None:
@@ -93,7 +93,7 @@ def cmd_eval_mask() -> None:
               f"{res['test_accuracy']:.4f}  test loss {res['test_loss']:.4f}")
         print(f"written: {eval_mask.result_path(workdir.value)}")
     sys.argv = resolved_argv()
-    app.run(guarded(main, lambda: verbose.value))
+    run_app(guarded(main, lambda: verbose.value))
 
 
 def cmd_export() -> None:
@@ -122,7 +122,7 @@ def cmd_export() -> None:
               f"{meta['sparsity']:.4f}, trained weights {meta['trained_source']}, recorded test "
               f"accuracy {meta['record']['test_accuracy']:.4f}"
               + (f" (re-evaluated {check['test_accuracy']:.4f})" if check else ""))
-    app.run(guarded(main, lambda: verbose.value))
+    run_app(guarded(main, lambda: verbose.value))
 
 
 def cmd_import_distilled() -> None:

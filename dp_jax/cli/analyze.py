@@ -14,6 +14,7 @@ from absl import app, flags, logging
 
 from dp_jax.analysis import registry as analyses_lib
 from dp_jax.analysis import settings as analysis_settings
+from dp_jax.cli.common import run_app
 from dp_jax.reports import analysis as report_lib
 from dp_jax.system import hugepages
 from dp_jax.tasks import analyze as run_lib
@@ -79,7 +80,7 @@ def main(argv):
 def run() -> None:
     """``python -m dp_jax.analysis``: re-exec with huge pages, then parse flags and analyse."""
     hugepages.reexec()  # before anything allocates (dp_jax/system/hugepages.py)
-    app.run(main)
+    run_app(main)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from absl import app, flags
+
 from dp_jax.config import files as config_files
 from dp_jax.config.files import resolve_config
 from dp_jax.system import compile_cache
@@ -77,4 +79,23 @@ def resolved_argv() -> list[str]:
 
 
 # ---- subcommands ---------------------------------------------------------------------------
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, its errors (an unknown flag, a bad value, a missing required flag)
+    printed as one line with exit status 2 like every other user error (absl: two lines, 1)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(e)
+
+
+def run_app(main: Callable) -> None:
+    """``app.run(main)`` with flag and usage errors as one line and exit status 2."""
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            fail(e)
+    app.run(wrapped, flags_parser=parse_flags)
 

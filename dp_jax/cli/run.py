@@ -67,7 +67,7 @@ def run():
         cli.check_override_keys(sys.argv)
     except (FileNotFoundError, ValueError) as e:
         cli.fail(e)
-    app.run(main)
+    cli.run_app(main)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ def _need(cond: bool, field: str, allowed: str, value) -> None:
         raise ValueError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
 
 
+def _fractions(values) -> bool:
+    """A tuple of numbers in (0, 1) (a string or a number alone is not)."""
+    return isinstance(values, (tuple, list)) and all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1 for f in values)
+
+
 def _finite(section, prefix: str = "config") -> None:
     """Every float field of the config is finite (``inf`` would pass any ``> 0`` check)."""
     for key, value in section.items():
@@ -99,8 +105,8 @@ def _validate_train(config) -> None:
           " | ".join(optimizers.OPTIMIZERS), t.optimizer)
     _need(t.schedule in optimizers.SCHEDULES, "train.schedule",
           " | ".join(optimizers.SCHEDULES), t.schedule)
-    _need(all(0 < f < 1 for f in t.decay_at), "train.decay_at",
-          "fractions of training in (0, 1)", t.decay_at)
+    _need(_fractions(t.decay_at), "train.decay_at", "fractions of training in (0, 1)",
+          t.decay_at)
     _need(0 < t.decay_factor <= 1, "train.decay_factor", "a number in (0, 1]", t.decay_factor)
     _need(t.loop in train_lib.LOOPS, "train.loop", " | ".join(train_lib.LOOPS), t.loop)
     _need(t.unroll >= 1, "train.unroll", "an integer >= 1", t.unroll)
@@ -164,8 +170,11 @@ def _validate_common(s: Experiment) -> None:
     # Plugins first: they register the sources and models the names below may refer to.
     config_files.import_plugins("data.plugins", s.data.plugins)
     config_files.import_plugins("model.plugins", s.model.plugins)
-    _need(isinstance(s.seed, int) and s.seed >= 0, "seed", "an integer >= 0", s.seed)
-    _need(isinstance(s.seeds, int) and s.seeds >= 1, "seeds", "an integer >= 1", s.seeds)
+    # Seeds become PRNG keys and numpy generator seeds: every one of them stays below 2**31.
+    _need(isinstance(s.seed, int) and 0 <= s.seed < 2**31, "seed", "an integer in [0, 2**31)",
+          s.seed)
+    _need(isinstance(s.seeds, int) and 1 <= s.seeds <= 2**31 - s.seed, "seeds",
+          f"an integer in [1, 2**31 - seed] (seed {s.seed})", s.seeds)
     _validate_data(s.data)
     _need(s.model.name in MODELS, "model.name", ", ".join(sorted(MODELS)), s.model.name)
     create_model(s.model, num_classes=10)  # raises ValueError on bad model fields
@@ -228,7 +237,7 @@ def _validate_dp(config, *, distilled: bool) -> None:
     _need(d.lr >= 0, "dp.lr", "0 (use the distilled set's learned lr) or a number > 0", d.lr)
     _need(0 <= d.momentum < 1, "dp.momentum", "a number in [0, 1)", d.momentum)
     _need(d.weight_decay >= 0, "dp.weight_decay", "a number >= 0", d.weight_decay)
-    _need(all(0 < f < 1 for f in d.decay_at), "dp.decay_at", "fractions in (0, 1)", d.decay_at)
+    _need(_fractions(d.decay_at), "dp.decay_at", "fractions in (0, 1)", d.decay_at)
     _need(0 < d.decay_factor <= 1, "dp.decay_factor", "a number in (0, 1]", d.decay_factor)
     _need(d.augment in ("dsa", "none"), "dp.augment", "dsa | none", d.augment)
     _need(d.inner_seeds >= 1, "dp.inner_seeds", "an integer >= 1", d.inner_seeds)

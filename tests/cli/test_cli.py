@@ -333,3 +333,19 @@ def test_analyze_subcommand(wd, tmp_path):
     out = _cli("analyze", f"--workdir={copy}", "--report_only")
     assert out.returncode == 0, out.stderr[-3000:]
     assert report.ANALYSIS_BEGIN in open(workdir_lib.report_path(copy)).read()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--nosuchflag"], "Unknown command line flag 'nosuchflag'"),
+    (["--config.seed=9223372036854775808"], "config.seed=9223372036854775808 is invalid"),
+    (["--config.train.decay_at=abc"], "config.train.decay_at=('abc',) is invalid"),
+    (["--config.seeds=0"], "config.seeds=0 is invalid"),
+])
+def test_flag_and_value_errors_are_one_line_exit_2(args, needle, tmp_path):
+    """absl's flag errors and values the checks once let through: one line, exit 2, no work."""
+    wd = tmp_path / "wd"
+    out = subprocess.run([sys.executable, "-m", "dp_jax.main", "--config=fashion_mnist:smoke",
+                          f"--workdir={wd}", *args], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    _one_line_error(out, needle)
+    assert not wd.exists()
