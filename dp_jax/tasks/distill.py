@@ -22,6 +22,7 @@ from absl import logging
 from dp_jax.storage import integrity
 from dp_jax.storage import fileio
 from dp_jax import rng
+from dp_jax.rundir import lock as lock_lib
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.data import describe_preprocessing, load_dataset
 from dp_jax.distill import config as config_lib
@@ -138,7 +139,7 @@ def run(config, workdir: str, *, restart_changed: bool = False, progress: bool =
     raw = config.to_dict()
     changed = workdir_lib.check_identity(workdir, raw, restart=restart_changed)
     os.makedirs(workdir, exist_ok=True)
-    with workdir_lib.Lock(workdir):
+    with lock_lib.Lock(workdir):
         if changed:
             workdir_lib.supersede(workdir, [], distill=True)
         fileio.write_json(workdir_lib.config_path(workdir),

@@ -38,6 +38,7 @@ from dp_jax.training import small_set
 from dp_jax.tasks import settings as settings_lib
 from dp_jax.pruning.plan import Distilled
 from dp_jax.pruning.settings import Experiment
+from dp_jax.rundir import lock as lock_lib
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.system.progress import Progress
 from dp_jax.distill import sets as distill_sets
@@ -63,7 +64,7 @@ def run(config, workdir: str, *, restart_changed: bool = False, progress: bool =
     raw = config.to_dict()
     changed = workdir_lib.check_identity(workdir, raw, restart=restart_changed)
     os.makedirs(workdir, exist_ok=True)
-    lock = workdir_lib.Lock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
+    lock = lock_lib.Lock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
     with lock:
         if changed and distributed.is_main_process():
             _supersede_changed(workdir, changed, settings.specs)

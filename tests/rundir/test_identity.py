@@ -11,6 +11,7 @@ import pytest
 
 from dp_jax.config import defaults
 from dp_jax.rundir import paths
+from dp_jax.rundir import lock as rundir_lock
 
 
 def _config(**edits):
@@ -274,13 +275,13 @@ def test_check_writable(tmp_path):
 def test_a_second_lock_holder_is_refused(tmp_path):
     """While a Lock is held a second one fails naming the holder; leaving releases it."""
     wd = str(tmp_path)
-    with paths.Lock(wd):
+    with rundir_lock.Lock(wd):
         with pytest.raises(RuntimeError, match=rf"in use by process {os.getpid()} on "
                            rf"{socket.gethostname()}"):
-            paths.Lock(wd).__enter__()
-        assert json.loads(_read(paths.lock_path(wd)))["pid"] == os.getpid()  # still the holder's
-    assert not os.path.exists(paths.lock_path(wd))
-    with paths.Lock(wd) as again:
+            rundir_lock.Lock(wd).__enter__()
+        assert json.loads(_read(rundir_lock.lock_path(wd)))["pid"] == os.getpid()  # still the holder's
+    assert not os.path.exists(rundir_lock.lock_path(wd))
+    with rundir_lock.Lock(wd) as again:
         assert again.held
 
 
@@ -296,16 +297,16 @@ def test_a_dead_processs_lock_is_taken_over_only_on_its_own_host(tmp_path):
     """A lock of a gone process on this host is replaced; on another host it is refused."""
     wd = str(tmp_path)
     pid = _dead_pid()
-    _write(paths.lock_path(wd), {"pid": pid, "host": "elsewhere.invalid"})
+    _write(rundir_lock.lock_path(wd), {"pid": pid, "host": "elsewhere.invalid"})
     with pytest.raises(RuntimeError, match=rf"in use by process {pid} on elsewhere.invalid"):
-        paths.Lock(wd).__enter__()
-    _write(paths.lock_path(wd), {"pid": pid, "host": socket.gethostname()})
-    with paths.Lock(wd) as lock:
-        assert lock.held and json.loads(_read(paths.lock_path(wd))) == {
+        rundir_lock.Lock(wd).__enter__()
+    _write(rundir_lock.lock_path(wd), {"pid": pid, "host": socket.gethostname()})
+    with rundir_lock.Lock(wd) as lock:
+        assert lock.held and json.loads(_read(rundir_lock.lock_path(wd))) == {
             "pid": os.getpid(), "host": socket.gethostname()}
         with pytest.raises(RuntimeError, match="in use by process"):
-            paths.Lock(wd).__enter__()
-    assert not os.path.exists(paths.lock_path(wd))
+            rundir_lock.Lock(wd).__enter__()
+    assert not os.path.exists(rundir_lock.lock_path(wd))
 
 
 def _contend(wd, start, log):
@@ -314,7 +315,7 @@ def _contend(wd, start, log):
     while time.time() < start:
         pass
     try:
-        with paths.Lock(wd):
+        with rundir_lock.Lock(wd):
             t0 = time.time()
             time.sleep(0.05)
             with open(log, "a") as f:
@@ -331,7 +332,7 @@ def test_taking_over_a_stale_lock_is_atomic(tmp_path):
     import time
     wd, log = str(tmp_path), str(tmp_path / "held.log")
     for trial in range(5):
-        _write(paths.lock_path(wd), {"pid": 2**22 + 4321, "host": socket.gethostname()})
+        _write(rundir_lock.lock_path(wd), {"pid": 2**22 + 4321, "host": socket.gethostname()})
         start = time.time() + 0.5
         ctx = multiprocessing.get_context("fork")
         procs = [ctx.Process(target=_contend, args=(wd, start, log)) for _ in range(6)]
@@ -350,8 +351,8 @@ def test_an_empty_or_garbage_lock_file_is_taken_over(tmp_path):
     """A lock file without a readable holder (empty, garbage) does not block the workdir."""
     wd = str(tmp_path)
     for content in ("", "not json", "[1, 2]"):
-        with open(paths.lock_path(wd), "w") as f:
+        with open(rundir_lock.lock_path(wd), "w") as f:
             f.write(content)
-        with paths.Lock(wd) as lock:
+        with rundir_lock.Lock(wd) as lock:
             assert lock.held
-        assert not os.path.exists(paths.lock_path(wd))
+        assert not os.path.exists(rundir_lock.lock_path(wd))

@@ -8,6 +8,7 @@ import pytest
 
 from dp_jax.tasks import prune as experiment
 from dp_jax.storage import fileio
+from dp_jax.rundir import lock as rundir_lock
 from dp_jax.rundir import paths as workdir
 from dp_jax.training.outputs import TrainingDivergedError
 
@@ -93,7 +94,7 @@ def test_more_rounds_seeds_methods_and_rewind_steps_extend_a_workdir(tiny_config
 def test_a_second_process_on_a_workdir_fails_fast(tiny_config, tmp_path):
     wd = tmp_path / "wd"
     wd.mkdir()
-    with workdir.Lock(str(wd)):  # another holder (a second open file: flock refuses it too)
+    with rundir_lock.Lock(str(wd)):  # another holder (a second open file: flock refuses it too)
         with pytest.raises(RuntimeError, match=f"in use by process {os.getpid()}"):
             experiment.run(tiny_config, str(wd))
     assert not (wd / "config.json").exists()
@@ -102,7 +103,7 @@ def test_a_second_process_on_a_workdir_fails_fast(tiny_config, tmp_path):
 def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     (tmp_path / ".lock").write_text(json.dumps({"pid": 2**22 + 12345,
                                                  "host": os.uname().nodename}))
-    with workdir.Lock(str(tmp_path)) as lock:
+    with rundir_lock.Lock(str(tmp_path)) as lock:
         held = json.loads((tmp_path / ".lock").read_text())
         assert held["pid"] == os.getpid() and lock.held
     assert not (tmp_path / ".lock").exists()
