@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from dp_jax.distill import convert
+from dp_jax.distill import importers as convert
 from dp_jax.reports import distill_compare, distill_quality
 
 FORMATS, SPACES = convert.FORMATS, convert.SPACES

@@ -1,4 +1,4 @@
-r"""Command-line entry point of an experiment (``dp-jax run``; dp_jax/cli/__init__.py has the others).
+r"""Command-line entry point of an experiment (``dp-jax run``; dp_jax/cli/main.py has the others).
 
   python -m dp_jax.main --config=configs/fashion_mnist.py --workdir=runs/fmnist \
       [--config.prune.rounds=10 --config.seed=1 ...]

@@ -22,129 +22,174 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.seeds = 1  # seeds run are seed, seed+1, ..., seed+seeds-1
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "fashion_mnist"  # fashion_mnist | tfds:<name> | npz:<path>
-    c.data.data_dir = placeholder(str)
-    c.data.train_size = 0  # 0 = all; otherwise a stratified, seeded subset
-    c.data.preprocess = "standard"  # standard | zca | none
-    c.data.zca_eps = 0.1
-    c.data.image_size = placeholder(int)  # tfds images of varying size: centre crop + resize
-    c.data.augment = "none"  # none | crop_flip | random_resized_crop (stream only)
-    c.data.pipeline = "memory"  # memory (on the devices) | stream (dp_jax.data.pipeline)
-    c.data.classes = ()  # stream: label indices to keep, relabelled 0..k-1 (() = all)
-    c.data.label_cache = placeholder(str)  # stream + classes: where the label index is cached
-    c.data.eval_split = placeholder(str)  # stream: split to test on (default test, else validation)
-    c.data.plugins = ""  # comma-separated modules to import; they register dataset sources
+    c.data = _data()
+    c.model = _model()
+    c.train = _train()
+    c.prune = _prune()
+    c.distill = _distill()
+    c.dp = _dp()
+    c.checkpoint = _checkpoint()
+    c.metrics = _metrics()
+    c.parallel = _parallel()
+    return c
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "lenet_300_100"
-    c.model.width = placeholder(int)
-    c.model.depth = placeholder(int)
-    c.model.norm = placeholder(str)
-    c.model.pool = placeholder(str)
-    c.model.width_multiplier = placeholder(float)
-    c.model.plugins = ""  # comma-separated modules to import; they register models
 
+def _data() -> ml_collections.ConfigDict:
+    """Where the data comes from and how it is prepared."""
+    s = ml_collections.ConfigDict()
+    s.name = "fashion_mnist"  # fashion_mnist | tfds:<name> | npz:<path>
+    s.data_dir = placeholder(str)
+    s.train_size = 0  # 0 = all; otherwise a stratified, seeded subset
+    s.preprocess = "standard"  # standard | zca | none
+    s.zca_eps = 0.1
+    s.image_size = placeholder(int)  # tfds images of varying size: centre crop + resize
+    s.augment = "none"  # none | crop_flip | random_resized_crop (stream only)
+    s.pipeline = "memory"  # memory (on the devices) | stream (dp_jax.data.pipeline)
+    s.classes = ()  # stream: label indices to keep, relabelled 0..k-1 (() = all)
+    s.label_cache = placeholder(str)  # stream + classes: where the label index is cached
+    s.eval_split = placeholder(str)  # stream: split to test on (default test, else validation)
+    s.plugins = ""  # comma-separated modules to import; they register dataset sources
+    return s
+
+
+def _model() -> ml_collections.ConfigDict:
+    """The network (a registered model and its architecture fields)."""
+    s = ml_collections.ConfigDict()
+    s.name = "lenet_300_100"
+    s.width = placeholder(int)
+    s.depth = placeholder(int)
+    s.norm = placeholder(str)
+    s.pool = placeholder(str)
+    s.width_multiplier = placeholder(float)
+    s.plugins = ""  # comma-separated modules to import; they register models
+    return s
+
+
+def _train() -> ml_collections.ConfigDict:
+    """Training on real data."""
     # Training on real data: every evaluation of a mask, and IMP's inner loop.
-    c.train = ml_collections.ConfigDict()
-    c.train.epochs = 3
-    c.train.batch_size = 128
-    c.train.optimizer = "sgd"  # sgd | adam | adamw
-    c.train.lr = 0.05
-    c.train.momentum = 0.9
-    c.train.nesterov = False
-    c.train.weight_decay = 5e-4
-    c.train.schedule = "multistep"  # constant | multistep | cosine
-    c.train.decay_at = (2 / 3, 5 / 6)  # fractions of training (multistep)
-    c.train.decay_factor = 0.2
-    c.train.loop = "auto"  # auto | scan | python
-    c.train.unroll = 1
+    s = ml_collections.ConfigDict()
+    s.epochs = 3
+    s.batch_size = 128
+    s.optimizer = "sgd"  # sgd | adam | adamw
+    s.lr = 0.05
+    s.momentum = 0.9
+    s.nesterov = False
+    s.weight_decay = 5e-4
+    s.schedule = "multistep"  # constant | multistep | cosine
+    s.decay_at = (2 / 3, 5 / 6)  # fractions of training (multistep)
+    s.decay_factor = 0.2
+    s.loop = "auto"  # auto | scan | python
+    s.unroll = 1
     # float32 | bfloat16: the forward/backward dtype of real-data training, the DP inner loop
     # and MTT's student (weights, masks, optimiser state, loss and metrics stay float32).
-    c.train.compute_dtype = "float32"
-    c.train.eval_batch_size = 2000
+    s.compute_dtype = "float32"
+    s.eval_batch_size = 2000
+    return s
 
-    c.prune = ml_collections.ConfigDict()
+
+def _prune() -> ml_collections.ConfigDict:
+    """The pruning schedule and the methods."""
+    s = ml_collections.ConfigDict()
     # Comma-separated methods (docs/methods.md): imp, random, reinit, dp, dp_imp, snip, grasp,
     # synflow, mag_init, subset; options after ':' separated by ';', e.g. 'imp:k=STEP',
     # 'reinit:of=LABEL', 'snip:oneshot', 'synflow:iters=100', 'subset:n=100'.
-    c.prune.method = "imp,imp:k=200,random,dp,reinit:of=dp"
-    c.prune.rounds = 14
-    c.prune.fraction = 0.2  # of the remaining prunable weights, per round
-    c.prune.scope = "global"  # global | layerwise
-    c.prune.rewind_step = 0  # default k for 'imp' entries (0 = init)
-    c.prune.on_empty_layer = "warn"  # warn | error | ignore (only when min_per_layer = 0)
+    s.method = "imp,imp:k=200,random,dp,reinit:of=dp"
+    s.rounds = 14
+    s.fraction = 0.2  # of the remaining prunable weights, per round
+    s.scope = "global"  # global | layerwise
+    s.rewind_step = 0  # default k for 'imp' entries (0 = init)
+    s.on_empty_layer = "warn"  # warn | error | ignore (only when min_per_layer = 0)
     # Every layer keeps at least this many weights (its best-scoring ones): no layer collapse.
-    c.prune.min_per_layer = 1
+    s.min_per_layer = 1
     # 'LAYER=RATE,...': those layers prune RATE x fraction per round (e.g. 'head=0.5').
-    c.prune.layer_rates = ""
-    c.prune.score_batches = 1  # snip/grasp: real minibatches (of train.batch_size) per score
-    c.prune.plugins = ""  # comma-separated modules to import; they register more methods
+    s.layer_rates = ""
+    s.score_batches = 1  # snip/grasp: real minibatches (of train.batch_size) per score
+    s.plugins = ""  # comma-separated modules to import; they register more methods
+    return s
 
+
+def _distill() -> ml_collections.ConfigDict:
+    """The distillation section, CPU-sized for LeNet-300-100."""
     # Distillation (MTT) for Distilled Pruning; made in the workdir unless distill.path is set.
-    c.distill = distill_defaults()
+    s = distill_defaults()
     # CPU-sized MTT for LeNet-300-100 (docs/distillation.md): 3 experts x 5 epochs on the
     # full training set, 300 iterations matching 2 expert epochs with 20 student steps.
-    c.distill.ipc = 10
-    c.distill.num_experts = 3
-    c.distill.expert_train_epochs = 5
-    c.distill.expert_lr = 0.05
-    c.distill.expert_batch_size = 128
-    c.distill.max_start_epoch = 3
-    c.distill.expert_epochs = 2
-    c.distill.syn_steps = 20
-    c.distill.batch_syn = 100
-    c.distill.iterations = 300
-    c.distill.lr_img = 100.0
-    c.distill.lr_init = 0.05
-    c.distill.memory = "unroll"
-    c.distill.checkpoint_every = 50
+    s.ipc = 10
+    s.num_experts = 3
+    s.expert_train_epochs = 5
+    s.expert_lr = 0.05
+    s.expert_batch_size = 128
+    s.max_start_epoch = 3
+    s.expert_epochs = 2
+    s.syn_steps = 20
+    s.batch_syn = 100
+    s.iterations = 300
+    s.lr_img = 100.0
+    s.lr_init = 0.05
+    s.memory = "unroll"
+    s.checkpoint_every = 50
+    return s
 
+
+def _dp() -> ml_collections.ConfigDict:
+    """Distilled Pruning's inner loop."""
     # Distilled Pruning's inner loop: training on the distilled set (one compiled program).
-    c.dp = ml_collections.ConfigDict()
-    c.dp.steps = 300  # optimiser steps per round on the distilled set (when dp.epochs = 0)
-    c.dp.epochs = 0  # > 0: epochs over the distilled set instead (the paper's unit)
-    c.dp.cutmix_prob = 0.0  # CutMix probability per batch (IDC trains with 0.5); 0 = off
-    c.dp.cutmix_beta = 1.0  # Beta(beta, beta) of CutMix's mixing ratio
-    c.dp.batch_size = 100  # clipped to the distilled set's size
-    c.dp.lr = 0.0  # 0 = the step size learned by distillation (distilled.npz 'lr')
-    c.dp.momentum = 0.9
-    c.dp.weight_decay = 5e-4
-    c.dp.decay_at = (0.5,)  # fractions of the inner loop where lr is multiplied by decay_factor
-    c.dp.decay_factor = 0.1
-    c.dp.augment = "dsa"  # dsa | none
-    c.dp.inner_seeds = 1  # >1: vmapped inner runs, scores = mean |w| over them
-    c.dp.loop = "auto"  # scan | python | auto (python for conv nets on CPU)
-    c.dp.unroll = 1  # lax.scan unroll of the inner loop
-    c.dp.chunk = 0  # >0: chunks of this many unrolled steps (scan over them, or one per call)
-    c.dp.switch_sparsity = 0.8  # dp_imp: DP rounds up to this sparsity, IMP after
-    c.dp.subset_lr = 0.0  # subset control's step size; 0 = DP's (dp.lr or the learned one)
+    s = ml_collections.ConfigDict()
+    s.steps = 300  # optimiser steps per round on the distilled set (when dp.epochs = 0)
+    s.epochs = 0  # > 0: epochs over the distilled set instead (the paper's unit)
+    s.cutmix_prob = 0.0  # CutMix probability per batch (IDC trains with 0.5); 0 = off
+    s.cutmix_beta = 1.0  # Beta(beta, beta) of CutMix's mixing ratio
+    s.batch_size = 100  # clipped to the distilled set's size
+    s.lr = 0.0  # 0 = the step size learned by distillation (distilled.npz 'lr')
+    s.momentum = 0.9
+    s.weight_decay = 5e-4
+    s.decay_at = (0.5,)  # fractions of the inner loop where lr is multiplied by decay_factor
+    s.decay_factor = 0.1
+    s.augment = "dsa"  # dsa | none
+    s.inner_seeds = 1  # >1: vmapped inner runs, scores = mean |w| over them
+    s.loop = "auto"  # scan | python | auto (python for conv nets on CPU)
+    s.unroll = 1  # lax.scan unroll of the inner loop
+    s.chunk = 0  # >0: chunks of this many unrolled steps (scan over them, or one per call)
+    s.switch_sparsity = 0.8  # dp_imp: DP rounds up to this sparsity, IMP after
+    s.subset_lr = 0.0  # subset control's step size; 0 = DP's (dp.lr or the learned one)
+    return s
 
+
+def _checkpoint() -> ml_collections.ConfigDict:
+    """Which round checkpoints a run keeps."""
     # Round checkpoints (mask + trained weights) kept per run: all (any round can be analysed or
     # exported without retraining; ~0.2 MB per LeNet round) or last (the last two; huge models).
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.keep = "all"
+    s = ml_collections.ConfigDict()
+    s.keep = "all"
+    return s
 
+
+def _metrics() -> ml_collections.ConfigDict:
+    """Where metrics go besides metrics.jsonl."""
     # Where metrics go besides metrics.jsonl (dp_jax/rundir/metrics.py): TensorBoard event files
     # under <workdir>/tb, and optionally Weights & Biases (offline unless WANDB_MODE says so).
-    c.metrics = ml_collections.ConfigDict()
-    c.metrics.tensorboard = True
-    c.metrics.wandb = False
-    c.metrics.wandb_project = "dp_jax"
+    s = ml_collections.ConfigDict()
+    s.tensorboard = True
+    s.wandb = False
+    s.wandb_project = "dp_jax"
+    return s
 
-    c.parallel = ml_collections.ConfigDict()
-    c.parallel.data_parallel = False  # shard batches over all devices ('data' mesh axis)
+
+def _parallel() -> ml_collections.ConfigDict:
+    """Devices, hosts and vmapped seeds."""
+    s = ml_collections.ConfigDict()
+    s.data_parallel = False  # shard batches over all devices ('data' mesh axis)
     # seeds > 1: train the seeds as one vmapped program. auto = on for accelerators, off on CPU
     # (no faster for MLPs, 4x slower for conv nets there: docs/performance.md).
-    c.parallel.vmap_seeds = "auto"  # auto | on | off
+    s.vmap_seeds = "auto"  # auto | on | off
     # One process per host, joined by jax.distributed (dp_jax/system/distributed.py documents the
     # coordinator settings; Cloud TPU, SLURM and Open MPI need none).
-    c.parallel.multihost = False
-    c.parallel.coordinator_address = placeholder(str)
-    c.parallel.num_processes = placeholder(int)
-    c.parallel.process_id = placeholder(int)
-
-    return c
+    s.multihost = False
+    s.coordinator_address = placeholder(str)
+    s.num_processes = placeholder(int)
+    s.process_id = placeholder(int)
+    return s
 
 
 def distill_defaults() -> ml_collections.ConfigDict:
@@ -188,6 +233,12 @@ def distill_defaults() -> ml_collections.ConfigDict:
     d.eval_periodic_models = 1
     _matching_defaults(d)
 
+    _expert_and_eval_defaults(d)
+    return d
+
+
+def _expert_and_eval_defaults(d: ml_collections.ConfigDict) -> None:
+    """The experts' training and the evaluation of a distilled set."""
     # Experts (trained on real data, parameters saved every epoch).
     d.num_experts = 5
     d.expert_train_epochs = 25
@@ -210,7 +261,6 @@ def distill_defaults() -> ml_collections.ConfigDict:
     d.eval_random = True      # also evaluate a random real subset of equal size
     d.eval_full_epochs = 2    # real-data training for the full-data baseline (0 = skip)
     d.eval_full_models = 1
-    return d
 
 
 def _matching_defaults(d: ml_collections.ConfigDict) -> None:

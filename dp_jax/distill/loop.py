@@ -138,11 +138,10 @@ def run_distillation(config, method: DistillProgram, workdir: str, *,
     Args:
       config: full config (``seed``, ``distill``).
       method: the method (:func:`dp_jax.distill.mtt.build_method`, ``gm.build_method``, ...).
-      workdir: checkpoints go to ``<workdir>/checkpoints/distill``; metrics are appended to
-        ``<workdir>/metrics.jsonl`` through ``log``.
-      log: called with keyword metrics (one JSON line each).
-      evaluator: optional :class:`dp_jax.distill.evaluate.SetEvaluator` for periodic evaluation.
-      progress: show a progress bar (on a terminal).
+      workdir, log: checkpoints go to ``<workdir>/checkpoints/distill``; ``log`` is called with
+        keyword metrics (one JSON line each in ``<workdir>/metrics.jsonl``).
+      evaluator, progress: a :class:`~dp_jax.distill.evaluate.SetEvaluator` for periodic
+        evaluation (optional); whether to show a progress bar (on a terminal).
     """
     d = config.distill
     total = int(d.iterations)

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from dp_jax import cli, rng
+from dp_jax import rng
+from dp_jax.cli import main as cli
 from dp_jax.cli import common as cli_common
 from dp_jax.tasks import eval_mask, export
 from dp_jax.tasks import settings as settings_lib
@@ -97,7 +98,7 @@ def test_pyproject_lists_every_package():
              for d, _, files in os.walk(os.path.join(ROOT, "dp_jax")) if "__init__.py" in files}
     assert found <= listed, f"add {sorted(found - listed)} to pyproject.toml's packages"
     assert project["tool"]["setuptools"]["package-dir"]["dp_jax_configs"] == "configs"
-    assert project["project"]["scripts"]["dp-jax"] == "dp_jax.cli:main"
+    assert project["project"]["scripts"]["dp-jax"] == "dp_jax.cli.main:main"
 
 
 # ---- export ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dp_jax.storage import fileio
 from dp_jax.data import apply_preprocessing, load_dataset
 from dp_jax.distill import check_compatible, load_distilled
 from dp_jax.cli import distill_tools
-from dp_jax.distill import convert
+from dp_jax.distill import importers as convert
 from dp_jax.distill import torch_pickle
 
 from conftest import ROOT, make_npz
