@@ -41,21 +41,45 @@ def _mean_by_round(rows, value):
     return np.array(pts).reshape(-1, 3)
 
 
-def barrier_vs_sparsity(rows: list[dict], path: str) -> None:
-    """Error and loss barriers against weights remaining, one line per run (mean ± std, seeds)."""
+def _two_vs_sparsity(rows: list[dict], values, names):
+    """Two panels: ``values`` (one function of a row each) against weights remaining, one line
+    per run (mean ± std over seeds), log axis; returns ``(fig, axes)`` to finish."""
     fig, axes = figures.subplots(1, 2, figsize=(11, 4))
     for label, rs in _by_run(rows).items():
-        for ax, f in zip(axes, (lambda r: 100 * r["barrier"], lambda r: r["loss_barrier"])):
+        for ax, f in zip(axes, values):
             p = _mean_by_round(rs, f)
             ax.errorbar(p[:, 0], p[:, 1], yerr=p[:, 2], marker="o", ms=3, capsize=2,
                         label=pretty(label))
-    axes[0].axhline(2.0, color="gray", ls="--", lw=1, label="stability threshold (2 pp)")
-    for ax, name in zip(axes, ("error barrier (pp)", "loss barrier")):
+    for ax, name in zip(axes, names):
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("weights remaining (%)")
         ax.set_ylabel(name)
         ax.grid(True, which="both", alpha=0.3)
+    return fig, axes
+
+
+def _first_seed_panels(rows: list[dict]):
+    """One panel per run with its first seed's rows in round order and a colour per row:
+    ``(fig, [(ax, label, seed, rows, colours)])``."""
+    groups = _by_run(rows)
+    fig, axes = figures.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    cmap = figures.get_cmap("viridis")
+    panels = []
+    for ax, (label, rs) in zip(axes[0], groups.items()):
+        seed = rs[0]["seed"]
+        rs = [r for r in rs if r["seed"] == seed]
+        panels.append((ax, label, seed, rs, [cmap(i / max(len(rs) - 1, 1))
+                                             for i in range(len(rs))]))
+    return fig, panels
+
+
+def barrier_vs_sparsity(rows: list[dict], path: str) -> None:
+    """Error and loss barriers against weights remaining, one line per run (mean ± std, seeds)."""
+    fig, axes = _two_vs_sparsity(rows, (lambda r: 100 * r["barrier"],
+                                        lambda r: r["loss_barrier"]),
+                                 ("error barrier (pp)", "loss barrier"))
+    axes[0].axhline(2.0, color="gray", ls="--", lw=1, label="stability threshold (2 pp)")
     axes[0].legend(fontsize=8)
     axes[0].set_title("Instability vs sparsity")
     axes[1].set_title("Loss barrier vs sparsity")
@@ -64,15 +88,10 @@ def barrier_vs_sparsity(rows: list[dict], path: str) -> None:
 
 def interpolation_curves(rows: list[dict], path: str) -> None:
     """Test error along the path, one panel per run, one line per round (first seed)."""
-    groups = _by_run(rows)
-    fig, axes = figures.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    cmap = figures.get_cmap("viridis")
-    for ax, (label, rs) in zip(axes[0], groups.items()):
-        seed = rs[0]["seed"]
-        rs = [r for r in rs if r["seed"] == seed]
-        for i, r in enumerate(rs):
-            ax.plot(r["alphas"], 100 * np.asarray(r["error"]), marker=".",
-                    color=cmap(i / max(len(rs) - 1, 1)),
+    fig, panels = _first_seed_panels(rows)
+    for ax, label, seed, rs, colours in panels:
+        for r, colour in zip(rs, colours):
+            ax.plot(r["alphas"], 100 * np.asarray(r["error"]), marker=".", color=colour,
                     label=f"r{r['round']} ({100 * r['sparsity']:.0f}% pruned)")
         ax.set_title(f"{pretty(label)} (seed {seed})")
         ax.set_xlabel("alpha")
@@ -98,18 +117,10 @@ def rewind_curves(curves: list[dict], path: str) -> None:
 
 def hessian_vs_sparsity(rows: list[dict], path: str) -> None:
     """Top eigenvalue and trace of the restricted Hessian against weights remaining."""
-    fig, axes = figures.subplots(1, 2, figsize=(11, 4))
-    for label, rs in _by_run(rows).items():
-        for ax, f in zip(axes, (lambda r: r["top_eigenvalues"][0], lambda r: r["trace"])):
-            p = _mean_by_round(rs, f)
-            ax.errorbar(p[:, 0], p[:, 1], yerr=p[:, 2], marker="o", ms=3, capsize=2,
-                        label=pretty(label))
-    for ax, name in zip(axes, ("top Hessian eigenvalue", "Hessian trace (Hutchinson)")):
-        ax.set_xscale("log")
-        ax.invert_xaxis()
-        ax.set_xlabel("weights remaining (%)")
-        ax.set_ylabel(name)
-        ax.grid(True, which="both", alpha=0.3)
+    names = ("top Hessian eigenvalue", "Hessian trace (Hutchinson)")
+    fig, axes = _two_vs_sparsity(rows, (lambda r: r["top_eigenvalues"][0], lambda r: r["trace"]),
+                                 names)
+    for ax, name in zip(axes, names):
         ax.set_title(name + " (trained copy)")
     axes[0].legend(fontsize=8)
     _save(fig, path)
@@ -117,16 +128,12 @@ def hessian_vs_sparsity(rows: list[dict], path: str) -> None:
 
 def hessian_density(rows: list[dict], path: str) -> None:
     """SLQ spectral densities (log scale), one panel per run, one line per round (first seed)."""
-    groups = _by_run(rows)
-    fig, axes = figures.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    cmap = figures.get_cmap("viridis")
-    for ax, (label, rs) in zip(axes[0], groups.items()):
-        seed = rs[0]["seed"]
-        rs = [r for r in rs if r["seed"] == seed]
-        for i, r in enumerate(rs):
+    fig, panels = _first_seed_panels(rows)
+    for ax, label, seed, rs, colours in panels:
+        for r, colour in zip(rs, colours):
             d = r["density"]
-            ax.semilogy(d["grid"], np.maximum(d["density"], 1e-12),
-                        color=cmap(i / max(len(rs) - 1, 1)), label=f"r{r['round']}")
+            ax.semilogy(d["grid"], np.maximum(d["density"], 1e-12), color=colour,
+                        label=f"r{r['round']}")
         ax.set_ylim(bottom=1e-6)
         ax.set_title(f"{pretty(label)} (seed {seed})")
         ax.set_xlabel("eigenvalue")
