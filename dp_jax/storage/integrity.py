@@ -16,6 +16,8 @@ from typing import Optional
 
 import jax
 
+from dp_jax.storage import atomic
+
 MANIFEST = "checksums.json"
 
 
@@ -52,9 +54,8 @@ def _manifest(directory: str) -> dict:
 
 
 def _write_manifest(directory: str, entries: dict) -> None:
-    from dp_jax.storage import fileio  # io imports orbax; keep this module light for readers
-    fileio.atomic_write_bytes(os.path.join(directory, MANIFEST),
-                          json.dumps(entries, indent=1, sort_keys=True).encode())
+    atomic.atomic_write_bytes(os.path.join(directory, MANIFEST),
+                              json.dumps(entries, indent=1, sort_keys=True).encode())
 
 
 def record(directory: str, rel: str) -> None:
