@@ -1,6 +1,6 @@
 """One experiment: methods x seeds of pruning runs on one dataset and model.
 
-``run(config, workdir)`` is what ``main.py`` (and the notebook) call. It validates
+``run(config, workdir)`` is the prune task (``dp_jax.run`` and ``dp-jax run`` call it). It validates
 the config, trains each seed's dense network once (shared by every method of
 that seed: round 0, IMP's first training and its rewind points; dp_jax.pruning.dense), runs each
 method's rounds (seed after seed, or all seeds as one program with
@@ -24,34 +24,33 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from dp_jax.system import compile_time
-from dp_jax.pruning import dense as dense_lib
-from dp_jax.system import distributed
-from dp_jax.storage import fileio
 from dp_jax import methods
+from dp_jax import rng
+from dp_jax.distill import sets as distill_sets
+from dp_jax.pruning import dense as dense_lib
 from dp_jax.pruning import records
 from dp_jax.pruning import rounds as prune_lib
-from dp_jax import rng
 from dp_jax.pruning import seeds as seed_groups
 from dp_jax.pruning import setup as setup_lib
-from dp_jax.training import small_set
-from dp_jax.tasks import settings as settings_lib
 from dp_jax.pruning.plan import Distilled
 from dp_jax.pruning.settings import Experiment
+from dp_jax.reports import pruning as report
 from dp_jax.rundir import lock as lock_lib
 from dp_jax.rundir import paths as workdir_lib
-from dp_jax.system.progress import Progress
-from dp_jax.distill import sets as distill_sets
-from dp_jax.tasks import distill as distill_task
 from dp_jax.rundir.metrics import MetricsLog
-from dp_jax.reports import pruning as report
+from dp_jax.storage import fileio
+from dp_jax.system import compile_time, distributed
+from dp_jax.system.progress import Progress
+from dp_jax.tasks import distill as distill_task
+from dp_jax.tasks import settings as settings_lib
+from dp_jax.training import small_set
 
 
 def run(config, workdir: str, *, restart_changed: bool = False, progress: bool = True) -> dict:
     """Run the experiment described by ``config`` into ``workdir``; returns summary.json's content.
 
     Nothing is written until the config, the data and the workdir's identity have been
-    checked; one process at a time may use a workdir (:class:`dp_jax.rundir.paths.Lock`). With
+    checked; one process at a time may use a workdir (:class:`dp_jax.rundir.lock.Lock`). With
     ``restart_changed``, runs whose settings changed are moved aside and run afresh.
     """
     t_start = time.time()

@@ -11,26 +11,23 @@ import os
 
 import jax
 
-from dp_jax.training import optimizers
+from dp_jax import distill
 from dp_jax import masks as masks_lib
 from dp_jax import methods
-from dp_jax.training import precision
-from dp_jax.pruning import seeds as seed_groups
-from dp_jax.training import trainer as train_lib
-from dp_jax.data import preprocess
-from dp_jax.data import registry as data_registry
-from dp_jax.models import MODELS, create_model, init_variables
-from dp_jax import distill
 from dp_jax.config import defaults
 from dp_jax.config import files as config_files
-from dp_jax.data import DataSpec
+from dp_jax.data import DataSpec, preprocess
+from dp_jax.data import registry as data_registry
 from dp_jax.distill.settings import DistillSettings
-from dp_jax.models import ModelSpec
-from dp_jax.rundir import paths as workdir_lib
-from dp_jax.storage import fileio
+from dp_jax.models import MODELS, ModelSpec, create_model, init_variables
+from dp_jax.pruning import seeds as seed_groups
 from dp_jax.pruning.settings import CheckpointSettings, Experiment, PruneSettings
+from dp_jax.rundir import paths as workdir_lib
 from dp_jax.rundir.metrics import MetricsSettings
+from dp_jax.storage import fileio
 from dp_jax.system.distributed import ParallelSettings
+from dp_jax.training import optimizers, precision
+from dp_jax.training import trainer as train_lib
 from dp_jax.training.settings import DPSettings, TrainSettings
 
 PREPROCESS = preprocess.PREPROCESS_KINDS
