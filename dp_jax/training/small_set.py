@@ -176,22 +176,23 @@ def make_inner_python(model, tx, *, num_steps: int, batch_size: int,
     step = inner_step(model, tx, batch_size=batch_size, augment=augment, cutmix=cutmix,
                       compute_dtype=compute_dtype)
 
-    def steps(state, x, y, key, t0):
+    def steps(state, x, y, key):
         ms = []
-        for i in range(c):  # unrolled: c is small and static
-            state, m = step(state, x, y, key, t0 + i)
+        for _ in range(c):  # unrolled: c is small and static
+            # The step index is the state's own (on the device): the host passes no scalar.
+            state, m = step(state, x, y, key, state.step)
             ms.append(m)
         return state, jax.tree.map(lambda *v: jnp.stack(v), *ms)
 
-    program = jax.jit(jax.vmap(steps, in_axes=(0, None, None, 0, None)), donate_argnums=0)
+    program = jax.jit(jax.vmap(steps, in_axes=(0, None, None, 0)), donate_argnums=0)
     init = jax.jit(jax.vmap(lambda v, m, k: train_lib.create_state(v, m, tx),
                             in_axes=(None, None, 0)))
 
     def fn(variables, mask, x, y, keys):
         state = init(variables, mask, keys)
         ms = []
-        for t0 in range(0, num_steps, c):
-            state, m = program(state, x, y, keys, jnp.int32(t0))
+        for _ in range(0, num_steps, c):
+            state, m = program(state, x, y, keys)
             ms.append(m)
         return state, jax.tree.map(lambda *v: jnp.concatenate(v, axis=1), *ms)
     return fn
@@ -218,7 +219,7 @@ def make_inner_train(model, recipe: Recipe, n: int, augment, *, loop: str = "sca
 
         def run_python(variables, mask, x, y, keys):
             state, metrics = run(variables, mask, x, y, keys)
-            return state.params, metrics["loss"][:, -1]
+            return state.params, _last_loss(metrics["loss"])
         return run_python
     body = make_inner_loop(model, tx, num_steps=steps, batch_size=recipe.batch_size,
                            augment=augment, unroll=unroll, chunk=chunk, cutmix=mix,
@@ -229,6 +230,12 @@ def make_inner_train(model, recipe: Recipe, n: int, augment, *, loop: str = "sca
             variables, mask, x, y, keys)
         return state.params, metrics["loss"][:, -1]
     return jax.jit(fn)
+
+
+@jax.jit
+def _last_loss(loss: jax.Array) -> jax.Array:
+    """Each seed's loss at the last step (jitted: an eager slice would copy its bounds)."""
+    return loss[:, -1]
 
 
 _PROGRAMS: dict = {}

@@ -181,33 +181,41 @@ class Trainer(StreamTraining):
             idx = jax.lax.dynamic_slice_in_dim(perm, i * B, B)
             return _constrain(x[idx], mesh), _constrain(y[idx], mesh)
 
-        def one(state, x, y, perm, i, key):
-            xb, yb = batch_at(x, y, perm, i)
+        S = self.steps_per_epoch
+
+        # The batch position comes from the state's own step (on the device), so a hot loop
+        # passes no host scalar: nothing to copy per step or epoch on an accelerator.
+        def one(state, x, y, perm, key):
+            xb, yb = batch_at(x, y, perm, state.step % S)
             return step(state, xb, yb, jax.random.fold_in(key, state.step))
 
-        def segment(state, x, y, perm, start, key, length):
-            def body(s, i):
-                return one(s, x, y, perm, i, key)
-            return jax.lax.scan(body, state, start + jnp.arange(length), unroll=self.unroll)
+        def segment(state, x, y, perm, key, length):
+            def body(s, _):
+                return one(s, x, y, perm, key)
+            return jax.lax.scan(body, state, None, length=length, unroll=self.unroll)
+
+        def one_logged(state, x, y, perm, key):  # a step's metrics as a segment of length 1
+            state, m = one(state, x, y, perm, key)
+            return state, jax.tree.map(lambda v: v[None], m)
 
         def one_batch(state, xb, yb, key):
             # A streamed batch is already the step's minibatch (dp_jax.data.pipeline).
             return step(state, _constrain(xb, mesh), _constrain(yb, mesh),
                         jax.random.fold_in(key, state.step))
 
-        def perm(key, e):
-            return jax.random.permutation(jax.random.fold_in(key, e), self.num_train)
+        def perm(key, step):  # the data order of the epoch that holds global step ``step``
+            return jax.random.permutation(jax.random.fold_in(key, step // S), self.num_train)
 
         self._step_batch = jax.jit(one_batch, donate_argnums=0)
         self._eval = jax.jit(functools.partial(_eval_batch, model=model))
         # One run, and S runs as one program (every argument but the data gains a seed axis).
         self._programs = {
             False: (jax.jit(perm), jax.jit(segment, static_argnames="length", donate_argnums=0),
-                    jax.jit(one, donate_argnums=0)),
-            True: (jax.jit(jax.vmap(perm, in_axes=(0, None))),
+                    jax.jit(one_logged, donate_argnums=0)),
+            True: (jax.jit(jax.vmap(perm)),
                    jax.jit(_vmapped_segment(segment), static_argnames="length",
                            donate_argnums=0),
-                   jax.jit(jax.vmap(one, in_axes=(0, None, None, 0, None, 0)),
+                   jax.jit(jax.vmap(one_logged, in_axes=(0, None, None, 0, 0)),
                            donate_argnums=0)),
         }
 
@@ -251,7 +259,8 @@ class Trainer(StreamTraining):
     def _train(self, state, x, y, key, num_steps, snapshot_steps, on_epoch, seeds: bool):
         perm_fn, segment_fn, step_fn = self._programs[seeds]
         S = self.steps_per_epoch
-        t = int(state.step[0] if seeds else state.step)
+        # The one read of the device per call (explicit): where the state stands.
+        t = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
         state = self._replicate(state)
         snaps = {}
         wanted = sorted({int(s) for s in snapshot_steps if t <= int(s) <= num_steps})
@@ -263,15 +272,14 @@ class Trainer(StreamTraining):
             end = min((epoch + 1) * S, num_steps)
             cut = [s for s in wanted if t < s < end]
             stop = cut[0] if cut else end
-            perm = perm_fn(key, epoch)
+            perm = perm_fn(key, state.step)
             if self.loop == "scan":
-                state, m = segment_fn(state, x, y, perm, jnp.int32(t - epoch * S), key,
-                                      length=stop - t)
+                state, m = segment_fn(state, x, y, perm, key, length=stop - t)
                 epoch_metrics.append(m)  # (steps,), or (seeds, steps)
             else:
-                for i in range(t - epoch * S, stop - epoch * S):
-                    state, m = step_fn(state, x, y, perm, jnp.int32(i), key)
-                    epoch_metrics.append(jax.tree.map(lambda v: v[..., None], m))
+                for _ in range(t, stop):
+                    state, m = step_fn(state, x, y, perm, key)
+                    epoch_metrics.append(m)
             t = stop
             if t in wanted:
                 snaps[t] = snapshot(state)
@@ -331,8 +339,8 @@ def evaluate(model, params: PyTree, batch_stats: PyTree, mask: PyTree, x: jax.Ar
 
 def _vmapped_segment(segment):
     """``segment`` vmapped over the state, the permutation and the key (data shared)."""
-    def fn(state, x, y, perm, start, key, length):
-        return jax.vmap(lambda s, p, k: segment(s, x, y, p, start, k, length))(state, perm, key)
+    def fn(state, x, y, perm, key, length):
+        return jax.vmap(lambda s, p, k: segment(s, x, y, p, k, length))(state, perm, key)
     return fn
 
 

@@ -407,21 +407,10 @@ def _known(reason: str):
 
 
 GUARD_CASES = [
-    pytest.param("trainer_scan", marks=_known(
-        "dp_jax/training/trainer.py Trainer._train copies two host scalars per epoch: "
-        "`perm_fn(key, epoch)` (the Python int epoch) and `jnp.int32(t - epoch * S)` (the "
-        "segment start); on entry `int(state.step)` is an implicit device-to-host read, which "
-        "the guard refuses on accelerators")),
-    pytest.param("trainer_python", marks=_known(
-        "dp_jax/training/trainer.py Trainer._train: `perm_fn(key, epoch)` once per epoch and "
-        "`step_fn(state, x, y, perm, jnp.int32(i), key)` once per step copy host scalars; "
-        "`int(state.step)` on entry as in the scan form")),
+    "trainer_scan",
+    "trainer_python",
     "inner_scan",
-    pytest.param("inner_python", marks=_known(
-        "dp_jax/training/small_set.py make_inner_python.fn: `program(state, x, y, keys, "
-        "jnp.int32(t0))` copies the chunk start from the host once per chunk; "
-        "make_inner_train.run_python: the eager index `metrics['loss'][:, -1]` copies its "
-        "slice bounds")),
+    "inner_python",
     "mtt_matcher_scan",
     pytest.param("mtt_matcher_python", marks=_known(
         "dp_jax/distill/mtt.py TrajectoryMatcher._python: `ks = [jnp.int32(k) for k in "
@@ -483,12 +472,11 @@ def test_real_data_step_donates_the_state(workloads, loop):
     state, x, y, key = w.prepare(5)
     n_leaves = len(jax.tree.leaves(state))
     perm_fn, segment_fn, step_fn = tr._programs[False]
-    perm = perm_fn(key, jnp.int32(0))
+    perm = perm_fn(key, state.step)
     if loop == "scan":
-        lowered = segment_fn.lower(state, x, y, perm, jnp.int32(0), key,
-                                   length=tr.steps_per_epoch)
+        lowered = segment_fn.lower(state, x, y, perm, key, length=tr.steps_per_epoch)
     else:
-        lowered = step_fn.lower(state, x, y, perm, jnp.int32(0), key)
+        lowered = step_fn.lower(state, x, y, perm, key)
     assert _aliased_inputs(lowered) == n_leaves
     assert _compiled_aliases(lowered.compile()) == n_leaves
     # The streamed-batch step as well.
@@ -511,11 +499,11 @@ def test_inner_loop_donates_its_state(workloads):
     init = _closure(run, "init")
     v, mask, x, y, keys = w.prepare(6)
     state = init(v, mask, keys)
-    lowered = program.lower(state, x, y, keys, jnp.int32(0))
+    lowered = program.lower(state, x, y, keys)
     n_leaves = len(jax.tree.leaves(state))
     assert _aliased_inputs(lowered) == n_leaves
     assert _compiled_aliases(lowered.compile()) == n_leaves
-    block(program(state, x, y, keys, jnp.int32(0)))
+    block(program(state, x, y, keys))
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
     # Scan form: the state is created and carried inside one program (nothing to donate);
     # its inputs -- the round's weights and mask, reused by the caller -- must not be donated.
@@ -535,7 +523,7 @@ def test_an_epoch_reads_from_the_device_only_at_its_logging_point(workloads, loo
         block(w.hot(*args))
     logging = [r for r in reads if r.site.startswith("dp_jax/training/outputs.py:check_finite")]
     assert len(logging) == epochs and all(r.explicit for r in logging), reads
-    # Besides the per-epoch log, one read on entry: Trainer._train's `int(state.step)`.
+    # Besides the per-epoch log, one explicit read on entry: where the state stands.
     others = [r for r in reads if r not in logging]
     assert [r.site for r in others] == ["dp_jax/training/trainer.py:_train"], others
     # Without a logger an epoch never waits for the device (only the entry read remains).
@@ -545,10 +533,6 @@ def test_an_epoch_reads_from_the_device_only_at_its_logging_point(workloads, loo
     assert [r.site for r in reads] == ["dp_jax/training/trainer.py:_train"], reads
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dp_jax/training/trainer.py Trainer._train reads `int(state.step)` from the device on "
-    "entry (an implicit device-to-host read: refused under transfer_guard on accelerators, "
-    "and it waits for the state's producer); the step could travel with the caller"))
 def test_training_never_reads_the_device_implicitly(workloads):
     w = workloads("trainer_scan")
     args = w.prepare(9)
