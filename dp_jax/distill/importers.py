@@ -95,6 +95,15 @@ def _file(args, flag: str) -> str:
     return path
 
 
+def _describe(x) -> str:
+    """What ``x`` is, in bounded time (numpy prints every element of e.g. a (2,)*30 array)."""
+    if isinstance(x, np.ndarray):
+        return f"a {x.dtype} array of shape {x.shape}"
+    if isinstance(x, float) or (isinstance(x, int) and x.bit_length() <= 64):
+        return repr(x)
+    return f"a {type(x).__name__}"
+
+
 def _read_mtt(args) -> dict:
     """MTT: images_*.pt and labels_*.pt, optionally synthetic_lr as its own .pt."""
     images_path, labels_path = _file(args, "images"), _file(args, "labels")
@@ -108,7 +117,7 @@ def _read_mtt(args) -> dict:
         if isinstance(lr, np.ndarray) and lr.size == 1 and lr.dtype.kind == "f":
             lr = float(lr.reshape(()))
         if not isinstance(lr, float):
-            raise ValueError(f"{lr_path}: 'lr' must be a scalar float, got {lr!r:.80}")
+            raise ValueError(f"{lr_path}: 'lr' must be a scalar float, got {_describe(lr)}")
         src.update(lr=lr, lr_from=f"file {lr_path}")
         src["files"]["lr"] = lr_path
     return src
@@ -139,7 +148,8 @@ def _read_npz(args) -> dict:
            "files": {"npz": path}}
     if "lr" in arrays:
         if arrays["lr"].size != 1 or arrays["lr"].dtype.kind != "f":
-            raise ValueError(f"{path}: 'lr' must be a float scalar, got {arrays['lr']!r:.80}")
+            raise ValueError(f"{path}: 'lr' must be a float scalar, got "
+                             f"{_describe(arrays['lr'])}")
         src.update(lr=float(arrays["lr"].reshape(())), lr_from=f"{path} ['lr']")
     return src
 
@@ -274,6 +284,26 @@ def _to_model_space(x: np.ndarray, args, prep: dict) -> np.ndarray:
     return pre.apply_preprocessing(x, prep)
 
 
+# Largest |x| accepted in model space. The preprocessings map [0, 1] pixels to (x - mean) / std
+# (|x| <= 1e2 even for a channel std of 1e-2), and ZCA whitening multiplies the norm by at most
+# 1/sqrt(zca_eps): a standardised 32x32x3 image (|x| <= ~2, norm <= ~1.2e2) stays below ~4e2 at
+# eps 0.1 and ~4e3 at eps 1e-3. Real sets, distilled ones drifting past the pixel range included,
+# stay well below 1e4; above it the set is mis-scaled (e.g. x 1e30) or in another space. At 1e4 the
+# sum of squares of a 64x64x3 image (~1e12) stays far inside float32: no overflow downstream.
+MAX_ABS_IMAGE = 1e4
+
+
+def _check_magnitude(x: np.ndarray, where: str) -> None:
+    """ValueError naming ``where`` unless the model-space images are finite and plausibly scaled."""
+    if not np.isfinite(x).all():
+        raise ValueError(f"{where}: images are not finite in the dataset's input space")
+    peak = float(np.abs(x).max())
+    if peak > MAX_ABS_IMAGE:
+        raise ValueError(f"{where}: images reach |x| = {peak:.3g} in the dataset's input space, "
+                         f"over {MAX_ABS_IMAGE:g}: not images of this space (wrong --space or a "
+                         "mis-scaled set)")
+
+
 def convert(args) -> dist_lib.DistilledSet:
     """Reads, checks, decodes and writes the set (``args`` from :func:`parse_args`)."""
     _check_flags(args)
@@ -292,9 +322,10 @@ def convert(args) -> dist_lib.DistilledSet:
                          "(IDC's decode_zoom takes square images)")
     images, labels = idc_decode(stored, stored_labels, factor)
     prep = dataset.preprocessing
-    images, stored = _to_model_space(images, args, prep), _to_model_space(stored, args, prep)
-    if not np.isfinite(images).all():
-        raise ValueError(f"{where}: images are not finite in the dataset's input space")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+        images, stored = _to_model_space(images, args, prep), _to_model_space(stored, args, prep)
+    for x in (images, stored):
+        _check_magnitude(x, where)
     provenance = _provenance(args, src, stored, images, factor, lr, lr_from, data_cfg, seed,
                              prep)
     dset = dist_lib.DistilledSet(

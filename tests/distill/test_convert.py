@@ -281,6 +281,24 @@ def _bad_npz(tmp_path, **change):
     return ["--format=npz", f"--npz={tmp_path / 'bad.npz'}"]
 
 
+def _scaled(tmp_path, factor):
+    """set.npz with its images multiplied by ``factor`` (finite in float32 up to ~3.4e38)."""
+    with np.load(fix("set.npz")) as z:
+        images = z["images"]
+    return _bad_npz(tmp_path, images=(images * np.float32(factor)).astype(np.float32))
+
+
+def _array_lr(tmp_path):
+    """MTT flags with an lr file holding a (2,)*24 stride-0 bool view: 16M elements, every one of
+    which numpy's repr would print (the error must describe it, not repr it)."""
+    path = tmp_path / "lr.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("t/data.pkl", _tensor_pickle(numel=1, size=(2,) * 24, stride=(0,) * 24,
+                                                stype=b"ctorch\nBoolStorage\n"))
+        z.writestr("t/data/0", b"\x01")
+    return MTT + [f"--lr_file={path}"]
+
+
 _IMAGES = np.zeros((20, 8, 8, 1), np.float32)
 _LABELS = np.repeat(np.arange(10), 2)
 BAD = {
@@ -302,11 +320,16 @@ BAD = {
     "nan": (lambda t: _bad_npz(t, images=np.where(_LABELS[:, None, None, None] == 3, np.nan,
                                                   _IMAGES).astype(np.float32)),
             ["bad.npz", "images contain NaN"]),
+    "scaled": (lambda t: _scaled(t, 1e30), ["bad.npz", "reach |x| = ", "over 10000"]),
+    "overflow": (lambda t: _scaled(t, 1e30) + ["--space=standardised", "--source_mean=0",
+                                              "--source_std=1e10"],
+                 ["bad.npz", "not finite in the dataset's input space"]),
     "factor": (lambda t: ["--format=idc", f"--data={fix('idc_data.pt')}", "--factor=3", "--lr=1"],
                ["idc_data.pt", "--factor=3 must divide"]),
     "lr zero": (lambda t: ["--format=idc", f"--data={fix('idc_data.pt')}", "--factor=1", "--lr=0"],
                 ["--lr", "step size lr must be finite and > 0"]),
     "lr nan": (lambda t: _bad_npz(t, lr=np.float32(np.nan)), ["bad.npz", "['lr']", "finite"]),
+    "lr array": (_array_lr, ["lr.pt", "'lr' must be a scalar float, got a bool array of shape"]),
     "lr twice": (lambda t: _bad_npz(t) + ["--lr=0.1"], ["bad.npz", "give one"]),
     "lr missing": (lambda t: MTT, ["--lr or --lr_file"]),
     "soft labels": (lambda t: MTT[:2] + [f"--labels={fix('soft_labels.pt')}", "--lr=1"],
