@@ -53,14 +53,21 @@ def stack(trees) -> PyTree:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def unstack(tree: PyTree, i: int) -> PyTree:
-    """Element ``i`` of a stacked pytree."""
+    """Element ``i`` of a stacked pytree (jitted: eager indexing would copy the index)."""
     return jax.tree.map(lambda x: x[i], tree)
+
+
+def _selector(tree: PyTree, value) -> PyTree:
+    # Built on the host and copied once, explicitly (eager scalars would copy one per leaf).
+    return jax.device_put(jax.tree_util.tree_map_with_path(
+        lambda p, _: np.asarray(value(masks_lib.path_str(p)), np.float32), tree))
 
 
 def ones_selector(tree: PyTree) -> PyTree:
     """Selector that applies the coefficients to every leaf (plain, whole-network families)."""
-    return jax.tree.map(lambda _: jnp.ones((), jnp.float32), tree)
+    return _selector(tree, lambda path: 1.0)
 
 
 def combine(anchors: PyTree, coeffs: jax.Array, sel: Optional[PyTree] = None) -> PyTree:
@@ -199,7 +206,7 @@ class FamilyEvaluator:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         if bn_batches is None or len(bn_batches) == 0:
             raise ValueError("bn_mode='recompute' needs training batches (bn_batches)")
-        zero = jax.tree.map(lambda s: jnp.zeros_like(s[0]), anchors["batch_stats"])
+        zero = _zero_stats(anchors["batch_stats"])
         if not self._momentum_checked:
             self._check_momentum(coeffs, anchors["params"], sel["params"], mask, zero,
                                  bn_batches[0])
@@ -207,8 +214,7 @@ class FamilyEvaluator:
         for xb in bn_batches:
             s = self._scaled_stats(coeffs, anchors["params"], sel["params"], mask, zero, xb)
             total = s if total is None else jax.tree.map(jnp.add, total, s)
-        scale = 1.0 / ((1.0 - self.bn_momentum) * len(bn_batches))
-        return jax.tree.map(lambda t: t * scale, total)
+        return _scaled(total, 1.0 / ((1.0 - self.bn_momentum) * len(bn_batches)))
 
     def evaluate(self, anchors: dict, coeffs, mask: PyTree, x, y, *, sel: Optional[dict] = None,
                  bn_mode: str = "interpolate", bn_batches=None, batches=None) -> dict:
@@ -227,7 +233,7 @@ class FamilyEvaluator:
         Returns:
           ``{"loss": (G,), "error": (G,)}`` as float64 NumPy arrays.
         """
-        coeffs = np.asarray(coeffs, np.float32)
+        coeffs = np.asarray(jax.device_get(coeffs), np.float32)  # validated and padded here
         if coeffs.ndim != 2 or coeffs.shape[1] != jax.tree.leaves(anchors["params"])[0].shape[0]:
             raise ValueError(f"coeffs must be (G, K) with K anchors, got {coeffs.shape}")
         if sel is None:
@@ -241,7 +247,7 @@ class FamilyEvaluator:
         padded = np.concatenate([coeffs, np.repeat(coeffs[-1:], (-g) % c, 0)])
         loss, correct = [], []
         for s in range(0, padded.shape[0], c):
-            cc = jnp.asarray(padded[s:s + c])
+            cc = jax.device_put(padded[s:s + c])
             stats = self.batch_stats(anchors, cc, mask, sel=sel, bn_mode=bn_mode,
                                      bn_batches=bn_batches)
             tot = None
@@ -254,6 +260,17 @@ class FamilyEvaluator:
         loss = np.concatenate(loss)[:g] / n
         err = 1.0 - np.concatenate(correct)[:g] / n
         return {"loss": loss, "error": err}
+
+
+@jax.jit
+def _zero_stats(stacked: PyTree) -> PyTree:
+    """Zeros shaped like one anchor's statistics (jitted: no eager fill values)."""
+    return jax.tree.map(lambda s: jnp.zeros_like(s[0]), stacked)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _scaled(tree: PyTree, scale: float) -> PyTree:
+    return jax.tree.map(lambda t: t * scale, tree)
 
 
 def bn_batches(x_train, key: jax.Array, *, num_batches: int, batch_size: int) -> jax.Array:
@@ -287,6 +304,4 @@ def layer_names(params: PyTree) -> list[str]:
 
 def layer_selector(tree: PyTree, layer: str) -> PyTree:
     """Selector that is one on the leaves of ``layer`` and zero elsewhere."""
-    def sel(p, _):
-        return jnp.asarray(1.0 if module_of(masks_lib.path_str(p)) == layer else 0.0, jnp.float32)
-    return jax.tree_util.tree_map_with_path(sel, tree)
+    return _selector(tree, lambda path: 1.0 if module_of(path) == layer else 0.0)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dp_jax import rng
@@ -116,23 +117,25 @@ class DistributionMatching:
         return dm_loss(self.model, params, bn, real, syn, augment=self.siamese,
                        key=jax.random.fold_in(k_outer, rng.MATCH_AUG))
 
-    def _update_fn(self, images, opt, k_it, ctx):
+    def _update_fn(self, images, opt, key, it, ctx):
+        k_it = jax.random.fold_in(key, it)
         params, bn = common.fresh_network(
             self.model, jax.random.fold_in(k_it, rng.MATCH_NET_INIT), self.s.image_shape,
             ctx.mask)
         k_outer = rng.fold(k_it, rng.MATCH_OUTER, 0)
         loss, g = jax.value_and_grad(self.loss_of_images)(images, params, bn, k_outer, ctx)
         u, opt = self.tx_img.update(g, opt, images)
-        return optax.apply_updates(images, u), opt, loss, optax.tree.norm(g)
+        return (optax.apply_updates(images, u), opt, loss / self.s.num_classes,
+                optax.tree.norm(g))
 
     def step(self, state: dict, it: int, *, key: jax.Array, ctx: common.MatchData):
         """One iteration: ``(state, loss per class, info)``; ``key`` is
         ``fold(distill_key, DISTILL_DM)``."""
         with fast_convs(self.s.fast_conv):
-            images, opt, loss, gnorm = self._update(state["images"], state["opt"],
-                                                    jax.random.fold_in(key, it), ctx)
-        return ({"images": images, "opt": opt}, loss / self.s.num_classes,
-                {"grad_norm_images": gnorm})
+            # The iteration number travels explicitly: no implicit copy inside the loop.
+            images, opt, loss, gnorm = self._update(state["images"], state["opt"], key,
+                                                    jax.device_put(np.int32(it)), ctx)
+        return {"images": images, "opt": opt}, loss, {"grad_norm_images": gnorm}
 
 
 @functools.lru_cache(maxsize=8)

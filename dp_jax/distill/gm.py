@@ -45,6 +45,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dp_jax import masks as masks_lib
@@ -209,6 +210,12 @@ class GradientMatching:
                               jax.random.key(0))
         self.has_bn = bool(jax.tree.leaves(like.get("batch_stats", {})))
         self._init = jax.jit(wrap(self._init_fn))
+        self._zeros = jax.jit(wrap(jnp.zeros_like))
+        self._mean = jax.jit(wrap(lambda total: total / (s.num_classes * s.outer)))  # DC's
+        # Loop indices (class, outer loop, network step) copied to the device once,
+        # explicitly: the jitted pieces take them as arguments (one program for all).
+        self._ints = [jax.device_put(np.int32(i))
+                      for i in range(max(s.num_classes, s.outer, s.inner, 1))]
         self._class = jax.jit(wrap(self._class_fn))
         self._apply = jax.jit(wrap(self._apply_fn))
         self._net = jax.jit(wrap(self._net_fn))
@@ -225,9 +232,13 @@ class GradientMatching:
     def _outer_key(k_it, ol):
         return rng.fold(jax.random.fold_in(k_it, rng.MATCH_OUTER), ol)
 
-    def _init_fn(self, k_it, ctx):
-        return common.fresh_network(self.model, jax.random.fold_in(k_it, rng.MATCH_NET_INIT),
-                                    self.s.image_shape, ctx.mask)
+    def _init_fn(self, key, it, ctx):
+        """Iteration ``it``'s key, fresh network, its optimiser state and a zero loss sum."""
+        k_it = jax.random.fold_in(key, it)
+        params, bn = common.fresh_network(
+            self.model, jax.random.fold_in(k_it, rng.MATCH_NET_INIT), self.s.image_shape,
+            ctx.mask)
+        return k_it, params, bn, self.tx_net.init(params), jnp.float32(0.0)
 
     def class_loss_of_images(self, images, params, bn, k_outer, c, ctx) -> jax.Array:
         """Class ``c``'s loss as a function of the stored images (pure; ``c`` may be traced)."""
@@ -271,9 +282,9 @@ class GradientMatching:
 
     def _match(self, images, opt, params, bn, k_it, ol, total, ctx):
         """Every class's loss and image gradient, then one image step for their sum (DC)."""
-        grad = jnp.zeros_like(images)
+        grad, n = self._zeros(images), self._ints
         for c in range(self.s.num_classes):
-            grad, total = self._class(images, grad, total, params, bn, k_it, ol, c, ctx)
+            grad, total = self._class(images, grad, total, params, bn, k_it, ol, n[c], ctx)
         images, opt, gnorm = self._apply(images, opt, grad)
         return images, opt, gnorm, total
 
@@ -282,23 +293,20 @@ class GradientMatching:
 
         ``key`` is ``fold(distill_key, DISTILL_GM)``.
         """
-        s = self.s
-        k_it = jax.random.fold_in(key, it)
+        s, n = self.s, self._ints
         images, opt = state["images"], state["opt"]
-        total = jnp.float32(0.0)
         with fast_convs(s.fast_conv):
-            params, bn = self._init(k_it, ctx)
-            opt_net = self.tx_net.init(params)
+            k_it, params, bn, opt_net, total = self._init(key, jax.device_put(np.int32(it)),
+                                                          ctx)
             for ol in range(s.outer):
                 if bn:
-                    bn = self._bn(params, bn, k_it, ol, ctx)
-                images, opt, gnorm, total = self._match(images, opt, params, bn, k_it, ol,
+                    bn = self._bn(params, bn, k_it, n[ol], ctx)
+                images, opt, gnorm, total = self._match(images, opt, params, bn, k_it, n[ol],
                                                         total, ctx)
                 for t in range(s.inner if ol + 1 < s.outer else 0):
-                    params, bn, opt_net = self._net(params, bn, opt_net, images, k_it, ol, t,
-                                                    ctx)
-        loss = total / (s.num_classes * s.outer)  # DC's reported average
-        return {"images": images, "opt": opt}, loss, {"grad_norm_images": gnorm}
+                    params, bn, opt_net = self._net(params, bn, opt_net, images, k_it, n[ol],
+                                                    n[t], ctx)
+        return {"images": images, "opt": opt}, self._mean(total), {"grad_norm_images": gnorm}
 
 
 @functools.lru_cache(maxsize=8)

@@ -174,15 +174,20 @@ class TrajectoryMatcher:
                 dth, dx, dlr = vjp(lam)
                 return dth, gx + dx, glr + dlr
 
-            def final(th, start, target, mask):
+            def final(th, start, target, mask, x, log_lr):
                 def loss(t):
                     return sq_distance(t, target, mask) / _denominator(start, target, mask)
-                return jax.value_and_grad(loss)(th)
+                # The gradients' accumulators start here, on the device (no eager zeros).
+                return (*jax.value_and_grad(loss)(th), jnp.zeros_like(x),
+                        jnp.zeros_like(log_lr))
 
             self._fwd_res = jax.jit(fwd_res)
             self._bwd = jax.jit(bwd, donate_argnums=(8, 9, 10))
             self._bwd_res = jax.jit(bwd_res, donate_argnums=(1, 2, 3))
             self._final = jax.jit(final)
+            self._start = jax.jit(masks_lib.apply)
+            # The step indices, copied to the device once (explicitly), not per call.
+            self._ks = [jax.device_put(np.int32(k)) for k in range(self.num_steps)]
 
     # ---------------------------------------------------------------- scan form
     def _scan_loss(self, x, log_lr, y, start, target, mask, key, bn):
@@ -212,9 +217,8 @@ class TrajectoryMatcher:
 
     # ---------------------------------------------------------------- python form
     def _python(self, x, log_lr, y, start, target, mask, key, bn):
-        n = self.num_steps
-        ks = [jnp.int32(k) for k in range(n)]
-        th = masks_lib.apply(start, mask)
+        n, ks = self.num_steps, self._ks
+        th = self._start(start, mask)
         saved = {}
         if self.memory == "unroll":
             vjps = []
@@ -227,9 +231,7 @@ class TrajectoryMatcher:
                 if k % c == 0:
                     saved[k] = th
                 th = self._fwd(th, x, y, log_lr, mask, key, ks[k], bn)
-        loss, lam = self._final(th, start, target, mask)
-        gx = jnp.zeros_like(x)
-        glr = jnp.zeros_like(log_lr)
+        loss, lam, gx, glr = self._final(th, start, target, mask, x, log_lr)
         if self.memory == "unroll":
             for k in reversed(range(n)):
                 lam, gx, glr = self._bwd_res(vjps.pop(), lam, gx, glr)
@@ -295,6 +297,36 @@ def apply_updates(images, log_lr, opt_img, opt_lr, g_images, g_log_lr, *, tx_img
 
 # ------------------------------------------------------------------ the method the loop runs
 
+_norm = jax.jit(optax.tree.norm)
+
+
+class _Picks:
+    """Iteration ``it``'s expert, start epoch and student key (see :func:`build_method`).
+
+    The host needs the expert and the epoch to fetch them from the buffer; they are drawn for
+    ``BLOCK`` iterations in one program and read back once, so an iteration never waits for
+    the device before it can start (a per-iteration read would stall an accelerator).
+    """
+    BLOCK = 256
+
+    def __init__(self, key: jax.Array, num_experts: int, max_start_epoch: int):
+        def draw(it):
+            k = jax.random.fold_in(key, it)
+            return (jax.random.randint(jax.random.fold_in(k, 0), (), 0, num_experts),
+                    jax.random.randint(jax.random.fold_in(k, 1), (), 0, max_start_epoch))
+
+        self._draw = jax.jit(jax.vmap(draw))
+        self._key = jax.jit(lambda it: jax.random.fold_in(jax.random.fold_in(key, it), 2))
+        self._block, self._drawn = -1, None
+
+    def __call__(self, it: int) -> tuple[int, int, jax.Array]:
+        b = it // self.BLOCK
+        if b != self._block:
+            its = np.arange(b * self.BLOCK, (b + 1) * self.BLOCK, dtype=np.int32)
+            self._block, self._drawn = b, jax.device_get(self._draw(jax.device_put(its)))
+        e, t = (int(a[it - b * self.BLOCK]) for a in self._drawn)
+        return e, t, self._key(jax.device_put(np.int32(it)))
+
 @functools.lru_cache(maxsize=8)
 def _matcher(model, num_steps, batch, dsa, memory, loop, unroll, fast_conv, compute_dtype):
     # Cached so that repeated distillations in one process (resumes, tests, several pruning
@@ -336,16 +368,10 @@ def build_method(config, dataset, traj: Trajectories, *,
 
     y_train = synthetic.decode(images, labels, factor)[1]
 
-    @jax.jit
-    def pick(it):
-        k = jax.random.fold_in(k_mtt, it)
-        e = jax.random.randint(jax.random.fold_in(k, 0), (), 0, traj.num_experts)
-        t = jax.random.randint(jax.random.fold_in(k, 1), (), 0, int(d.max_start_epoch))
-        return e, t, jax.random.fold_in(k, 2)
+    picks = _Picks(k_mtt, traj.num_experts, int(d.max_start_epoch))
 
     def step(state, it):
-        e, t, key = pick(it)
-        e, t = int(e), int(t)
+        e, t, key = picks(it)
         p_start, bn = traj.get(e, t)
         p_target, _ = traj.get(e, t + int(d.expert_epochs))
         x, vjp = decode(state["images"])
@@ -354,7 +380,7 @@ def build_method(config, dataset, traj: Trajectories, *,
         opt_img, opt_lr = state["opt"]
         imgs, lr, opt_img, opt_lr = apply_updates(state["images"], state["log_lr"], opt_img,
                                                   opt_lr, g_img, glr, tx_img=tx_img, tx_lr=tx_lr)
-        info = {"grad_norm_images": optax.tree.norm(g_img), "expert": e, "start_epoch": t}
+        info = {"grad_norm_images": _norm(g_img), "expert": e, "start_epoch": t}
         return {"images": imgs, "log_lr": lr, "opt": (opt_img, opt_lr)}, loss, info
 
     return common.DistillProgram(

@@ -19,8 +19,10 @@ Also: the real-data step and the inner loop donate their state buffers (seen in 
 and the compiled program, and at run time), and an epoch reads from the device only at its
 logging point (one explicit ``jax.device_get`` per epoch).
 
-Hot loops that do not pass yet are ``xfail(strict=True)`` with the offending code named in the
-reason; fixing the library turns them into failures (XPASS), which is the cue to drop the mark.
+Every hot loop passes: loop indices reach the programs as device values (the training step's
+own counter, or scalars copied once and explicitly), eager ops with host constants were moved
+into the jitted programs, and the one remaining per-call read (where a training state stands)
+is an explicit ``jax.device_get``.
 """
 
 from __future__ import annotations
@@ -402,47 +404,18 @@ def test_second_call_with_new_data_neither_traces_nor_compiles(workloads, name):
 
 # ------------------------------------------------------------------------------- transfer guard
 
-def _known(reason: str):
-    return pytest.mark.xfail(strict=True, raises=GuardError, reason=reason)
-
-
 GUARD_CASES = [
     "trainer_scan",
     "trainer_python",
     "inner_scan",
     "inner_python",
     "mtt_matcher_scan",
-    pytest.param("mtt_matcher_python", marks=_known(
-        "dp_jax/distill/mtt.py TrajectoryMatcher._python: `ks = [jnp.int32(k) for k in "
-        "range(n)]` copies every step index from the host; the eager `masks_lib.apply(start, "
-        "mask)` (dp_jax/masks.py apply: `jnp.zeros_like(p)` per leaf), `jnp.zeros_like(x)` and "
-        "`jnp.zeros_like(log_lr)` copy their fill values")),
-    pytest.param("mtt_iteration", marks=_known(
-        "dp_jax/distill/mtt.py build_method.step: `pick(it)` copies the Python int `it`; "
-        "`int(e), int(t)` read the drawn expert and epoch back (a device sync per iteration, "
-        "refused on accelerators); dp_jax/distill/experts.py Trajectories._tree copies the "
-        "start and target parameters from host NumPy with an implicit `jnp.asarray` per leaf "
-        "every iteration (array data, not scalars); `optax.tree.norm(g_img)` runs eagerly; "
-        "plus TrajectoryMatcher._python's step indices")),
-    pytest.param("gm_step", marks=_known(
-        "dp_jax/distill/gm.py GradientMatching.step: `jax.random.fold_in(key, it)` and "
-        "`jnp.float32(0.0)`, the eager `self.tx_net.init(params)` and `total / (...)`; the "
-        "Python ints `ol`, `c` and `t` passed to the jitted `_class` (classes x outer loops "
-        "calls), `_net` and `_bn`; `_match`'s eager `jnp.zeros_like(images)`")),
-    pytest.param("dm_step", marks=_known(
-        "dp_jax/distill/dm.py DistributionMatching.step: `jax.random.fold_in(key, it)` with "
-        "the Python int `it`, and the eager `loss / self.s.num_classes`")),
-    pytest.param("alpha_sweep", marks=_known(
-        "dp_jax/analysis/family.py FamilyEvaluator.evaluate: `np.asarray(coeffs)` pulls the "
-        "grid to the host and `jnp.asarray(padded[s:s + c])` copies each chunk back (array "
-        "data); batch_stats('recompute'): eager `jnp.zeros_like(s[0])` per leaf and "
-        "`t * scale` with a host float")),
-    pytest.param("analyze_copies", marks=_known(
-        "dp_jax/analysis/instability.py analyze_copies -> family.unstack (`x[i]` eager per "
-        "leaf and copy), family.ones_selector (`jnp.ones` per leaf), family.layer_selector "
-        "(`jnp.asarray(1.0 or 0.0)` per leaf and layer), l2_distance (eager norms, and "
-        "`float(...)` implicit device-to-host reads per pair and layer), on top of "
-        "FamilyEvaluator.evaluate's")),
+    "mtt_matcher_python",
+    "mtt_iteration",
+    "gm_step",
+    "dm_step",
+    "alpha_sweep",
+    "analyze_copies",
 ]
 
 
