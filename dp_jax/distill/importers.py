@@ -34,6 +34,7 @@ from dp_jax.data import preprocess as pre
 from dp_jax.data.spec import DataSpec
 from dp_jax.distill import sets as dist_lib
 from dp_jax.distill import torch_pickle
+from dp_jax.distill.safe_unpickler import LimitError
 
 FORMATS = ("mtt", "idc", "npz")
 SPACES = ("model", "pixels", "standardised")
@@ -131,18 +132,52 @@ def _read_idc(args) -> dict:
             "labels_from": f"{path} [1] (target)", "layout": "nchw", "files": {"data": path}}
 
 
+def _npz_member(z: zipfile.ZipFile, name: str, path: str, used: int):
+    """An npz member as an array, bounded like a .pt file (``torch_pickle.Limits``; ``used``: bytes
+    of the file's arrays read so far): its declared size, then its header's shape x itemsize are
+    checked before anything is inflated, and no more than the header's bytes are read."""
+    limits, info = torch_pickle.Limits.default(), z.getinfo(name)
+    room = limits.tensor_bytes + (1 << 16)  # the .npy header takes at most 10000 bytes
+    if info.file_size > room:
+        raise LimitError(f"{path}: refused: {name} declares {info.file_size} bytes, over "
+                         f"MAX_TENSOR_BYTES = {limits.tensor_bytes} (+ 64 KiB of header)")
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{name}: .npy format version {version} is not supported")
+        shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else
+                           np.lib.format.read_array_header_2_0(f))
+        if dtype.hasobject or any(n < 0 for n in shape):
+            raise ValueError(f"{name}: refused: {dtype} array of shape {shape} (object arrays "
+                             "would be unpickled)")
+        nbytes = math.prod(shape) * dtype.itemsize
+        for need, limit, limit_name in ((nbytes, limits.tensor_bytes, "MAX_TENSOR_BYTES"),
+                                        (used + nbytes, limits.total_bytes, "MAX_TOTAL_BYTES")):
+            if need > limit:
+                raise LimitError(f"{path}: refused: {name} (shape {shape}, {dtype}) brings the "
+                                 f"arrays read to {need} bytes, over {limit_name} = {limit}")
+        f.seek(0)  # read_array parses the checked header again, then reads exactly nbytes
+        return np.lib.format.read_array(f, allow_pickle=False), nbytes
+
+
 def _read_npz(args) -> dict:
-    """A plain npz: images, labels, optional lr (never unpickles: object arrays are refused)."""
-    path = _file(args, "npz")
+    """A plain npz: images, labels, optional lr (never unpickles: object arrays are refused;
+    bounded by :func:`_npz_member`)."""
+    path, arrays, used = _file(args, "npz"), {}, 0
     try:
-        with open(path, "rb") as f:
-            z = np.load(f, allow_pickle=False)
-            arrays = {k: z[k] for k in z.files} if isinstance(z, np.lib.npyio.NpzFile) else {}
+        with zipfile.ZipFile(path) as z:
+            members = {n[:-4] if n.endswith(".npy") else n: n for n in z.namelist()}
+            for key in ("images", "labels", "lr"):
+                if key in members:
+                    arrays[key], nbytes = _npz_member(z, members[key], path, used)
+                    used += nbytes
+    except LimitError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable .npz file ({e})") from e
     if "images" not in arrays or "labels" not in arrays:
         raise ValueError(f"{path}: an npz source needs arrays 'images' and 'labels' (optional "
-                         f"'lr'); has {sorted(arrays)}")
+                         f"'lr'); has {sorted(members)}")
     src = {"images": arrays["images"], "labels": arrays["labels"], "layout": args.layout,
            "images_from": f"{path} ['images']", "labels_from": f"{path} ['labels']",
            "files": {"npz": path}}

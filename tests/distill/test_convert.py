@@ -17,7 +17,7 @@ from dp_jax.data import apply_preprocessing, load_dataset
 from dp_jax.distill import check_compatible, load_distilled
 from dp_jax.cli import distill_tools
 from dp_jax.distill import importers as convert
-from dp_jax.distill import torch_pickle
+from dp_jax.distill import safe_unpickler, torch_pickle
 
 from conftest import ROOT, make_npz
 
@@ -156,7 +156,7 @@ def test_malicious_pickle_refused(tmp_path, which, wrap):
         torch_pickle.load(str(path))
     assert "images_best.pt" in str(e.value)
     if wrap == "zip":
-        assert isinstance(e.value, torch_pickle.UnsafePickleError)
+        assert isinstance(e.value, safe_unpickler.UnsafePickleError)
         assert "global" in str(e.value)
     out = tmp_path / "out.npz"
     with pytest.raises(ValueError, match="images_best.pt"):
