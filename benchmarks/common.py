@@ -185,25 +185,55 @@ def summarize_rate(samples: list[Measurement], items: int, *, flops_per_item: fl
     return out
 
 
+# The instruction-set extensions that decide which kernels XLA:CPU, oneDNN and YNNPACK pick.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+             "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+             "asimd", "sve", "sve2")
+
+
+def _versions() -> dict:
+    # From the installed metadata: asking jax itself would import it (and read XLA_FLAGS).
+    from importlib import metadata
+    out = {}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _cpu() -> dict:
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and "cpu_model" not in info:
+                    info["cpu_model"] = value.strip()
+                elif key in ("flags", "Features") and "isa" not in info:
+                    have = set(value.split())
+                    info["isa"] = [f for f in ISA_FLAGS if f in have]
+    except OSError:
+        pass
+    return info
+
+
 def host_info() -> dict:
-    """Machine facts worth having next to any number."""
+    """Machine facts worth having next to any number: versions, XLA flags, CPU model and ISA."""
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "versions": _versions(),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "cpu_count": os.cpu_count(),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
     }
     if hasattr(os, "sched_getaffinity"):
         info["affinity"] = sorted(os.sched_getaffinity(0))
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    info.update(_cpu())
     return info
 
 
@@ -223,7 +253,9 @@ def _round_floats(obj, digits: int = 4):
 
 
 def emit_json(obj: dict, *, path: Optional[str] = None, digits: int = 4) -> None:
-    """Print ``obj`` as one JSON object on stdout (floats to ``digits`` significant digits)."""
+    """Print ``obj`` as one JSON object on stdout (floats to ``digits`` significant digits),
+    with the machine's facts under ``host`` (:func:`host_info`) unless it has them already."""
+    obj = obj if "host" in obj else {**obj, "host": host_info()}
     text = json.dumps(_round_floats(obj, digits), indent=2, sort_keys=False)
     print(text, flush=True)
     if path:

@@ -16,12 +16,16 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (this directory)
 
 from dp_jax import masks as masks_lib
 from dp_jax.analysis import family, instability
@@ -95,17 +99,12 @@ def main():
         row["ratio_loop_over_vmap_min"] = row["loop"]["min_s"] / row["vmap"]["min_s"]
         results.append(row)
 
-    print(json.dumps({
+    common.emit_json({
         "benchmark": "instability alpha sweep, LeNet-300-100, Fashion-MNIST test set",
         "alphas": args.alphas, "test_examples": int(x.shape[0]), "repeats": args.repeats,
         "results": results,
         "device": str(jax.devices()[0]), "backend": jax.default_backend(),
-        "jax": jax.__version__, "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "load_average": os.getloadavg(), "machine": platform.machine(),
-    }, indent=2))
-
+    })
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (this directory; imports no jax)
+
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -242,7 +245,8 @@ def main() -> None:
                     and "s_per_iter" in r):
                 summary["torch_over_jax_time_at_N30"][f"w{width}/{r['series']}"] = (
                     ref[0]["s_per_iter"] / r["s_per_iter"])
-    print(json.dumps({"summary": summary, "points": results}, indent=1))
+    print(json.dumps({"summary": summary, "points": results, "host": common.host_info()},
+                     indent=1))
 
 
 if __name__ == "__main__":

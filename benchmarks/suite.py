@@ -41,6 +41,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (this directory; imports no jax)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("peak", "train", "resnet", "dp_inner", "seeds", "mtt", "hvp", "alpha")
 
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
         env.setdefault("JAX_PLATFORMS", backend)
     t0 = time.perf_counter()
     res = {"benchmark": "suite", "backend": backend, "quick": args.quick, "malloc": args.malloc,
-           "torch": torch or "not installed / --no-torch: PyTorch figures skipped", "parts": {}}
+           "torch": torch or "not installed / --no-torch: PyTorch figures skipped",
+           "host": common.host_info(), "parts": {}}
     for name in parts:
         res["parts"][name] = run_part(name, cmds[name], env, args.timeout_s)
         if name == "peak" and res["parts"][name]["ok"]:

@@ -33,10 +33,11 @@ import common  # noqa: E402  (no jax import; safe before the XLA flags are set)
 MODEL_SPECS = {
     "lenet_300_100": {"name": "lenet_300_100"},
     "convnet32": {"name": "convnet", "width": 32, "depth": 3, "norm": "instance", "pool": "avg"},
+    "convnet64": {"name": "convnet", "width": 64, "depth": 3, "norm": "instance", "pool": "avg"},
     "convnet128": {"name": "convnet", "width": 128, "depth": 3, "norm": "instance", "pool": "avg"},
 }
 # Timed steps per repeat when --steps is not given (a repeat is then ~0.3-5 s on one core).
-DEFAULT_STEPS = {"lenet_300_100": 200, "convnet32": 20, "convnet128": 5}
+DEFAULT_STEPS = {"lenet_300_100": 200, "convnet32": 20, "convnet64": 10, "convnet128": 5}
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 BATCH = 128
@@ -69,6 +70,9 @@ def parse_args(argv=None):
                    help="re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge "
                         "pages for malloc: fewer page faults, for both frameworks)")
     p.add_argument("--xla-flags", default="", help="extra XLA flags (space separated)")
+    p.add_argument("--wide-channels", type=int, default=0,
+                   help="dp_jax.models.convs.WIDE_CHANNELS for this run (0: the module's value); "
+                        "a huge value turns the patch-product adjoints off")
     p.add_argument("--json-out", default="", help="also write the JSON to this file")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -366,6 +370,9 @@ def main(argv=None):
     import jax  # after the XLA flags are in the environment
     import flax
     import optax
+    from dp_jax.models import convs
+    if args.wide_channels:
+        convs.WIDE_CHANNELS = args.wide_channels  # read when a step is traced
 
     peak = common.PEAK_GFLOPS[args.threads]
     out = {
@@ -378,6 +385,7 @@ def main(argv=None):
                           "weight_decay": WEIGHT_DECAY, "mask": "full (all True)"},
             "peak_gflops": peak, "target_ratio": TARGET_RATIO, "budget_s": args.budget_s,
             "thread_settings": threads, "torch_threads": torch_threads, "pinned_cpus": pinned,
+            "wide_channels": convs.WIDE_CHANNELS,
         },
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
                      "torch": torch.__version__ if torch is not None else None,
