@@ -20,6 +20,8 @@ memory are its own; a part that fails is reported as failed and the suite goes o
             per class; 5 with --quick on CPU).
   hvp       hvp_rate.py: Hessian-vector products per second (one and eight at a time).
   alpha     instability_alpha_sweep.py: the linear-interpolation sweep, vmapped vs a loop.
+  kernels   library_kernels.py (CPU only, opt-in: --parts=...,kernels): XLA:CPU's YNNPACK
+            settings against PyTorch, one pinned core, and the patch-product rule per setting.
 
 Every part runs under glibc's transparent huge pages for malloc (``--malloc=hugetlb``, the
 default: how dp_jax's commands run, dp_jax/system/hugepages.py; PyTorch gets the same), or stock
@@ -45,7 +47,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (this directory; imports no jax)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("peak", "train", "resnet", "dp_inner", "seeds", "mtt", "hvp", "alpha")
+PARTS = ("peak", "train", "resnet", "dp_inner", "seeds", "mtt", "hvp", "alpha", "kernels")
+# Run only when asked (--parts): 4 settings x 6 processes take ~25 minutes with --quick.
+OPT_IN = ("kernels",)
 
 
 def part_commands(backend: str, quick: bool, torch: bool) -> dict[str, list[str]]:
@@ -84,6 +88,7 @@ def part_commands(backend: str, quick: bool, torch: bool) -> dict[str, list[str]
         + (["--examples", "250"] if quick and cpu else []),
         "alpha": ["instability_alpha_sweep.py", "--repeats", "2" if quick else "5",
                   "--batch_sizes", "2000" if quick else "10000,2000,250"],
+        "kernels": ["library_kernels.py"] + (["--quick"] if quick else []),
     }
 
 
@@ -134,7 +139,7 @@ def detect_backend() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--parts", default=",".join(PARTS))
+    p.add_argument("--parts", default=",".join(n for n in PARTS if n not in OPT_IN))
     p.add_argument("--no-torch", action="store_true", help="skip every PyTorch reference")
     p.add_argument("--json-out", default="")
     p.add_argument("--md-out", default="")
@@ -149,6 +154,8 @@ def main(argv=None) -> int:
         p.error(f"--parts: unknown {unknown}; allowed: {','.join(PARTS)}")
     torch = not args.no_torch and importlib.util.find_spec("torch") is not None
     backend = detect_backend()
+    if backend != "cpu" and "kernels" in parts:  # the flag is XLA:CPU's
+        parts.remove("kernels")
     cmds = part_commands(backend, args.quick, torch)
     env = dict(os.environ)
     if args.malloc == "hugetlb" and "glibc.malloc.hugetlb" not in env.get("GLIBC_TUNABLES", ""):

@@ -117,6 +117,25 @@ def _analysis_rows(res: dict) -> list[str]:
     return rows
 
 
+def _kernel_rows(res: dict) -> list[str]:
+    rows = []
+    for setting, r in _result(res, "kernels").get("settings", {}).items():
+        train = r.get("train", {})
+        for name in ("convnet32", "convnet128"):
+            m = train.get(name, {})
+            rows.append(f"| YNNPACK `{setting}`: {name} training | "
+                        f"{_f(m.get('images_per_s'))} img/s | — | "
+                        f"{_f(m.get('ratio_to_torch'), '{:.2f}x')} | {_pct(m.get('mfu'))} | — | — |")
+        inner, rn = r.get("dp_inner_convnet32", {}), r.get("resnet18_w32", {})
+        rows.append(f"| YNNPACK `{setting}`: DP inner loop convnet32 | "
+                    f"{_f(inner.get('steps_per_s'))} steps/s | — | "
+                    f"{_f(inner.get('ratio_to_torch_per_cpu_s'), '{:.2f}x')} (per CPU-s) | — | — | — |")
+        rows.append(f"| YNNPACK `{setting}`: ResNet-18 w32 training | "
+                    f"{_f(rn.get('images_per_s'))} img/s | {_f(rn.get('torch_images_per_s'))} img/s | "
+                    f"{_f(rn.get('ratio_to_torch'), '{:.2f}x')} | {_pct(rn.get('mfu'))} | — | — |")
+    return rows
+
+
 def markdown(res: dict) -> str:
     """The suite's markdown table (figures missing from a failed part are absent)."""
     peak = res.get("peak_gflops")
@@ -134,6 +153,7 @@ def markdown(res: dict) -> str:
     lines += ["", "| figure | dp_jax | PyTorch | ratio | % of peak | CPU util | compile s |",
               "|---|---|---|---|---|---|---|"]
     lines += _train_rows(res, peak) + _dp_rows(res) + _seed_rows(res) + _mtt_rows(res) + _analysis_rows(res)
+    lines += _kernel_rows(res)
     failed = [f"- **{n} failed**: {r.get('error', '')[-300:]}" for n, r in res["parts"].items()
               if not r.get("ok")]
     return "\n".join(lines + ([""] + failed if failed else []))

@@ -63,3 +63,32 @@ def test_table_ratios_and_peak_fractions_are_computed_from_the_parts():
     assert "| 1.50x | 30 % (torch 20 %) |" in md
     assert "0.50x" in md and "malloc hugetlb" in md and "10.0 min" in md
     assert "**mtt failed**: boom" in md
+
+
+def test_library_kernels_names_the_fastest_setting_and_the_patch_rule_ratio(monkeypatch):
+    lk = _load("library_kernels")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                    "--xla_cpu_experimental_ynn_fusion_type=-reduce")
+    assert lk._env("default")["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false"
+    assert lk._env("-reduce")["XLA_FLAGS"].split()[-1] == (
+        "--xla_cpu_experimental_ynn_fusion_type=-reduce")
+
+    def row(r32, ips32, ips32_wide, r_inner, r_res):
+        return {"train": {"convnet32": {"ratio_to_torch": r32, "images_per_s": ips32},
+                          "convnet128": {"ratio_to_torch": 0.8, "images_per_s": 10.0}},
+                "dp_inner_convnet32": {"ratio_to_torch_per_cpu_s": r_inner},
+                "resnet18_w32": {"ratio_to_torch": r_res, "images_per_s": 5.0},
+                "patch_rule": {"convnet32_wide32": {"convnet32": {"images_per_s": ips32_wide}},
+                               "convnet128_rule_off": {"convnet128": {"images_per_s": 15.0}},
+                               "resnet18_w32_rule_off": {"images_per_s": 4.0}}}
+
+    s = lk.summarize({"default": row(1.0, 100.0, 50.0, 1.4, 0.5),
+                      "-reduce": row(0.9, 90.0, 90.0, 1.5, 0.6)})
+    assert s["fastest"]["convnet32 training"]["setting"] == "default"
+    assert s["fastest"]["dp inner loop convnet32"]["setting"] == "-reduce"
+    assert s["fastest"]["resnet18 w32 training"]["setting"] == "-reduce"
+    rule = s["patch_rule_speed_ratio"]
+    assert rule["default"]["convnet32: wide32 / current"] == pytest.approx(0.5)
+    assert rule["-reduce"]["convnet32: wide32 / current"] == pytest.approx(1.0)
+    assert rule["default"]["convnet128: rule off / current"] == pytest.approx(1.5)
+    assert rule["default"]["resnet18: rule off / current"] == pytest.approx(0.8)
