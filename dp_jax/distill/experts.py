@@ -9,9 +9,11 @@ A buffer is a directory::
     expert_XXX/state.npz     the full training state after the last saved epoch (resume point)
     checksums.json           SHA-256 of every epoch and state file, recorded as each is written
 
-Every epoch and state file is checked against its recorded digest before use: a damaged,
-edited or unrecorded file (a kill between writing and recording) is refused with its path
-(buffers made before checksums existed have no manifest and are read as before).
+Every epoch and state file is checked against its recorded digest before use: an expert with
+a damaged, edited or unrecorded file (a kill between writing and recording) is retrained from its
+init by :func:`train_experts`, with a warning (the same weights: see below); where nothing
+retrains it (:func:`load_trajectories` alone) the file is refused with its path. Buffers made
+before checksums existed have no manifest and are read as before.
 
 Experts train with the repository's :class:`dp_jax.training.trainer.Trainer` (its batches depend only on
 (key, step), so an expert resumed from ``state.npz`` continues exactly as if never stopped, and
@@ -29,9 +31,9 @@ import dataclasses
 import io as _io
 import os
 import time
+import warnings
 from typing import Any, Callable, Optional
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,8 +111,10 @@ class Trajectories:
         return next(iter(self.params.values())).shape[1] - 1
 
     def _tree(self, like, arrays, e, t):
-        return jax.tree_util.tree_map_with_path(
-            lambda p, _: jnp.asarray(arrays[masks_lib.path_str(p)][e, t]), like)
+        # The buffer stays in host memory (it can exceed the device's); one explicit copy of
+        # the two epochs an iteration needs.
+        return jax.device_put(jax.tree_util.tree_map_with_path(
+            lambda p, _: arrays[masks_lib.path_str(p)][e, t], like))
 
     def get(self, expert: int, epoch: int) -> tuple[PyTree, PyTree]:
         """``(params, batch_stats)`` of ``expert`` after ``epoch`` epochs."""
@@ -139,11 +143,16 @@ class ExpertBuffer:
         fileio.atomic_write_bytes(path, data)
         integrity.record(self.dir, self._rel(path))
 
+    def problem(self, path: str) -> Optional[str]:
+        """Why ``path`` does not match the digest recorded at write time (None when it does, or
+        for a buffer written before checksums existed)."""
+        if not integrity.has_records(self.dir):
+            return None
+        return integrity.problem(self.dir, self._rel(path))
+
     def verify(self, path: str) -> None:
         """ValueError naming ``path`` when it does not match the digest recorded at write time."""
-        if not integrity.has_records(self.dir):
-            return  # a buffer written before checksums existed
-        why = integrity.problem(self.dir, self._rel(path))
+        why = self.problem(path)
         if why is not None:
             raise ValueError(f"expert file {path} is {why}; remove the buffer {self.dir} (or "
                              "that expert's directory) to retrain it, or use another "
@@ -188,14 +197,28 @@ class ExpertBuffer:
         path = os.path.join(self._expert_dir(i), "state.npz")
         if not os.path.exists(path):
             return -1
-        if integrity.has_records(self.dir) and integrity.problem(self.dir, self._rel(path)):
+        why = self.problem(path)
+        if why is not None:
             # Damaged, or killed between writing and recording: the expert is retrained from
             # its init (its batches depend only on (key, step), so the result is the same).
-            logging.warning("expert state %s is %s; retraining expert %d", path,
-                            integrity.problem(self.dir, self._rel(path)), i)
+            warnings.warn(f"expert state {path} is {why}; expert {i} counts as not started "
+                          "(train_experts retrains it from its init)", RuntimeWarning, stacklevel=2)
             return -1
         with np.load(path, allow_pickle=False) as z:
             return int(z["epoch"])
+
+    def usable_epochs(self, i: int, upto: int) -> int:
+        """:meth:`epochs_done`, or -1 (with a warning: expert ``i`` is to be retrained from its
+        init) when one of its epoch files ``0..min(done, upto)`` is missing or damaged."""
+        done = self.epochs_done(i)
+        for t in range(min(done, upto) + 1):
+            path = self.epoch_path(i, t)
+            why = "missing" if not os.path.exists(path) else self.problem(path)
+            if why is not None:
+                warnings.warn(f"expert file {path} is {why}; retraining expert {i} from its "
+                              "init", RuntimeWarning, stacklevel=2)
+                return -1
+        return done
 
     def save_epoch(self, i: int, epoch: int, snapshot: dict) -> None:
         """Write expert ``i``'s params (and batch stats) after ``epoch`` epochs."""
@@ -302,7 +325,8 @@ def train_experts(config, dataset, directory: str, *,
     buf = ExpertBuffer(directory)
     buf.initialise(provenance(config, dataset), dataset.preprocessing)
     num, epochs = int(d.num_experts), int(d.expert_train_epochs)
-    if all(buf.epochs_done(i) >= epochs for i in range(num)):
+    todo = {i: buf.usable_epochs(i, epochs) for i in range(num)}
+    if all(done >= epochs for done in todo.values()):
         return buf
     x, y = expert_data(config, dataset)
     model = create_model(config.model, num_classes=dataset.num_classes)
@@ -317,8 +341,7 @@ def train_experts(config, dataset, directory: str, *,
                                 eval_batch_size=config.train.eval_batch_size)
     xd, yd = jnp.asarray(x), jnp.asarray(y)
     key = jax.random.fold_in(distill_key(config), rng.DISTILL_EXPERTS)
-    for i in range(num):
-        done = buf.epochs_done(i)
+    for i, done in todo.items():
         if done >= epochs:
             continue
         ki = jax.random.fold_in(key, i)
@@ -356,10 +379,11 @@ def distill_key(config) -> jax.Array:
 
 
 def load_trajectories(config, dataset, directory: str) -> Trajectories:
-    """The trajectories MTT needs, after checking provenance and length.
+    """The trajectories MTT needs, after checking provenance, length and checksums.
 
     Raises ValueError if the buffer was made for another dataset/preprocessing/model/optimiser,
-    or if ``max_start_epoch + expert_epochs`` exceeds the epochs saved for some expert.
+    if ``max_start_epoch + expert_epochs`` exceeds the epochs saved for some expert, or naming
+    a damaged file (nothing here retrains it: :func:`train_experts` does).
     """
     d = config.distill
     buf = ExpertBuffer(directory)

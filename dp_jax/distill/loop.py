@@ -7,9 +7,13 @@ iteration number (MTT: ``mtt.py``, gradient matching: ``gm.py``, distribution ma
 ``dm.py``). So a run restored from the checkpoint after iteration ``it`` continues exactly as an
 uninterrupted one (images, optimiser states, step size and metrics).
 
-Resume precedence: an existing checkpoint in ``<workdir>/checkpoints/distill`` wins; otherwise
-the synthetic set starts from its initialisation. Metric rows of iterations after the restored
-checkpoint are dropped from ``metrics.jsonl`` (they are recomputed identically).
+Resume precedence: the latest good checkpoint in ``<workdir>/checkpoints/distill`` wins;
+otherwise the synthetic set starts from its initialisation. Each checkpoint's digest is recorded
+in the workdir's checksum manifest (:mod:`dp_jax.storage.integrity`) when it is written; on
+resume a damaged, unreadable or unrecorded one (a kill between the save and the record) is
+discarded with a warning and recomputed from the previous good one or from the start (workdirs
+made before checksums have no manifest and are trusted as before). Metric rows of iterations
+after the resume point are dropped from ``metrics.jsonl`` (they are recomputed identically).
 
 Per iteration the loop reads back one value, the loss (to log it and to stop on divergence);
 ``info`` values are read only when a metrics row is written.
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -28,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dp_jax.storage import fileio
+from dp_jax.storage import integrity
 from dp_jax import rng
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.distill import synthetic
@@ -115,15 +122,49 @@ def state_from_checkpoint(arrays: dict, like: dict) -> dict:
     return out
 
 
+def _rel(workdir: str, step: int) -> str:
+    """A checkpoint's name in the workdir's checksum manifest."""
+    return os.path.relpath(os.path.join(workdir_lib.distill_checkpoints(workdir), str(step)),
+                           workdir)
+
+
 def _resume(ckpt, state: dict, workdir: str):
-    """``(state, start, clock, examples)`` from the latest checkpoint, or the initial ones."""
-    if ckpt.latest() is None:
-        return state, 0, _Clock(), 0
-    arrays, payload = ckpt.restore(ckpt.latest(), checkpoint_tree(state))
-    start = int(payload["iteration"])
-    _truncate_metrics(workdir_lib.metrics_path(workdir), start)
-    clock = _Clock(float(payload["wall_s"]), float(payload.get("cpu_s", 0.0)))
-    return state_from_checkpoint(arrays, state), start, clock, int(payload["examples"])
+    """``(state, start, clock, examples)`` from the latest good checkpoint, or the initial ones.
+
+    A checkpoint that is damaged, unreadable or not recorded is deleted (never used), so the
+    iterations after the previous good one are recomputed, identically."""
+    legacy = not integrity.has_records(workdir)  # made before checksums: trusted as before
+    steps = ckpt.all_steps()
+    for n, step in reversed(list(enumerate(steps))):
+        why = None if legacy else integrity.problem(workdir, _rel(workdir, step))
+        if why is None:
+            try:
+                arrays, payload = ckpt.restore(step, checkpoint_tree(state))
+            except ValueError as e:  # the reader's error names the step again: keep its kind
+                why = f"unreadable ({type(e.__cause__ or e).__name__})"
+            else:
+                start = int(payload["iteration"])
+                _truncate_metrics(workdir_lib.metrics_path(workdir), start)
+                clock = _Clock(float(payload["wall_s"]), float(payload.get("cpu_s", 0.0)))
+                return state_from_checkpoint(arrays, state), start, clock, int(payload["examples"])
+        since = f"iteration {steps[n - 1]}" if n else "the start"
+        warnings.warn(f"distillation checkpoint {os.path.join(ckpt.directory, str(step))} is "
+                      f"{why}; discarded, recomputing from {since}", RuntimeWarning, stacklevel=3)
+        integrity.forget(workdir, _rel(workdir, step))
+        ckpt.delete(step)
+    _truncate_metrics(workdir_lib.metrics_path(workdir), 0)  # rows of an unsaved attempt
+    return state, 0, _Clock(), 0
+
+
+def _save(ckpt, workdir: str, done: int, state: dict, payload: dict) -> None:
+    """Save the checkpoint of iteration ``done`` and record its digest; forget the records of
+    the checkpoints the manager removed (``max_to_keep``)."""
+    before = set(ckpt.all_steps())
+    integrity.forget(workdir, _rel(workdir, done))  # a stale record must not vouch for it
+    ckpt.save(done, checkpoint_tree(state), payload)
+    integrity.record(workdir, _rel(workdir, done))
+    for step in sorted(before - set(ckpt.all_steps())):
+        integrity.forget(workdir, _rel(workdir, step))
 
 
 def _host(info: dict) -> dict:
@@ -178,7 +219,7 @@ def run_distillation(config, method: DistillProgram, workdir: str, *,
                                         num_models=int(d.eval_periodic_models))
                 log(phase="distill_eval", iteration=done, examples=examples, **spent, **res)
             if done % int(d.checkpoint_every) == 0 or done == total:
-                ckpt.save(done, checkpoint_tree(state), {
+                _save(ckpt, workdir, done, state, {
                     "iteration": done, "wall_s": clock.wall(), "cpu_s": clock.cpu(),
                     "examples": examples})
         bar.close()
