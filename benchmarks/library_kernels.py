@@ -4,8 +4,8 @@ r"""XLA:CPU's library-kernel settings against PyTorch, in one run on one pinned 
 
 jaxlib 0.10.x sends dots, convolutions and reductions to YNNPACK library fusions
 (``--xla_cpu_experimental_ynn_fusion_type``; default ``individual_dot,individual_convolution,
-reduce``). For each setting -- the default, ``-individual_convolution``, ``-reduce`` and both --
-this runs, each as its own process with that setting in ``XLA_FLAGS`` (XLA reads its flags once,
+reduce``). For each setting -- the default, ``-individual_convolution``, ``-reduce``, both, and
+YNNPACK off with oneDNN's dot fusion on (``SETTINGS``) -- this runs, each as its own process with that setting in ``XLA_FLAGS`` (XLA reads its flags once,
 at start) and pinned to CPU 0 like its PyTorch reference:
 
   * ConvNet-3 (instance norm) width 32 and 128 training, ``train_throughput.py`` (scan loop),
@@ -37,7 +37,18 @@ from suite import last_json  # noqa: E402  (this directory; imports no jax)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-SETTINGS = ("default", "-individual_convolution", "-reduce", "-individual_convolution,-reduce")
+# Each setting: the XLA flags it adds. "onednn_dot": YNNPACK off and oneDNN's library fusion of
+# dots on (the one oneDNN path the pip wheels compile in; its convolution rewriter is not:
+# docs/performance.md).
+SETTINGS = {
+    "default": [],
+    "-individual_convolution": [f"{FLAG}=-individual_convolution"],
+    "-reduce": [f"{FLAG}=-reduce"],
+    "-individual_convolution,-reduce": [f"{FLAG}=-individual_convolution,-reduce"],
+    "onednn_dot": [f"{FLAG}=", "--xla_cpu_use_onednn=true",
+                   "--xla_cpu_experimental_onednn_fusion_type=dot"],
+}
+OWN_FLAGS = (FLAG, "--xla_cpu_use_onednn", "--xla_cpu_experimental_onednn_fusion_type")
 RULE_OFF = 10 ** 9  # WIDE_CHANNELS that no layer reaches: every adjoint an XLA convolution
 
 
@@ -45,7 +56,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
     p.add_argument("--settings", default=";".join(SETTINGS),
-                   help="';'-separated values of the flag ('default': the flag unset)")
+                   help=f"';'-separated names of settings; allowed: {', '.join(SETTINGS)}")
     p.add_argument("--pin", default="0", help="the CPU every process is pinned to")
     p.add_argument("--json-out", default="")
     p.add_argument("--resnet-worker", default="", help=argparse.SUPPRESS)
@@ -54,10 +65,8 @@ def parse_args(argv=None):
 
 def _env(setting: str) -> dict:
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(FLAG)]
-    if setting != "default":
-        flags.append(f"{FLAG}={setting}")
-    env["XLA_FLAGS"] = " ".join(flags)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(OWN_FLAGS)]
+    env["XLA_FLAGS"] = " ".join(flags + SETTINGS[setting])
     env.setdefault("JAX_PLATFORMS", "cpu")
     return env
 
@@ -217,7 +226,11 @@ def main(argv=None) -> int:
         print(json.dumps(resnet_worker(args.resnet_worker, args.pin)))
         return 0
     t0 = time.perf_counter()
-    rows = {s: one_setting(s, args.quick, args.pin) for s in args.settings.split(";") if s}
+    names = [s for s in args.settings.split(";") if s]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; allowed: {', '.join(SETTINGS)}")
+    rows = {s: one_setting(s, args.quick, args.pin) for s in names}
     common.emit_json({"benchmark": "library_kernels", "quick": args.quick, "pinned_cpu": args.pin,
                       "peak_gflops_assumed": common.PEAK_GFLOPS[1], "settings": rows,
                       "summary": summarize(rows), "wall_s": time.perf_counter() - t0},

@@ -72,6 +72,9 @@ def test_library_kernels_names_the_fastest_setting_and_the_patch_rule_ratio(monk
     assert lk._env("default")["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false"
     assert lk._env("-reduce")["XLA_FLAGS"].split()[-1] == (
         "--xla_cpu_experimental_ynn_fusion_type=-reduce")
+    assert lk._env("onednn_dot")["XLA_FLAGS"].split() == [
+        "--xla_cpu_multi_thread_eigen=false", "--xla_cpu_experimental_ynn_fusion_type=",
+        "--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_fusion_type=dot"]
 
     def row(r32, ips32, ips32_wide, r_inner, r_res):
         return {"train": {"convnet32": {"ratio_to_torch": r32, "images_per_s": ips32},
