@@ -82,7 +82,7 @@ def _run(script: str, args: list[str], env: dict) -> dict:
 
 def _train(env, models, quick, pin, wide=0, torch=True) -> dict:
     args = ["--models", models, "--loops", "scan", "--threads", "1", "--pin", pin,
-            "--repeats", "2" if quick else "4", "--budget-s", "3" if quick else "30",
+            "--repeats", "3" if quick else "5", "--budget-s", "12" if quick else "40",
             "--malloc-hugetlb"] + (["--wide-channels", str(wide)] if wide else []) + \
         ([] if torch else ["--no-torch"])
     res = _run("train_throughput.py", args, env)
@@ -95,8 +95,8 @@ def _train(env, models, quick, pin, wide=0, torch=True) -> dict:
 
 
 def _inner(env, quick, pin) -> dict:
-    res = _run("dp_inner_loop.py", ["--models", "convnet32", "--steps", "30" if quick else "100",
-                                    "--seeds", "1", "--repeats", "1" if quick else "2",
+    res = _run("dp_inner_loop.py", ["--models", "convnet32", "--steps", "50" if quick else "100",
+                                    "--seeds", "1", "--repeats", "2" if quick else "3",
                                     "--threads", "1", "--pin", pin], env)
     if "error" in res:
         return res
@@ -133,7 +133,7 @@ def resnet_worker(spec: str, pin: str) -> dict:
 
     if wide:
         convs.WIDE_CHANNELS = wide
-    batch, steps = 32, 2 if quick else 4
+    batch, steps = 32, 3 if quick else 5
     model = create_model({"name": "resnet18", "width": 32}, num_classes=10)
     variables = init_variables(model, jax.random.key(0), (32, 32, 3))
     tx = optimizers.make_optimizer(TrainSettings.from_config(
