@@ -94,6 +94,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         if "paper" in flags:
             c.prune.method = "dp,subset"
             c.dp.epochs, c.dp.batch_size = 2, 16
+    if "paper" in flags:  # dp.epochs sets the paper's inner loop; dp.steps stays at its default
+        c.dp.steps = P.load_base().dp.steps
     return c
 
 

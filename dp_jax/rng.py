@@ -20,6 +20,7 @@ DISTILL = 4       # everything distillation does (sub-purposes below)
 INNER = 5         # Distilled Pruning's inner loop, one fold per round
 SCORE = 6         # SNIP/GraSP scoring minibatches, one fold per round
 SUBSET = 7        # the random-real-subset control: the subset and its inner loop
+SHUFFLE = 8       # the shuffled-mask control: one permutation per layer (folded by layer index)
 ANALYSIS = 1000   # instability, Hessian and landscape analyses (sub-purposes below)
 
 # Sub-purposes of DISTILL.
@@ -35,6 +36,7 @@ MATCH_REAL, MATCH_AUG, MATCH_BN, MATCH_NET_TRAIN = 0, 1, 2, 3
 
 # Sub-purposes of SUBSET.
 SUBSET_PICK, SUBSET_INNER = 0, 1
+SUBSET_CORESET = 2  # coreset selection's probe networks: one fold per network (init, data order)
 
 # Sub-purposes of ANALYSIS.
 (ANALYSIS_COPIES, ANALYSIS_BN_BATCHES, ANALYSIS_HESSIAN_DATA, ANALYSIS_HESSIAN_PROBES,

@@ -20,7 +20,7 @@ import numpy as np
 from dp_jax import masks as masks_lib
 from dp_jax import methods
 from dp_jax import rng
-from dp_jax.pruning.plan import Start
+from dp_jax.pruning.plan import TRAINED, Start
 from dp_jax.analysis import family, hessian, instability, resume
 from dp_jax.analysis.settings import Settings
 from dp_jax.data import load_dataset
@@ -154,16 +154,32 @@ class SeedState:
                 s.trainer, s.tx, self.init, s.x_train, s.y_train,
                 jax.random.fold_in(root, rng.DATA), missing))
 
-    def start_point(self, ctx: Context, spec: methods.Spec):
-        """``(variables, start_step, start_tag)`` the method trains every round from."""
+    def start_point(self, ctx: Context, spec: methods.Spec, rnd: int):
+        """``(variables, start_step, start_tag)`` the method trained round ``rnd`` from."""
         start = methods.get(spec.name).start(spec)
         if start.reinit:
             if self.reinit is None:
                 root = jax.random.key(self.seed)
                 self.reinit = ctx.setup.init_fn(jax.random.fold_in(root, rng.REINIT))
             return self.reinit, 0, start
+        if start.kind == TRAINED.kind and rnd > 0:  # learning-rate rewinding
+            return self._trained(ctx, spec, rnd - 1), 0, Start(TRAINED.kind, rnd - 1)
         k = spec.rewind_step
         return self.snapshots[k], k, Start("rewind", k)
+
+    def _trained(self, ctx: Context, spec: methods.Spec, rnd: int) -> dict:
+        """Round ``rnd``'s trained weights of run ``spec`` (round 0: the dense run's)."""
+        like = {"params": self.init["params"], "batch_stats": self.init.get("batch_stats", {})}
+        if rnd == 0:
+            got = dense.dense_run(ctx.setup, ctx.workdir, self.seed, [])["trained"]
+            got = {"params": got["params"], "batch_stats": got.get("batch_stats", {})}
+            return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), got)
+        got = resume.kept_trained(ctx.workdir, spec.label, self.seed, rnd, like)
+        if got is None:
+            raise ValueError(f"{spec.label} seed {self.seed}: round {rnd + 1} trained from "
+                             f"round {rnd}'s weights, whose checkpoint is not kept or does not "
+                             "verify; analyse it in a run made with checkpoint.keep='all'")
+        return got
 
 
 def default_k_values(ctx: Context) -> list[int]:

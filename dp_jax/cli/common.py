@@ -3,6 +3,8 @@ convention (one line on stderr, exit status 2)."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from typing import Callable
 
@@ -32,16 +34,28 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def config_spec(argv: list[str]) -> str | None:
+    """The value of ``--config`` (``=v`` or `` v``) in ``argv`` (None without one)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a[len("--config="):]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def check_override_keys(argv: list[str]) -> None:
     """Every ``--config.a.b=v`` names a field of the config file (else a one-line ValueError).
 
     ml_collections would raise a bare AttributeError from inside flag parsing; this names the
     section and lists its valid keys instead.
     """
-    spec = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
+    spec = config_spec(argv)
     overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    if spec is None or not overrides:
+    if spec is None:
         return
+    # Loaded here once, before absl does: a config's own error (an unknown variant) is then
+    # one line instead of absl's flag error wrapping a traceback.
     config = config_files.load_config(spec)
     for dotted in overrides:
         try:
@@ -72,10 +86,38 @@ def guarded(fn: Callable, verbose: Callable[[], bool]) -> Callable:
 
 
 def resolved_argv() -> list[str]:
+    """``sys.argv`` with ``--config`` resolved, its file loaded and its override keys checked;
+    a problem is one line and exit status 2."""
     try:
-        return resolve_config_argv(sys.argv)
-    except FileNotFoundError as e:
+        argv = resolve_config_argv(sys.argv)
+        check_override_keys(argv)
+    except (FileNotFoundError, ValueError) as e:
         fail(e)
+    return argv
+
+
+def check_output(flag: str, path: str, *, file: bool = False) -> None:
+    """Refuse, before any work, an output ``--flag=path`` that cannot be written: a directory
+    (``file=False``) or a file (``file=True``, checked through its directory)."""
+    path = os.path.abspath(path)
+    if file and os.path.isdir(path):
+        raise ValueError(f"--{flag}={path} is a directory; allowed: a file path")
+    if not file and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--{flag}={path} is a file; allowed: a directory (made if missing)")
+    probe = os.path.dirname(path) if file else path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"--{flag}={path}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--{flag}={path}: {probe} is not writable")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line and exit status 2 (argparse: usage + error)."""
+
+    def error(self, message):
+        fail(f"{self.prog}: {message} (see --help)")
 
 
 # ---- subcommands ---------------------------------------------------------------------------
@@ -87,7 +129,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        fail(e)
+        fail(_one_line(str(e)))
+
+
+def _one_line(message: str) -> str:
+    """A flag error whose value's parser raised (config_flags wraps the traceback) as its first
+    and last lines: ``flag --config=...: Error whilst parsing config file: ValueError: ...``."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message
+    return lines[0].rstrip(":") + ": " + lines[-1].strip()
 
 
 def run_app(main: Callable) -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
+from dp_jax.cli.common import USER_ERRORS, OneLineParser, check_output
 from dp_jax.distill import importers as convert
 from dp_jax.reports import distill_compare, distill_quality
 
@@ -16,8 +17,8 @@ FORMATS, SPACES = convert.FORMATS, convert.SPACES
 
 def convert_args(argv) -> argparse.Namespace:
     """Flags (``argv`` without the program name); see the module docstring."""
-    p = argparse.ArgumentParser(prog="python -m dp_jax.distill.convert", description=convert.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m dp_jax.distill.convert", description=convert.__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", required=True, help="|".join(FORMATS))
     p.add_argument("--out", required=True, help="distilled.npz to write")
     p.add_argument("--images", help="mtt: images_*.pt (N, C, H, W)")
@@ -45,10 +46,12 @@ def convert_args(argv) -> argparse.Namespace:
 def convert_main(argv=None) -> int:
     """Command-line entry; ``argv`` excludes the program name. Returns the exit status."""
     args = convert_args(sys.argv[1:] if argv is None else argv)
-    try:
-        dset = convert.convert(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+
+    def go():
+        check_output("out", args.out, file=True)  # before the (possibly slow) conversion
+        return convert.convert(args)
+    dset = _user_errors(go)
+    if dset is None:
         return 2
     print(f"wrote {args.out}: {len(dset)} images ({dset.stored_images.shape[0]} stored, factor "
           f"{dset.factor}) of {dset.dataset}, lr {dset.lr:.4g}, preprocessing "
@@ -58,33 +61,57 @@ def convert_main(argv=None) -> int:
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
     """``python -m dp_jax.distill.compare WORKDIR ... --out=DIR``."""
-    ap = argparse.ArgumentParser(prog="python -m dp_jax.distill.compare",
-                                 description=distill_compare.__doc__.split("\n")[0])
+    ap = OneLineParser(prog="python -m dp_jax.distill.compare",
+                       description=distill_compare.__doc__.split("\n")[0])
     ap.add_argument("workdirs", nargs="+", help="finished distillation workdirs")
     ap.add_argument("--out", required=True, help="directory for compare.md and the plot")
     args = ap.parse_args(argv)
-    try:
-        print(distill_compare.write(args.workdirs, args.out))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+
+    def go():
+        check_output("out", args.out)
+        return distill_compare.write(args.workdirs, args.out)
+    text = _user_errors(go)
+    if text is None:
         return 2
+    print(text)
     return 0
 
 
 def quality_main(argv: Sequence[str] | None = None) -> int:
     """``python -m dp_jax.distill.quality NAME=SET,PRUNING ... --out=DIR``."""
-    ap = argparse.ArgumentParser(prog="python -m dp_jax.distill.quality",
-                                 description=distill_quality.__doc__.split("\n")[0])
+    ap = OneLineParser(prog="python -m dp_jax.distill.quality",
+                       description=distill_quality.__doc__.split("\n")[0])
     ap.add_argument("pairs", nargs="+", help="NAME=SET_WORKDIR[#random],PRUNE_WORKDIR[:LABEL]")
     ap.add_argument("--sparsities", default="0.893,0.956")
     ap.add_argument("--seeds", default="", help="only these seeds, e.g. 0,1 (default: all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    try:
-        sparsities = [float(s) for s in args.sparsities.split(",") if s]
-        seeds = [int(v) for v in args.seeds.split(",") if v] or None
-        print(distill_quality.write(args.pairs, sparsities, seeds, args.out))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+
+    def go():
+        sparsities = _numbers("sparsities", args.sparsities, float)
+        seeds = _numbers("seeds", args.seeds, int) or None
+        check_output("out", args.out)
+        return distill_quality.write(args.pairs, sparsities, seeds, args.out)
+    text = _user_errors(go)
+    if text is None:
         return 2
+    print(text)
     return 0
+
+
+def _numbers(flag: str, text: str, kind: type) -> list:
+    """``--flag``'s comma-separated numbers; a ValueError names the flag."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{flag}={text} is invalid; allowed: comma-separated "
+                         f"{'integers' if kind is int else 'numbers'}") from None
+
+
+def _user_errors(fn: Callable):
+    """``fn()``, or None after printing a user error as one line (the caller returns 2)."""
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None

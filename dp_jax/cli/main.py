@@ -16,14 +16,16 @@ typed arguments (``dp_jax.tasks.eval_mask``, ``dp_jax.tasks.export``, ``dp_jax.r
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
-from dp_jax.system import hugepages
+from dp_jax.cli.common import OneLineParser, check_output, fail, guarded, resolved_argv, run_app
 from dp_jax.config.files import packaged_configs
+from dp_jax.system import hugepages
 
 PROG = "dp-jax"
-from dp_jax.cli.common import fail, guarded, resolved_argv, run_app
+# Seeds become PRNG keys and numpy generator seeds (tasks/settings.py: below 2**31).
+SEED_BOUNDS = dict(lower_bound=0, upper_bound=2**31 - 1)
 
 
 # ---- subcommands ---------------------------------------------------------------------------
@@ -36,35 +38,36 @@ def cmd_run() -> None:
 
 def cmd_analyze() -> None:
     """``dp-jax analyze``: analyses of a finished workdir (python -m dp_jax.analysis)."""
-    from absl import flags
-    from dp_jax.cli import analyze as analysis_main  # defines the analysis flags
-    verbose = flags.DEFINE_bool("verbose", False, "Show the full traceback of an error.")
-    run_app(guarded(analysis_main.main, lambda: verbose.value))
+    from dp_jax.cli import analyze as analysis_main  # entry set-up: a subcommand's module (its flags, JAX) loads only when chosen
+    analysis_main.run()
 
 
 def cmd_report(argv: list[str] | None = None) -> None:
     """``dp-jax report DIR [DIR ...] [--out=DIR]`` (also ``python -m dp_jax.report``)."""
-    parser = _OneLineParser(prog=f"{PROG} report", description="Rewrite report.md and plots "
+    parser = OneLineParser(prog=f"{PROG} report", description="Rewrite report.md and plots "
                             "of a workdir, or merge the seeds of several into --out.")
     parser.add_argument("workdirs", nargs="+", metavar="DIR")
     parser.add_argument("--out", default=None,
                         help="where the merged report goes (required with several DIRs)")
     parser.add_argument("--verbose", action="store_true", help="traceback on errors")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if len(args.workdirs) > 1 and not args.out:
+        fail(f"{len(args.workdirs)} workdirs need --out=DIR for the merged report")
+    try:  # before the report's work: where it goes must be writable
+        check_output("out" if args.out else "workdir", args.out or args.workdirs[0])
+    except ValueError as e:
+        fail(e)
     from dp_jax.reports import pruning as report  # entry set-up: a subcommand's module (its flags, JAX) loads only when chosen
+
+    from dp_jax.rundir import lock as lock_lib  # entry set-up: loads orbax, as the report does
 
     def go(_):
         if len(args.workdirs) == 1 and args.out in (None, args.workdirs[0]):
-            return report.write_report(args.workdirs[0])
-        if not args.out:
-            raise ValueError(f"{len(args.workdirs)} workdirs need --out=DIR for the merged report")
-        return report.write_report(args.out, sources=args.workdirs)
+            with lock_lib.writing_into(args.workdirs[0], args.workdirs[0]):
+                return report.write_report(args.workdirs[0])
+        with lock_lib.writing_into(args.out, args.out):
+            return report.write_report(args.out, sources=args.workdirs)
     print(guarded(go, lambda: args.verbose)(None))
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; keep the one-line convention
-        fail(f"{self.prog}: {message} (see --help)")
 
 
 def cmd_eval_mask() -> None:
@@ -76,7 +79,7 @@ def cmd_eval_mask() -> None:
     mask = flags.DEFINE_string("mask", None, "Mask file (npz of bool arrays by parameter path).")
     workdir = flags.DEFINE_string("workdir", None, "Where eval_mask.json is written.")
     seed = flags.DEFINE_integer("seed", None, "Seed of the init and data order (default: "
-                                "config.seed).")
+                                "config.seed).", **SEED_BOUNDS)
     start = flags.DEFINE_enum("start", "init", ["init", "reinit"],
                               "Weights to train: the seed's init, or its re-init key.")
     verbose = flags.DEFINE_bool("verbose", False, "Show the full traceback of an error.")
@@ -85,6 +88,9 @@ def cmd_eval_mask() -> None:
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        check_output("workdir", workdir.value)  # before the training, not after it
+        if not os.path.isfile(mask.value):
+            raise FileNotFoundError(f"--mask={mask.value}: no such file")
         logging.set_verbosity(logging.WARNING)
         from dp_jax.tasks import eval_mask  # entry set-up: a subcommand's module (its flags, JAX) loads only when chosen
         res = eval_mask.evaluate_mask(config.value, mask.value, workdir.value,
@@ -102,21 +108,27 @@ def cmd_export() -> None:
     from dp_jax.tasks import export  # entry set-up: a subcommand's module (its flags, JAX) loads only when chosen
     workdir = flags.DEFINE_string("workdir", None, "A dp_jax workdir.")
     run = flags.DEFINE_string("run", None, "Run label, e.g. imp_k0.")
-    seed = flags.DEFINE_integer("seed", None, "Seed of the run.")
-    rnd = flags.DEFINE_integer("round", None, "Round to export.")
+    seed = flags.DEFINE_integer("seed", None, "Seed of the run.", **SEED_BOUNDS)
+    rnd = flags.DEFINE_integer("round", None, "Round to export.", lower_bound=0)
     out = flags.DEFINE_string("out", None, "Ticket file to write (.npz).")
     source = flags.DEFINE_enum("source", "auto", list(export.SOURCES),
                                "Trained weights: the round checkpoint when kept (auto), "
                                "checkpoint only, or retrain from the start point.")
     verbose = flags.DEFINE_bool("verbose", False, "Show the full traceback of an error.")
+    plugins = flags.DEFINE_list("plugins", None, "Plugin modules named by the workdir's "
+                                "config.json that may be imported (must cover them).")
+    trust = flags.DEFINE_bool("trust_workdir_plugins", False, "Import whatever plugin modules "
+                              "the workdir's config.json names.")
     flags.mark_flags_as_required(["workdir", "run", "seed", "round", "out"])
 
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        check_output("out", out.value, file=True)  # before the export's work, not after it
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
         meta = export.export_ticket(workdir.value, run.value, seed.value, rnd.value, out.value,
-                                    source=source.value)
+                                    source=source.value, plugins=plugins.value,
+                                    trust_plugins=trust.value)
         check = meta.get("check") or {}
         print(f"{out.value}: {meta['run']} seed {meta['seed']} round {meta['round']}, sparsity "
               f"{meta['sparsity']:.4f}, trained weights {meta['trained_source']}, recorded test "

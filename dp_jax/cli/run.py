@@ -62,11 +62,7 @@ def main(argv):
 def run():
     """``dp-jax run`` and ``python -m dp_jax.main``."""
     hugepages.reexec()  # before anything allocates (dp_jax/system/hugepages.py)
-    try:
-        sys.argv = cli.resolve_config_argv(sys.argv)
-        cli.check_override_keys(sys.argv)
-    except (FileNotFoundError, ValueError) as e:
-        cli.fail(e)
+    sys.argv = cli.resolved_argv()
     cli.run_app(main)
 
 

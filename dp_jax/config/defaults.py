@@ -45,7 +45,7 @@ def _data() -> ml_collections.ConfigDict:
     s.image_size = placeholder(int)  # tfds images of varying size: centre crop + resize
     s.augment = "none"  # none | crop_flip | random_resized_crop (stream only)
     s.pipeline = "memory"  # memory (on the devices) | stream (dp_jax.data.pipeline)
-    s.classes = ()  # stream: label indices to keep, relabelled 0..k-1 (() = all)
+    s.classes = ()  # label indices to keep, relabelled 0..k-1 in list order (() = all)
     s.label_cache = placeholder(str)  # stream + classes: where the label index is cached
     s.eval_split = placeholder(str)  # stream: split to test on (default test, else validation)
     s.plugins = ""  # comma-separated modules to import; they register dataset sources

@@ -67,10 +67,28 @@ def load_module(path: str):
 
 
 def load_config(spec: str):
-    """``path[:variant]`` -> ``get_config(variant)``, as ``--config`` reads it."""
+    """``path[:variant]`` -> ``get_config(variant)``, as ``--config`` reads it.
+
+    A config file that fails (its own ValueError, such as an unknown variant naming the
+    allowed ones, or any other error) raises a one-line ValueError naming ``--config``.
+    """
     path, _, variant = spec.partition(":")
-    mod = load_module(path)
-    return mod.get_config(variant) if variant else mod.get_config()
+    try:
+        mod = load_module(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # the config file's own bug: one line, not a traceback
+        raise ValueError(f"--config={spec}: cannot load {path}: {type(e).__name__}: {e}") from e
+    if not callable(getattr(mod, "get_config", None)):
+        raise ValueError(f"--config={spec}: {path} defines no get_config(); allowed: a config "
+                         "file with get_config(variant='')")
+    try:
+        return mod.get_config(variant) if variant else mod.get_config()
+    except ValueError:
+        raise  # the config's message names the variant and the allowed ones
+    except Exception as e:
+        raise ValueError(f"--config={spec}: get_config({variant!r}) failed: "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def check_override_key(config, dotted: str) -> None:
@@ -110,6 +128,6 @@ def import_plugins(field: str, modules) -> None:
     for name in [m.strip() for m in str(modules or "").split(",") if m.strip()]:
         try:
             importlib.import_module(name)
-        except Exception as e:  # a plugin's own error is the user's to see, in one line
+        except (Exception, SystemExit) as e:  # a plugin's own error (or exit), in one line
             raise ValueError(f"config.{field}: cannot import {name!r}: "
-                             f"{type(e).__name__}: {e}") from e
+                             f"{type(e).__name__}: {' '.join(str(e).split())}") from e

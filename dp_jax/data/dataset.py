@@ -116,6 +116,36 @@ def _validate(raw: RawData) -> None:
                          f"{raw.x_test.shape[1:]} differ in shape")
 
 
+def select_classes(raw: RawData, classes) -> RawData:
+    """The examples of ``classes`` (``data.classes``), relabelled 0..len(classes)-1 in list
+    order, as the stream pipeline's ``ClassSubset`` does."""
+    classes = [int(c) for c in classes]
+    if len(set(classes)) != len(classes) or not all(0 <= c < raw.num_classes for c in classes):
+        raise ValueError(f"config.data.classes={tuple(classes)} is invalid; allowed: distinct "
+                         f"class indices in [0, {raw.num_classes}) (the classes of {raw.source})")
+    remap = np.full(raw.num_classes, -1, np.int64)
+    remap[classes] = np.arange(len(classes))
+    keep_train, keep_test = remap[raw.y_train] >= 0, remap[raw.y_test] >= 0
+    return raw._replace(x_train=raw.x_train[keep_train], y_train=remap[raw.y_train[keep_train]],
+                        x_test=raw.x_test[keep_test], y_test=remap[raw.y_test[keep_test]],
+                        num_classes=len(classes))
+
+
+def _check_present_classes(raw: RawData, spec: DataSpec) -> None:
+    """At least two classes have training examples (labels 0..num_classes-1 may have gaps:
+    one label of 1 passes the range check yet gives a one-class problem)."""
+    present = np.unique(raw.y_train)
+    field = "data.classes" if spec.classes else "data.name"
+    value = tuple(spec.classes) if spec.classes else spec.name
+    if present.size < 2:
+        raise ValueError(f"config.{field}={value!r} is invalid: the training split has examples "
+                         f"of {present.size} class (labels {present.tolist()}); allowed: a "
+                         "dataset with examples of at least 2 classes")
+    if raw.x_test.shape[0] == 0:
+        raise ValueError(f"config.{field}={value!r} is invalid: it leaves the test split "
+                         "empty; allowed: classes with test examples")
+
+
 def load_dataset(data: DataSpec | Mapping, *, seed: int) -> Dataset:
     """Loads, validates, subsets and preprocesses the dataset described by ``data``.
 
@@ -123,7 +153,8 @@ def load_dataset(data: DataSpec | Mapping, *, seed: int) -> Dataset:
     ``name`` ('fashion_mnist', 'tfds:<name>' or
     'npz:<path>'), ``data_dir`` (None), ``train_size`` (0 = whole training split, otherwise a
     class-balanced subset drawn with ``seed``), ``preprocess`` ('standard'; or 'zca', 'none'),
-    ``zca_eps`` (0.1) and, for TFDS datasets with images of varying size, ``image_size`` (None).
+    ``zca_eps`` (0.1), ``classes`` (label indices to keep, relabelled 0..n-1 in list order;
+    ``()`` = all) and, for TFDS datasets with images of varying size, ``image_size`` (None).
     Preprocessing is fitted on the (subset) training split and applied to both splits.
     """
     spec = data if isinstance(data, DataSpec) else DataSpec.from_config(data)
@@ -138,6 +169,9 @@ def load_dataset(data: DataSpec | Mapping, *, seed: int) -> Dataset:
         raise ValueError(f"train_size must be >= 0 (0 = all), got {train_size}")
     raw = registry.load(spec)
     _validate(raw)
+    if spec.classes:
+        raw = select_classes(raw, spec.classes)
+    _check_present_classes(raw, spec)
     x_train, y_train = raw.x_train, raw.y_train
     if train_size:
         n = x_train.shape[0]

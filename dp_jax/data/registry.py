@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Callable, Optional
+import json
+import os
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from dp_jax.data import sources
 from dp_jax.data.sources import RawData
+from dp_jax.storage import atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,9 @@ class Source:
     takes_arg: bool = False
     image_size: bool = False      # honours data.image_size (centre crop + resize)
     streams: bool = False         # can be read by the streaming pipeline
+    # The files the data is read from (arg, DataSpec) -> paths: their SHA-256 enters the run
+    # identity, so a file replaced under the same name is refused like a changed setting.
+    files: Optional[Callable[[Optional[str], object], Sequence[str]]] = None
 
     def describe(self) -> str:
         """The form shown in error messages."""
@@ -77,6 +83,78 @@ def load(spec) -> RawData:
                          f"allowed: unset, or a source that resizes ("
                          + ", ".join(s.describe() for s in SOURCES.values() if s.image_size) + ")")
     return source.load(arg, spec)
+
+
+def content_fingerprint(spec) -> Optional[str]:
+    """SHA-256 of the files ``spec.name`` reads (:attr:`Source.files`), or None for a source
+    that names no files (a TFDS dataset, in-memory arrays identified by their own hash)."""
+    source, arg = resolve(spec.name)
+    paths = list(source.files(arg, spec)) if source.files is not None else []
+    if not paths:
+        return None
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    return hashlib.sha256("".join(f"{file_sha256(p)}\n" for p in paths).encode()).hexdigest()
+
+
+# ---- file fingerprints, cached ---------------------------------------------------------------
+#
+# A data file is hashed before any workdir is touched (its hash is part of the identity the
+# workdir is checked against) and is usually shared by many workdirs, so the cache is the
+# user's, not a workdir's: $DP_JAX_FINGERPRINT_CACHE (a file path; "off" disables it), else
+# ~/.cache/dp_jax/fingerprints.json. An entry is reused only while the file's size, mtime_ns,
+# ctime_ns and inode are unchanged: mtime alone can be set back (touch -r, cp -p) but ctime
+# cannot, and replacing the file (mv, an atomic write) changes the inode. A missing, corrupt
+# or unwritable cache only costs a re-hash.
+
+CACHE_ENV = "DP_JAX_FINGERPRINT_CACHE"
+_CACHE_ENTRIES = 256  # the most recent files kept
+
+
+def fingerprint_cache_path() -> Optional[str]:
+    """Where file fingerprints are cached (None when $DP_JAX_FINGERPRINT_CACHE=off)."""
+    path = os.environ.get(CACHE_ENV, "")
+    if path.lower() == "off":
+        return None
+    return path or os.path.join(os.path.expanduser("~"), ".cache", "dp_jax", "fingerprints.json")
+
+
+def _stamp(path: str) -> list:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_cache(path: Optional[str]) -> dict:
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, TypeError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, from the fingerprint cache while the file is unchanged."""
+    key, cache_path = os.path.realpath(path), fingerprint_cache_path()
+    stamp = _stamp(key)
+    cache = _read_cache(cache_path)
+    hit = cache.get(key)
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    h = hashlib.sha256()
+    with open(key, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    if cache_path is not None and _stamp(key) == stamp:  # not written to while it was read
+        cache.pop(key, None)
+        cache[key] = {"stamp": stamp, "sha256": digest}
+        kept = dict(list(cache.items())[-_CACHE_ENTRIES:])
+        try:
+            atomic.atomic_write_bytes(cache_path, json.dumps(kept).encode())
+        except (OSError, RuntimeError):  # a read-only home or a full disk: hash again next time
+            pass
+    return digest
 
 
 # In-memory arrays handed to the library (``dp_jax.run(..., data=...)``), by fingerprint.
@@ -134,7 +212,7 @@ for _s in (
                                                            image_size=spec.image_size or None),
                form="tfds:<name>", takes_arg=True, image_size=True, streams=True),
         Source("npz", lambda arg, spec: sources.load_npz(arg), form="npz:<path>",
-               takes_arg=True),
+               takes_arg=True, files=lambda arg, spec: [arg]),
         Source("arrays", _load_arrays, form="arrays:<sha256> (dp_jax.run(..., data=...))",
                takes_arg=True)):
     register(_s)

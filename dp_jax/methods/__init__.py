@@ -7,14 +7,15 @@ listed in ``prune.plugins``); docs/extending.md shows a worked example.
 
 from __future__ import annotations
 
-from dp_jax.methods import (dp, dp_imp, grasp, imp, mag_init, random, reinit, snip, subset,
-                            synflow)
+from dp_jax.methods import (dp, dp_imp, force, grasp, imp, invert, lrr, mag_init, random,
+                            reinit, shuffle, snip, subset, synflow)
 from dp_jax.methods.base import Context, Method, Option, Plan, Spec
 from dp_jax.methods.registry import (REGISTRY, get, load_plugins, parse, pretty, register)
 from dp_jax.pruning.plan import DENSE
 
 _BUILTIN = (imp.METHOD, random.METHOD, reinit.METHOD, dp.METHOD, dp_imp.METHOD,
-            snip.METHOD, grasp.METHOD, synflow.METHOD, mag_init.METHOD, subset.METHOD)
+            snip.METHOD, grasp.METHOD, synflow.METHOD, mag_init.METHOD, subset.METHOD,
+            lrr.METHOD, force.METHOD, shuffle.METHOD, invert.METHOD)
 for _m in _BUILTIN:
     register(_m)
 

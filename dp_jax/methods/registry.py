@@ -3,6 +3,8 @@ parser and the report's names of run labels. dp_jax.methods registers the built-
 
 from __future__ import annotations
 
+import dataclasses
+
 from dp_jax.config import files as config_files
 
 from dp_jax.methods.base import Method
@@ -65,7 +67,11 @@ def _parse_entry(item: str, config) -> Spec:
         if o.name not in given:
             given[o.name] = o.default(config) if callable(o.default) else o.default
     opts = {k: v for k, v in given.items() if v is not None}
-    return Spec(name=method.name, label=method.label(opts), options=tuple(sorted(opts.items())))
+    spec = Spec(name=method.name, label=method.label(opts), options=tuple(sorted(opts.items())))
+    start = method.start(spec)
+    if start.kind == "rewind" and start.step != spec.rewind_step:  # a borrowed start point
+        spec = dataclasses.replace(spec, start_step=int(start.step))
+    return spec
 
 
 def parse(text: str, config, *, check: bool = True) -> list[Spec]:

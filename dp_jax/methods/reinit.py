@@ -6,14 +6,11 @@ whether a mask's value lies in its structure alone or in its pairing with the in
 
 from __future__ import annotations
 
-import os
-
 import jax
 
-from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
 from dp_jax import rng
-from dp_jax.rundir import paths as workdir_lib
+from dp_jax.rundir import verified
 from dp_jax.methods import base, registry
 from dp_jax.pruning.plan import REINIT
 
@@ -46,14 +43,15 @@ class Reinit(base.Method):
         like = ctx.dense["variables"]["params"]
         fresh = ctx.setup.init_fn(jax.random.fold_in(ctx.seed_key, rng.REINIT))
         # The mask search is the source's: charge its examples round by round.
-        src_examples = {r["round"]: r["train_examples"] for r in fileio.read_jsonl(
-            workdir_lib.run_rounds_path(ctx.workdir, spec.source, ctx.seed))}
+        src_examples = {r["round"]: r["train_examples"]
+                        for r in verified.run_records(ctx.workdir, spec.source, ctx.seed)}
 
         def next_mask(rnd, mask, trained):
-            path = workdir_lib.mask_path(ctx.workdir, spec.source, ctx.seed, rnd)
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"reinit needs {path}; run its source method first")
-            return masks_lib.load(path, like)
+            if rnd not in src_examples:
+                raise FileNotFoundError(f"reinit needs round {rnd} of {spec.source!r} (seed "
+                                        f"{ctx.seed}); run its source method first")
+            return masks_lib.load(verified.mask_file(ctx.workdir, spec.source, ctx.seed, rnd),
+                                  like)
         return base.Plan(next_mask=next_mask, start_point=lambda rnd: (fresh, 0),
                          search_examples=lambda rnd: src_examples[rnd] - src_examples[rnd - 1])
 

@@ -14,6 +14,9 @@ weights; only a new batch shape compiles again.
   * SynFlow (Tanaka et al. 2020): data-free ``|dR/dtheta * theta|`` of the all-positive network,
     computed in float64 by default because R overflows float32 in deep nets; iterated with the
     exponential schedule by :func:`synflow_prune`.
+  * FORCE (de Jorge et al. 2021): ``|theta * dL/dw|`` at ``w = theta * mask``, the gradient
+    with respect to the sparsified weights, so pruned weights score too and may come back
+    (:func:`force_scores`); iterated with an exponential schedule by :func:`force_prune`.
 """
 
 from __future__ import annotations
@@ -272,3 +275,46 @@ def synflow_prune(model, variables: dict, mask: PyTree, image_shape: Sequence[in
         else:
             mask = _prune_layers(prune_fn, scores, mask, todo)
     return mask
+
+
+def force_scores(model, variables: dict, mask: PyTree,
+                 batches: Sequence[tuple[Any, Any]]) -> PyTree:
+    """FORCE saliency ``|theta * dL/dw|`` at ``w = theta * mask`` (de Jorge et al. 2021).
+
+    Unlike :func:`snip_scores` the gradient is taken with respect to the *sparsified* weights
+    ``w`` themselves, not through the mask, so a pruned weight keeps its gradient, and it is
+    multiplied by the *original* weight ``theta``: pruned weights score as if they came back
+    (the authors' ``apply_prune_mask(..., apply_hooks=False)`` and ``original_weights``).
+    Gradients of the mean cross-entropy averaged over ``batches``; BatchNorm in train mode.
+    """
+    params, bs = variables["params"], variables.get("batch_stats") or {}
+    dense = jax.tree.map(lambda m: jnp.ones(jnp.shape(m), bool), mask)
+    with _fast():
+        g = _mean_over(_compiled(_build_grad, model), masks_lib.apply(params, mask), bs, dense,
+                       batches, jnp.float32(1.0))
+    return jax.tree.map(lambda gi, w: jnp.abs(gi * w), g, params)
+
+
+def force_prune(model, variables: dict, mask: PyTree, batches_at: Callable[[int], Sequence],
+                *, fraction: float, iters: int, prune_fn: Callable,
+                on_iteration: Optional[Callable[[int, PyTree], None]] = None) -> PyTree:
+    """FORCE from ``mask`` (the round's start) to ``fraction`` of its survivors pruned.
+
+    Iteration ``t = 1..iters`` scores the current mask ``c_{t-1}`` (``c_0 = mask``) with
+    :func:`force_scores` on ``batches_at(t)`` and sets ``c_t = prune_fn(scores, mask, p_t)``:
+    it re-chooses among *all* of ``mask``'s survivors, so a weight pruned at an earlier iteration
+    can come back, while weights outside ``mask`` stay pruned (masks nest across rounds). The kept
+    share of the survivors falls exponentially, ``1 - p_t = (1 - fraction)**(t / iters)``, and
+    ``p_iters = fraction`` exactly. ``prune_fn(scores, mask, p)`` removes ``round(p * alive)``
+    of ``mask``'s survivors (e.g. :func:`dp_jax.pruning.rounds.prune_step`).
+    """
+    if int(iters) < 1:
+        raise ValueError(f"force iters must be >= 1, got {iters}")
+    current = mask
+    for t in range(1, int(iters) + 1):
+        p = fraction if t == iters else 1.0 - (1.0 - fraction) ** (t / iters)
+        scores = force_scores(model, variables, current, batches_at(t))
+        current = prune_fn(scores, mask, p)
+        if on_iteration is not None:
+            on_iteration(t, current)
+    return current

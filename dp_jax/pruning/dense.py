@@ -3,16 +3,20 @@
 The dense network is round 0 of every method, IMP's first training and the source of the
 rewind points (its weights at each rewind step k). Its checkpoint lives in the workdir's
 ``runs/dense-seed<s>`` (paths from :mod:`dp_jax.rundir.paths`); a finished one is restored, never
-retrained.
+retrained. Each checkpoint is recorded in that directory's checksum manifest; a damaged one is
+dropped and retrained with a warning (the same steps give the same weights), or, for readers
+that must not write (``repair=False``), named in a ValueError.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 
 
 from dp_jax.system import compile_time
-from dp_jax.storage import fileio
+from dp_jax.storage import fileio, integrity
 from dp_jax import masks as masks_lib
 from dp_jax.pruning.plan import DENSE
 from dp_jax.pruning import records
@@ -21,6 +25,7 @@ from dp_jax import rng
 from dp_jax.pruning import seeds as seed_groups
 from dp_jax.training import trainer as train_lib
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.rundir import verified
 
 
 def _start(setup: prune_lib.Setup, seed: int):
@@ -33,7 +38,8 @@ def _checkpointer(workdir: str, seed: int) -> fileio.RoundCheckpointer:
     return fileio.RoundCheckpointer(workdir_lib.checkpoints_dir(workdir, workdir_lib.DENSE, seed))
 
 
-def dense_run(setup: prune_lib.Setup, workdir: str, seed: int, rewind_steps) -> dict:
+def dense_run(setup: prune_lib.Setup, workdir: str, seed: int, rewind_steps, *,
+              repair: bool = True) -> dict:
     """Train (or restore) the seed's dense network; keeps the weights at each rewind step.
 
     A rewind step the checkpoint does not hold yet (a method added to a finished workdir)
@@ -41,9 +47,10 @@ def dense_run(setup: prune_lib.Setup, workdir: str, seed: int, rewind_steps) -> 
     weights -- and added to the checkpoint.
 
     Returns ``{"variables" (init), "trained", "snapshots" {step: weights}, "record"}``.
+    ``repair``: see :func:`restore`.
     """
     steps = _steps(rewind_steps)
-    got = restore(setup, workdir, seed, steps)
+    got = restore(setup, workdir, seed, steps, repair=repair)
     if got is not None:
         return got
     variables, mask, data_key = _start(setup, seed)
@@ -79,11 +86,16 @@ def _steps(rewind_steps) -> list:
     return sorted({int(k) for k in rewind_steps if k > 0})
 
 
-def restore(setup: prune_lib.Setup, workdir: str, seed: int, steps: list):
-    """The seed's finished dense run (missing rewind ``steps`` recomputed), or None."""
+def restore(setup: prune_lib.Setup, workdir: str, seed: int, steps: list, *,
+            repair: bool = True):
+    """The seed's finished dense run (missing rewind ``steps`` recomputed), or None.
+
+    A checkpoint that fails its checksum is dropped with a warning (``repair``; the previous
+    one, else a retraining, takes its place) or named in a ValueError (``repair=False``).
+    """
     ckpt = _checkpointer(workdir, seed)
     try:
-        last = ckpt.latest()
+        last = _last_good(workdir, seed, ckpt, repair)
         if last is None:
             return None
         variables, mask, data_key = _start(setup, seed)
@@ -101,10 +113,38 @@ def restore(setup: prune_lib.Setup, workdir: str, seed: int, steps: list):
             ckpt.save(last + 1, {"trained": arrays["trained"],
                                  "snapshots": {str(k): snaps[k] for k in keep}},
                       dict(payload, snapshot_steps=keep))
+            _record(workdir, seed, last + 1)
         return {"variables": variables, "trained": arrays["trained"], "snapshots": snaps,
                 "record": payload["record"]}
     finally:
         ckpt.close()
+
+
+def _last_good(workdir: str, seed: int, ckpt: fileio.RoundCheckpointer, repair: bool):
+    """The latest checkpoint step whose checksum holds (None: none); a run made before
+    checksums is trusted, then adopted (its steps recorded, its identity.json marked)."""
+    run = workdir_lib.run_dir(workdir, workdir_lib.DENSE, seed)
+    marked = verified.made_with_checksums(workdir, workdir_lib.DENSE, seed)
+    for step in reversed(ckpt.all_steps()):
+        rel = f"checkpoints/{step}"
+        why = integrity.problem(run, rel) if marked or integrity.has_records(run) else None
+        if why is None:
+            if not marked:
+                integrity.adopt(run, [f"checkpoints/{s}" for s in ckpt.all_steps()])
+                verified.mark_checksums(workdir, workdir_lib.DENSE, seed)
+            return step
+        path = os.path.join(run, rel)
+        if not repair:
+            raise ValueError(f"dense checkpoint {path} is {why}")
+        warnings.warn(f"dense checkpoint {path} is {why}; dropping it (the dense run is "
+                      "retrained if no earlier checkpoint holds)", RuntimeWarning, stacklevel=3)
+        integrity.forget(run, rel)
+        ckpt.delete(step)
+    return None
+
+
+def _record(workdir: str, seed: int, step: int) -> None:
+    integrity.record(workdir_lib.run_dir(workdir, workdir_lib.DENSE, seed), f"checkpoints/{step}")
 
 
 def _save(setup, workdir, seed, variables, trained, ev, tm, snaps, steps, *, wall_s,
@@ -120,6 +160,7 @@ def _save(setup, workdir, seed, variables, trained, ev, tm, snaps, steps, *, wal
                   {"record": record, "snapshot_steps": steps})
     finally:
         ckpt.close()
+    _record(workdir, seed, 0)
     return {"variables": variables, "trained": trained, "snapshots": snaps, "record": record}
 
 

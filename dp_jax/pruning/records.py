@@ -9,6 +9,7 @@ import numpy as np
 
 from dp_jax import masks as masks_lib
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.rundir import verified
 from dp_jax.storage import fileio
 
 PyTree = Any
@@ -39,7 +40,7 @@ def merge_rounds(workdir: str) -> list:
     """Rewrite the top-level rounds.jsonl from every run's own rounds.jsonl; returns the rows."""
     rows = []
     for label, seed in workdir_lib.list_runs(workdir):
-        rows.extend(fileio.read_jsonl(workdir_lib.run_rounds_path(workdir, label, seed)))
+        rows.extend(verified.run_records(workdir, label, seed))  # checked, read strictly
     fileio.write_jsonl(workdir_lib.rounds_path(workdir), rows)
     return rows
 

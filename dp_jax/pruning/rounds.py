@@ -28,6 +28,7 @@ from dp_jax.pruning import records as records_lib
 from dp_jax import rng
 from dp_jax.training import trainer as train_lib
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.rundir import verified
 
 PyTree = Any
 
@@ -117,10 +118,12 @@ def _trained(state) -> dict:
 class Run:
     """Checkpoint bookkeeping of one (method, seed) run (paths from dp_jax.rundir.paths).
 
-    Every mask and round checkpoint is recorded in the run's checksum manifest when written
-    (:mod:`dp_jax.storage.integrity`). On resume a damaged or unrecorded latest round falls back to
-    the previous good one (and is recomputed); a missing or damaged mask of a finished round
-    is rewritten from that round's checkpoint.
+    Every mask, round checkpoint and rounds.jsonl is recorded in the run's checksum manifest
+    when written (:mod:`dp_jax.storage.integrity`). On resume a damaged or unrecorded latest
+    round falls back to the previous good one (and is recomputed); a missing or damaged mask of
+    a finished round is rewritten from that round's checkpoint. A run made before checksums
+    (no manifest, no marker in identity.json) is trusted as it is, then adopted: its files are
+    recorded and identity.json marked, so that from then on a missing manifest is damage.
     """
 
     def __init__(self, workdir: str, spec, seed: int, *, keep: str = "all"):
@@ -139,7 +142,10 @@ class Run:
 
     def resume(self, like: dict) -> tuple[int, Optional[dict], list]:
         """``(next_round, arrays, records)`` from the last good round, or a fresh start."""
-        legacy = not integrity.has_records(self.dir)  # made before checksums: trust as before
+        marked = verified.made_with_checksums(self.workdir, self.spec.label, self.seed)
+        # Made before checksums: trusted as before. With the marker, a lost manifest leaves
+        # every round unrecorded: all are recomputed.
+        legacy = not marked and not integrity.has_records(self.dir)
         for step in reversed(self.ckpt.all_steps()):
             rel = f"checkpoints/{step}"
             why = None if legacy else integrity.problem(self.dir, rel)
@@ -150,11 +156,14 @@ class Run:
                     why = str(e)
                 else:
                     self._repair_masks(step, like, legacy)
+                    if not marked:
+                        self._adopt(step)
                     return step + 1, arrays, list(payload["records"])
             warnings.warn(f"round checkpoint {os.path.join(self.dir, rel)} is {why}; "
                           f"recomputing from round {step - 1}", RuntimeWarning, stacklevel=2)
             integrity.forget(self.dir, rel)
             self.ckpt.delete(step)
+        verified.mark_checksums(self.workdir, self.spec.label, self.seed)  # all recorded anew
         return 0, None, []
 
     def _repair_masks(self, last: int, like: dict, legacy: bool) -> None:
@@ -174,14 +183,27 @@ class Run:
             masks_lib.save(path, arrays["mask"])
             integrity.record(self.dir, self._rel(path))
 
+    def _adopt(self, last: int) -> None:
+        """Record the finished rounds' files that have no record yet (a run made before
+        checksums: trusted as they are), then mark it. Its rounds.jsonl is rewritten from
+        the checkpoint, and recorded, right after."""
+        integrity.adopt(self.dir, [self._rel(self.mask_path(r)) for r in range(last + 1)]
+                        + [f"checkpoints/{s}" for s in self.ckpt.all_steps()])
+        verified.mark_checksums(self.workdir, self.spec.label, self.seed)
+
+    def write_records(self, records: list) -> None:
+        """(Re)write the run's rounds.jsonl and record it."""
+        fileio.write_jsonl(self.rounds_path, records)
+        integrity.record(self.dir, self._rel(self.rounds_path))
+
     def commit(self, rnd: int, mask: PyTree, arrays: dict, records: list) -> None:
-        """Persist round ``rnd``: mask file, checkpoint (each checksummed), then rounds.jsonl."""
+        """Persist round ``rnd``: mask file, checkpoint, then rounds.jsonl (each checksummed)."""
         path = self.mask_path(rnd)
         masks_lib.save(path, mask)
         integrity.record(self.dir, self._rel(path))
         self.ckpt.save(rnd, arrays, {"records": records})
         integrity.record(self.dir, f"checkpoints/{rnd}")
-        fileio.write_jsonl(self.rounds_path, records)
+        self.write_records(records)
 
     def close(self):
         """Release the checkpoint manager."""
@@ -248,7 +270,7 @@ def begin_rounds(run: Run, dense: dict, on_round: Callable[[dict], None]):
         start = 1
     else:
         # The kill may have come between the checkpoint and the records file.
-        fileio.write_jsonl(run.rounds_path, records)
+        run.write_records(records)
         for rec in records:  # count the finished rounds in the progress display
             on_round(rec)
     return arrays["mask"], arrays["trained"], records, start

@@ -24,6 +24,7 @@ import numpy as np
 from dp_jax.analysis import registry as analyses
 from dp_jax.storage import fileio
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.rundir import verified
 from dp_jax.reports import analysis_plots as plots
 from dp_jax.reports.pruning import ANALYSIS_BEGIN as BEGIN
 from dp_jax.reports.pruning import ANALYSIS_END as END
@@ -31,7 +32,9 @@ from dp_jax.reports.pruning import pretty
 
 
 def _load(workdir: str, pattern: str) -> list[dict]:
-    return [fileio.read_json(p) for p in sorted(glob.glob(workdir_lib.analysis_path(workdir, pattern)))]
+    """The analysis results matching ``pattern``, each checked against the analysis manifest."""
+    return [verified.analysis_json(workdir, os.path.basename(p))
+            for p in sorted(glob.glob(workdir_lib.analysis_path(workdir, pattern)))]
 
 
 def _key(r):
@@ -216,7 +219,7 @@ def _instability_lines(workdir: str, rows: list[dict]) -> list[str]:
     if not (rows or curves):
         return []
     mpath = workdir_lib.analysis_path(workdir, "masks.json")
-    masks = fileio.read_json(mpath) if os.path.exists(mpath) else None
+    masks = verified.analysis_json(workdir, "masks.json") if os.path.exists(mpath) else None
     return _instability_section(workdir, rows, curves, masks)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from dp_jax.system import figures
 from dp_jax.storage import fileio
+from dp_jax.rundir import verified
 from dp_jax.reports.curves import save_figure
 
 
@@ -47,7 +48,7 @@ def mask_accuracy(spec: str, sparsity: float, tol: float = 0.005,
     path = os.path.join(workdir, "rounds.jsonl")
     if not os.path.exists(path):
         raise ValueError(f"{workdir}: no rounds.jsonl (not a pruning workdir)")
-    rows = [r for r in fileio.read_jsonl(path) if r["method"] == (label or "dp")
+    rows = [r for r in verified.workdir_records(workdir) if r["method"] == (label or "dp")
             and abs(r["sparsity"] - sparsity) <= tol and (seeds is None or r["seed"] in seeds)]
     if not rows:
         raise ValueError(f"{spec}: no round of run '{label or 'dp'}' at sparsity {sparsity}")

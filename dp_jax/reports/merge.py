@@ -14,6 +14,7 @@ import numpy as np
 
 from dp_jax.storage import fileio
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.rundir import verified
 from dp_jax.pruning import records
 
 
@@ -73,11 +74,12 @@ def gather(workdirs: Sequence[str]) -> dict:
 
     Merged workdirs must share every result-deciding setting but ``seed``/``seeds``; a
     (method, seed) run held by several must have the same records (timings aside) and is
-    taken once. Raises ValueError naming the workdirs (and fields) otherwise.
+    taken once. Raises ValueError naming the workdirs (and fields) otherwise, or naming a
+    damaged records file (:func:`dp_jax.rundir.verified.workdir_records`).
     """
-    runs, origin, configs, summaries = {}, {}, {}, []
+    runs, origin, configs, summaries, read = {}, {}, {}, [], {}
     for d in workdirs:
-        rows = fileio.read_jsonl(workdir_lib.rounds_path(d))
+        rows = read[d] = verified.workdir_records(d)
         if not rows:
             raise ValueError(f"{d}/rounds.jsonl has no rounds; nothing to report")
         cfg, summ = workdir_lib.config_path(d), workdir_lib.summary_path(d)
@@ -91,8 +93,7 @@ def gather(workdirs: Sequence[str]) -> dict:
                                  f"seed {key[1]} with different records")
             origin.setdefault(key, d)
     _check_settings(configs)
-    rows = [r for d in workdirs for r in fileio.read_jsonl(workdir_lib.rounds_path(d))
-            if origin[(r["method"], r["seed"])] == d]
+    rows = [r for d in workdirs for r in read[d] if origin[(r["method"], r["seed"])] == d]
     summary = {}
     if all(s.get("methods") for s in summaries):
         # Phases are per workdir (one distillation each): their mean over the workdirs that

@@ -15,12 +15,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dp_jax.storage import fileio, npz
+from dp_jax.storage import fileio
 from dp_jax.system import figures
 from dp_jax import masks as masks_lib
 from dp_jax import methods
 from dp_jax.methods import dp as dp_method, imp as imp_method
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.rundir import verified
 from dp_jax.reports.merge import gather, merge_note
 from dp_jax.reports.curves import save_figure
 from dp_jax.reports import curves
@@ -159,18 +160,36 @@ def ticket_sparsity(agg: dict[str, list[dict]], tolerance: float = 0.01) -> dict
     return out
 
 
+def stall_notes(agg: dict[str, list[dict]]) -> list[str]:
+    """A warning per method whose later rounds pruned nothing (the schedule stalled)."""
+    notes = []
+    for m in sorted(agg):
+        same = [b["round"] for a, b in zip(agg[m], agg[m][1:]) if b["sparsity"] == a["sparsity"]]
+        if same:
+            notes += [f"**Warning:** {pretty(m)}: rounds {same[0]}-{same[-1]} pruned nothing "
+                      f"(sparsity stays {100 * agg[m][-1]['sparsity']:.2f}%): the schedule "
+                      "stalled (prune.fraction too large for prune.rounds, or prune.min_per_layer "
+                      "holds every layer), so those rounds repeat one mask.", ""]
+    return notes
+
+
 def _load_masks(workdirs) -> dict[tuple[str, int], dict[int, dict]]:
-    """{(label, seed): {round: mask}} of every run with saved masks.
+    """{(label, seed): {round: mask}} of every run with saved masks, each checked
+    (:mod:`dp_jax.rundir.verified`): the rounds of the run's records, or, for a run without
+    records (made before runs kept their own), the mask files it holds.
 
     ``workdirs`` is one directory or a sequence; a run held by several comes from the first.
     """
     out = {}
     for workdir in [workdirs] if isinstance(workdirs, str) else workdirs:
         for label, seed in workdir_lib.list_runs(workdir):
-            rounds = {}
-            for rnd, path in workdir_lib.list_masks(workdir, label, seed).items():
-                rounds[rnd] = masks_lib.from_flat(npz.read(path, "mask file"))
-            if rounds and (label, seed) not in out:
+            if (label, seed) in out:
+                continue
+            done = sorted({r["round"] for r in verified.run_records(workdir, label, seed)}
+                          or workdir_lib.list_masks(workdir, label, seed))
+            rounds = {rnd: masks_lib.from_flat(verified.mask_arrays(workdir, label, seed, rnd))
+                      for rnd in done}
+            if rounds:
                 out[(label, seed)] = rounds
     return out
 
@@ -231,6 +250,7 @@ def cost_section(summary: dict, agg: dict[str, list[dict]], base: dict[str, str]
         parts.append(f"| {pretty(m)} | {100 * s['final_sparsity']:.1f}% | "
                      f"{s['mask_search_examples']:,} | {s.get('search_wall_s', 0):.0f} | "
                      f"{s['wall_s']:.0f} | {s.get('compile_s', 0):.0f} |")
+    parts += _subset_note(agg, base, dp)
     phases = summary.get("phases_s", {})
     if dp and imp:
         d = methods[dp]
@@ -255,6 +275,26 @@ def cost_section(summary: dict, agg: dict[str, list[dict]], base: dict[str, str]
     return parts
 
 
+def _subset_note(agg: dict[str, list[dict]], base: dict[str, str], dp) -> list[str]:
+    """The cost table's note on the real-subset control: below ``dp.batch_size`` images its
+    batches are smaller than DP's, so the same steps process fewer examples."""
+    subsets = sorted(m for m in agg if base.get(m) == "subset")
+    if not subsets:
+        return []
+
+    def per_round(m):  # the last round's own search (round 1 also pays a coreset's probes)
+        te = [a["train_examples"] for a in agg[m]]
+        return te[-1] - te[-2] if len(te) > 1 else 0
+    note = ("Note: the real-subset control runs DP's inner loop on its N images; with N below "
+            "`dp.batch_size` every batch is the whole subset, so the same steps process fewer "
+            "examples than DP's (steps x N instead of steps x `dp.batch_size`). Coreset "
+            "selections (`select=`) add their probe trainings to round 1.")
+    if dp in agg:
+        note += " Examples per round: " + ", ".join(
+            f"{pretty(m)} {per_round(m):,.0f}" for m in subsets + [dp]) + "."
+    return ["", note]
+
+
 def write_report(workdir: str, sources: Optional[Sequence[str]] = None) -> str:
     """Write report.md and plots/*.png into ``workdir``; returns the report text.
 
@@ -275,7 +315,7 @@ def write_report(workdir: str, sources: Optional[Sequence[str]] = None) -> str:
     parts = [f"# Pruning report: {title}", ""] + merge_note(g) + [
              "Test accuracy (%) of each round's mask, trained on the real training set; "
              f"{spread}.", "", accuracy_table(agg), "",
-             "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)", ""]
+             "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)", ""] + stall_notes(agg)
     tickets = ticket_sparsity(agg)
     parts += ["Highest sparsity whose accuracy is within 1 point of the dense network: " +
               ", ".join(f"{pretty(m)} {100 * s:.1f}%" for m, s in sorted(tickets.items())), ""]

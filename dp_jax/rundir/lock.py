@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
+import inspect
 import json
 import os
 import socket
@@ -39,7 +42,7 @@ class Lock:
     def __enter__(self):
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(100):  # a holder that unlinks its file on exit makes us retry
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, like outputs
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -50,8 +53,8 @@ class Lock:
                 os.close(fd)
                 continue
             other = _holder(fd)
-            if other and other != me and (other.get("host") != me["host"]
-                                          or _pid_alive(int(other.get("pid", -1)))):
+            if other and other != me and (other["host"] != me["host"]
+                                          or _pid_alive(other["pid"])):
                 os.close(fd)
                 raise self._busy(other)
             os.ftruncate(fd, 0)
@@ -77,13 +80,44 @@ class Lock:
         return False
 
 
+def holding(arg: str = "workdir"):
+    """Decorator: the function runs holding the :class:`Lock` of the workdir passed as its
+    argument ``arg``, so a command that writes into a workdir never does while another
+    process (a running experiment) holds it. A workdir that does not exist yet is not locked:
+    nobody else uses it, and the function's own error for a missing workdir stays the one
+    the user sees."""
+    def wrap(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            workdir = signature.bind(*args, **kwargs).arguments[arg]
+            if not os.path.isdir(workdir):
+                return fn(*args, **kwargs)
+            with Lock(workdir):
+                return fn(*args, **kwargs)
+        return locked
+    return wrap
+
+
+def writing_into(workdir: str, path: str):
+    """The lock of ``workdir`` when ``path`` lies inside it (a context manager), else none."""
+    inside = os.path.commonpath([os.path.abspath(workdir), os.path.abspath(path)]) == \
+        os.path.abspath(workdir)
+    return Lock(workdir) if inside and os.path.isdir(workdir) else contextlib.nullcontext()
+
+
 def _holder(fd: int) -> dict:
-    """The ``{"pid", "host"}`` a lock file holds ({} when empty or unreadable)."""
+    """The ``{"pid", "host"}`` a lock file holds ({} when empty, unreadable or not naming a
+    process: a pid 0 or -1 would make the liveness check signal a whole group)."""
     try:
         data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    ok = (isinstance(data, dict) and isinstance(data.get("pid"), int)
+          and not isinstance(data["pid"], bool) and data["pid"] > 0
+          and isinstance(data.get("host"), str))
+    return data if ok else {}
 
 
 def _same_file(fd: int, path: str) -> bool:

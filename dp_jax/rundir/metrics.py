@@ -12,7 +12,10 @@ otherwise), when the ``wandb`` package is installed.
 
 metrics.jsonl stays the source of truth: after a resume it holds exactly the rows of an
 uninterrupted run, while event files may show a recomputed point twice (TensorBoard draws the
-later one over the earlier).
+later one over the earlier). Rows form *streams* (a training round of a run, an expert, the
+distillation), each ordered by its position (epoch or iteration); when a process logs its
+first row of a stream, the rows an earlier, interrupted process left there from that position
+on are dropped: they are being recomputed.
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ class MetricsSettings(Section):
 
 # Row fields that say where a row belongs, not what was measured.
 _WHERE = ("phase", "run", "seed", "round", "epoch", "expert", "iteration", "set")
+_POSITION = ("epoch", "iteration")  # where in its stream a row lies
+
+
+def stream(row: dict) -> tuple[tuple, float]:
+    """``(stream, position)`` of a metric row: the stream is the row's where-fields but its
+    position (a training round of a run, an expert, the distillation, a final evaluation);
+    a row without a position counts as at the stream's start."""
+    key = tuple((k, row[k]) for k in _WHERE if k in row and k not in _POSITION)
+    pos = next((row[k] for k in _POSITION if isinstance(row.get(k), numbers.Real)), None)
+    return key, float("-inf") if pos is None else float(pos)
 
 
 def tb_run(row: dict) -> Optional[tuple[str, int]]:
@@ -71,8 +84,29 @@ class MetricsLog:
         self.wandb = (_start_wandb(workdir, settings)
                       if main and settings is not None and settings.wandb else None)
         self._writers: dict[str, Any] = {}
+        # The furthest position of every stream an earlier process logged, and the streams
+        # this one has logged to.
+        self._earlier = self._read_earlier() if main else {}
+        self._mine: set = set()
+
+    def _read_earlier(self) -> dict[tuple, float]:
+        if not os.path.exists(self.path):
+            return {}
+        rows = fileio.read_jsonl(self.path)
+        if _torn(self.path):  # a killed writer's half line: an append would bury it mid-file
+            fileio.write_jsonl(self.path, rows)
+        earlier: dict[tuple, float] = {}
+        for row in rows:
+            key, pos = stream(row)
+            earlier[key] = max(pos, earlier.get(key, pos))
+        return earlier
 
     def __call__(self, **row) -> None:
+        key, pos = stream(row)
+        if key not in self._mine:
+            self._mine.add(key)
+            if key in self._earlier and self._earlier[key] >= pos:
+                self._drop_recomputed(key, pos)
         fileio.append_jsonl(self.path, row)
         where = tb_run(row)
         if where is None:
@@ -86,6 +120,14 @@ class MetricsLog:
             writer.flush()  # a killed run keeps what it logged
         if self.wandb is not None and values:
             self.wandb.log({f"{run}/{k}": v for k, v in values.items()})
+
+    def _drop_recomputed(self, key: tuple, pos: float) -> None:
+        """Rewrite metrics.jsonl without the earlier rows of stream ``key`` at or after
+        ``pos`` (an interrupted process logged them; this one recomputes them)."""
+        rows = fileio.read_jsonl(self.path)
+        fileio.write_jsonl(self.path, [r for r in rows if stream(r)[0] != key
+                                       or stream(r)[1] < pos])
+        self._earlier.pop(key, None)
 
     def _writer(self, run: str):
         if run not in self._writers:
@@ -101,6 +143,16 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def _torn(path: str) -> bool:
+    """Whether the file's last line lacks its newline (its writer was killed mid-line)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _start_wandb(workdir: str, settings):

@@ -188,12 +188,39 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# config.json's record of the content of the files the config names by path, nested like the
+# fields naming them: ``{"data": {"name": sha256}, "distill": {"path": sha256}}``. As identity
+# fields they read ``data.name.sha256`` and ``distill.path.sha256``, beside the field they
+# belong to (so a changed distilled set touches only the runs that read ``distill.*``).
+CONTENT = "content_sha256"
+CONTENT_SUFFIX = ".sha256"
+
+
 def identity_fields(config: dict) -> dict:
-    """The flattened fields of a config dict that decide its results."""
+    """The flattened fields of a config dict that decide its results (the recorded content
+    hashes of its files included)."""
     def kept(key):
         return not any(key == f or (f.endswith(".") and key.startswith(f))
                        for f in ADDITIVE + NO_EFFECT)
-    return {k: v for k, v in _flatten(config).items() if kept(k)}
+    fields = {k: v for k, v in _flatten({k: v for k, v in config.items() if k != CONTENT}).items()
+              if kept(k)}
+    fields.update({f"{k}{CONTENT_SUFFIX}": v
+                   for k, v in _flatten(config.get(CONTENT) or {}).items()})
+    return fields
+
+
+def _fill_added(old: dict, new: dict) -> None:
+    """Give ``old`` (a workdir's or run's recorded fields) the fields added to the project
+    since it was written: a setting takes its default (by construction the behaviour the
+    workdir was made with); a content hash, never recorded then, cannot be compared and takes
+    this run's value (the workdir records it from now on)."""
+    added = set(new) - set(old)
+    defaults_now = base_defaults() if added else {}
+    for k in added:
+        if k in defaults_now:
+            old[k] = defaults_now[k]
+        elif k.endswith(CONTENT_SUFFIX):
+            old[k] = new[k]
 
 
 def identity_diff(workdir: str, config: dict) -> dict:
@@ -202,14 +229,17 @@ def identity_diff(workdir: str, config: dict) -> dict:
     path = config_path(workdir)
     if not os.path.exists(path):
         return {}
-    old, new = identity_fields(fileio.read_json(path)), identity_fields(config)
+    raw = fileio.read_json(path)
+    old, new = identity_fields(raw), identity_fields(config)
     unset = "<unset>"
-    # A field added to the project after the workdir was made is absent from its config.json;
-    # its default is, by construction, the behaviour the workdir was made with.
-    defaults = base_defaults() if set(new) - set(old) else {}
-    old.update({k: defaults[k] for k in set(new) - set(old) if k in defaults})
-    return {k: (old.get(k, unset), new.get(k, unset)) for k in sorted(set(old) | set(new))
+    _fill_added(old, new)  # fields added to the project after the workdir was made
+    diff = {k: (old.get(k, unset), new.get(k, unset)) for k in sorted(set(old) | set(new))
             if old.get(k, unset) != new.get(k, unset)}
+    data = raw.get("data", {})
+    if CONTENT not in raw and data.get("classes") and data.get("pipeline") != "stream":
+        # Made before data.classes applied to in-memory data: its runs saw every class.
+        diff["data.classes (in memory)"] = ("ignored (every class)", "applied")
+    return diff
 
 
 def base_defaults() -> dict:
@@ -222,10 +252,13 @@ def check_identity(workdir: str, config: dict, *, restart: bool = False) -> dict
 
     Raises ValueError listing every differing field (old and new values) and the ways forward,
     unless ``restart`` (``--restart_changed``): then the differences are returned, for the
-    caller to move the affected results aside (:func:`supersede`) and run them afresh.
+    caller to move the affected results aside (:func:`supersede`) and run them afresh. A
+    workdir that holds no result yet (:func:`holds_results`: a run that failed or was killed
+    before its first checkpoint) is not bound by its config.json: the differences are
+    returned as with ``restart``, and moving its leftovers aside costs nothing.
     """
     diff = identity_diff(workdir, config)
-    if diff and not restart:
+    if diff and not restart and holds_results(workdir):
         lines = [f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()]
         raise ValueError(
             f"{workdir} holds results of other settings; resuming would mix them. Differing "
@@ -234,6 +267,21 @@ def check_identity(workdir: str, config: dict, *, restart: bool = False) -> dict
             f"files move to {os.path.join(workdir, SUPERSEDED)}/). (More seeds, rounds, methods "
             "or rewind steps extend a workdir and need neither.)")
     return diff
+
+
+def holds_results(workdir: str) -> bool:
+    """Whether ``workdir`` holds anything a run computed: a round (checkpoint, mask, record),
+    a distilled set or its experts and checkpoints, an analysis. Before that, its config.json
+    and the runs' identity.json files guard nothing."""
+    if any(os.path.exists(p) for p in (rounds_path(workdir), summary_path(workdir),
+                                       distilled_path(workdir))):
+        return True
+    for top in (runs_dir(workdir), experts_dir(workdir), os.path.join(workdir, "checkpoints"),
+                analysis_dir(workdir)):
+        for _, _, files in os.walk(top):
+            if any(f != "identity.json" for f in files):
+                return True
+    return False
 
 
 # ---- per-run identity and restarting changed runs in place -----------------------------------
@@ -257,23 +305,27 @@ def identity_path(workdir: str, label: str, seed: int) -> str:
     return os.path.join(run_dir(workdir, label, seed), "identity.json")
 
 
+# identity.json's marker of a run whose every file is recorded in its checksums.json (made, or
+# adopted, by a version that records them all): there a missing manifest is damage.
+CHECKSUMS = "checksums"
+
+
 def check_run_identity(workdir: str, label: str, seed: int, fields: dict) -> None:
-    """Record a run's fields in ``runs/<run>/identity.json``, or refuse a run directory that
-    an earlier identity file says was made by other settings."""
+    """Record a run's fields in ``runs/<run>/identity.json`` (with the :data:`CHECKSUMS`
+    marker), or refuse a run directory that an earlier identity file says was made by other
+    settings."""
     path = identity_path(workdir, label, seed)
     if os.path.exists(path):
         old = fileio.read_json(path)
-        # As for config.json: a field added after the run was made takes its default.
-        added = set(fields) - set(old)
-        defaults_now = base_defaults() if added else {}
-        old.update({k: defaults_now[k] for k in added if k in defaults_now})
+        old.pop(CHECKSUMS, None)  # who made the run, not a setting
+        _fill_added(old, fields)  # as for config.json: fields added after the run was made
         diff = [f"{k}: {old.get(k)!r} -> {fields.get(k)!r}" for k in sorted(set(old) | set(fields))
                 if old.get(k) != fields.get(k)]
         if diff:
             raise ValueError(f"{run_dir(workdir, label, seed)} was made by other settings ("
                              + "; ".join(diff) + "); use a new --workdir or --restart_changed")
         return
-    fileio.write_json(path, fields)
+    fileio.write_json(path, dict(fields, **{CHECKSUMS: 1}))
 
 
 def supersede(workdir: str, runs, *, distill: bool) -> str:

@@ -33,7 +33,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         # mkstemp creates 0600; every output gets the mode a plain open() would give it.
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -47,7 +47,22 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: ``0o666`` less the umask."""
+    return 0o666 & ~_umask()
+
+
 def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; set it straight back
+    # Linux shows the umask in /proc: reading it there leaves it alone. os.umask() can only
+    # read it by setting it, and for that moment every file another thread creates (orbax
+    # writes checkpoints from its own threads) would get mode 0o666.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # the least permissive value for the moment it is set
     os.umask(mask)
     return mask

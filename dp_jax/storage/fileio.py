@@ -83,8 +83,12 @@ def append_jsonl(path: str, row: dict) -> None:
         raise
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSON-lines file; a torn final line (killed writer) is ignored, others must parse."""
+def read_jsonl(path: str, *, strict: bool = False) -> list[dict]:
+    """Rows of a JSON-lines file; a torn final line (killed writer) is ignored, others must parse.
+
+    ``strict``: for files written whole and atomically (rounds.jsonl), where no writer can
+    leave a torn line: every line must be a JSON object, else ValueError naming the line.
+    """
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -94,11 +98,16 @@ def read_jsonl(path: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # no trailing newline: the writer was killed mid-line
+            if i == len(lines) - 1 and not strict:  # no trailing newline: killed mid-line
                 break
-            raise ValueError(f"{path}:{i + 1} is not valid JSON: {e}") from e
+            raise ValueError(f"{path}:{i + 1} is not valid JSON (damaged): {e}") from e
+        if strict and not isinstance(row, dict):
+            raise ValueError(f"{path}:{i + 1} is not a JSON object (damaged)")
+        rows.append(row)
+    if strict and lines[-1]:
+        raise ValueError(f"{path} does not end with a newline (damaged: a torn last line)")
     return rows
 
 

@@ -37,8 +37,10 @@ from dp_jax.pruning.plan import Start
 from dp_jax.analysis import context, registry, resume
 from dp_jax.analysis.settings import Settings
 from dp_jax.reports import analysis as report_lib
+from dp_jax.rundir import lock as lock_lib
 from dp_jax.rundir import paths as workdir_lib
-from dp_jax.storage import fileio
+from dp_jax.rundir import verified
+from dp_jax.storage import fileio, integrity
 from dp_jax.tasks import settings as settings_lib
 
 
@@ -54,7 +56,7 @@ def _digest(mask) -> str:
 
 
 def _record_accuracy(workdir: str, label: str, seed: int, rnd: int) -> Optional[float]:
-    rows = fileio.read_jsonl(workdir_lib.run_rounds_path(workdir, label, seed))
+    rows = verified.run_records(workdir, label, seed)
     for r in rows:
         if r.get("round") == rnd:
             return r.get("test_accuracy")
@@ -81,16 +83,33 @@ def _parse_selection(workdir: str, cfg, runs, rounds, seed):
     todo = []
     for s in seeds:
         for label in runs:
+            done = _finished(workdir, label, s)
             for rnd in rounds:
-                path = workdir_lib.mask_path(workdir, label, s, rnd)
-                if os.path.exists(path):
-                    todo.append((s, label, rnd, path))
+                if rnd in done:  # checked now, before hours of training
+                    todo.append((s, label, rnd, verified.mask_file(workdir, label, s, rnd)))
                 elif explicit:
+                    path = workdir_lib.mask_path(workdir, label, s, rnd)
                     raise FileNotFoundError(f"no mask {path}; has the run finished that round?")
     if not todo:
         raise FileNotFoundError(f"no masks found under {workdir}/runs for runs={runs}, "
                                 f"seeds={seeds}")
     return todo, seeds, runs
+
+
+def _start_text(start, k: int) -> str:
+    """How a round's training started, for its analysis files."""
+    if start.reinit:
+        return "reinit"
+    if start.kind == "trained":
+        return f"trained round {start.step}"  # learning-rate rewinding: the previous round
+    return f"rewind k={k}"
+
+
+def _finished(workdir: str, label: str, seed: int) -> set:
+    """The rounds a run has finished: those of its records (a finished round whose mask is
+    missing is then an error, not a skip), or the masks of a run made before it kept records."""
+    return ({r["round"] for r in verified.run_records(workdir, label, seed)}
+            or set(workdir_lib.list_masks(workdir, label, seed)))
 
 
 def analyze_mask(ctx: context.Context, ss: context.SeedState, label: str, rnd: int, path: str) -> dict:
@@ -104,10 +123,10 @@ def analyze_mask(ctx: context.Context, ss: context.SeedState, label: str, rnd: i
     """
     spec = ctx.specs[label]
     mask = masks_lib.load(path, ss.init["params"])
-    variables, k, start_tag = ss.start_point(ctx, spec)
+    variables, k, start_tag = ss.start_point(ctx, spec, rnd)
     digest = _digest(mask)
     meta = {"run": label, "seed": ss.seed, "round": rnd, "sparsity": masks_lib.sparsity(mask),
-            "start": "reinit" if start_tag.reinit else f"rewind k={k}", "start_step": k,
+            "start": _start_text(start_tag, k), "start_step": k,
             "mask_sha1": digest,
             "record_test_accuracy": _record_accuracy(ctx.workdir, label, ss.seed, rnd)}
     done = resume.finished(ctx.workdir, label, ss.seed, rnd, ctx.digest, digest)
@@ -154,10 +173,33 @@ def mask_distances(ctx: context.Context, seeds, runs, rounds_by: dict) -> dict:
     for s in seeds:
         for a, b in itertools.combinations(runs, 2):
             for rnd in sorted(set(rounds_by.get((s, a), ())) & set(rounds_by.get((s, b), ()))):
-                pa, pb = (workdir_lib.mask_path(ctx.workdir, r, s, rnd) for r in (a, b))
+                pa, pb = (verified.mask_file(ctx.workdir, r, s, rnd) for r in (a, b))
                 h = masks_lib.hamming(masks_lib.load(pa, like), masks_lib.load(pb, like))
                 out.append({"seed": s, "round": rnd, "runs": [a, b], **h})
     return {"pairs": out}
+
+
+def _stamps(adir: str) -> dict:
+    """``{file: (inode, size, mtime)}`` of the analysis directory (an atomic write changes
+    the inode)."""
+    out = {}
+    for f in os.listdir(adir):
+        st = os.stat(os.path.join(adir, f))
+        out[f] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _recording(workdir: str, fn: Callable, *args):
+    """``fn(*args)``, then every file it wrote under ``analysis/`` recorded in the analysis
+    manifest (a curve maker, a plugin's included, writes its own summary files)."""
+    adir = workdir_lib.analysis_dir(workdir)
+    before = _stamps(adir)
+    out = fn(*args)
+    for f, stamp in _stamps(adir).items():
+        if before.get(f) != stamp and f != integrity.MANIFEST and \
+                os.path.isfile(os.path.join(adir, f)):
+            integrity.record(adir, f)
+    return out
 
 
 def select(analyses: Optional[Sequence[str]]) -> tuple:
@@ -181,11 +223,13 @@ def _rewind_steps(ctx: context.Context) -> list[int]:
     return ks
 
 
+@lock_lib.holding("workdir")  # it writes analysis/, plots/ and report.md
 def run(workdir: str, *, analyses: Optional[Sequence[str]] = None,
         runs: Optional[Sequence[str]] = None, rounds: Optional[Sequence[int]] = None,
         seed: Optional[int] = None, settings: Settings = Settings(),
-        log: Callable[[str], None] = lambda m: None) -> dict:
-    """Run the analyses on a finished workdir (see module doc).
+        log: Callable[[str], None] = lambda m: None, plugins=None,
+        trust_plugins: bool = False) -> dict:
+    """Run the analyses on a finished workdir (see module doc), holding its lock.
 
     Args:
       workdir: a directory written by ``python -m dp_jax.main``.
@@ -195,6 +239,8 @@ def run(workdir: str, *, analyses: Optional[Sequence[str]] = None,
       seed: one seed; default every seed of the config.
       settings: analysis knobs (:class:`Settings`).
       log: progress callback taking a message.
+      plugins, trust_plugins: which plugin modules named by the workdir's config.json may be
+        imported (:func:`dp_jax.tasks.settings.from_workdir`).
 
     Returns:
       ``{"results": {tag: {analysis: result}}, "rewind_curves": {seed: curve}, "wall_s"}``.
@@ -202,7 +248,7 @@ def run(workdir: str, *, analyses: Optional[Sequence[str]] = None,
     t_start = time.time()
     selected = select(analyses)
     settings.validate()
-    cfg, _ = settings_lib.from_workdir(workdir)
+    cfg, _ = settings_lib.from_workdir(workdir, plugins=plugins, trust_plugins=trust_plugins)
     todo, seeds, run_labels = _parse_selection(workdir, cfg, runs, rounds, seed)
     ctx = context.Context(workdir, cfg, settings, selected, log)
     ks = _rewind_steps(ctx)
@@ -222,12 +268,13 @@ def run(workdir: str, *, analyses: Optional[Sequence[str]] = None,
             log(" ".join([f"{tag(label, s, rnd)}:"] + [p for p in parts if p])
                 + f" ({time.time() - t0:.1f} s)")
         for a in curve_makers:
-            curves[s] = a.rewind_curve(ctx, ss, ks)
+            curves[s] = _recording(workdir, a.rewind_curve, ctx, ss, ks)
     rounds_by = {}
     for s, label, rnd, _ in todo:
         rounds_by.setdefault((s, label), []).append(rnd)
     if len(run_labels) > 1:
         fileio.write_json(workdir_lib.analysis_path(workdir, "masks.json"),
                           mask_distances(ctx, seeds, run_labels, rounds_by))
+        integrity.record(workdir_lib.analysis_dir(workdir), "masks.json")
     report_lib.write(workdir)
     return {"results": results, "rewind_curves": curves, "wall_s": time.time() - t_start}

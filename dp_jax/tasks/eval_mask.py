@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from dp_jax.storage import integrity
 from dp_jax.storage import fileio, npz
@@ -23,7 +24,9 @@ from dp_jax.pruning import rounds as prune_lib
 from dp_jax import rng
 from dp_jax.pruning import setup as setup_lib
 from dp_jax.tasks import settings as validate_lib
+from dp_jax.rundir import lock as lock_lib
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.rundir import verified
 from dp_jax.models import is_prunable
 
 STARTS = {"init": rng.INIT, "reinit": rng.REINIT}
@@ -47,11 +50,12 @@ def check_mask_file(path: str, like) -> None:
     """Raise ValueError (one line) unless ``path`` is a mask for the params-shaped ``like``.
 
     Every problem is named: missing, extra, mis-shaped and non-bool entries, and pruned
-    entries of parameters that are never pruned (biases, normalisation scales).
+    entries of parameters that are never pruned (biases, normalisation scales). A mask of a
+    workdir's run must first match its run's checksum (:func:`verified.any_mask`).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"mask file {path} not found")
-    arrays = npz.read(path, "mask file")
+    arrays = npz.read(verified.any_mask(path), "mask file")
     flat = jax.tree_util.tree_flatten_with_path(like)[0]
     want = {masks_lib.path_str(p): (tuple(np.shape(v)), is_prunable(p, v))
             for p, v in flat}
@@ -77,6 +81,20 @@ def check_mask_file(path: str, like) -> None:
                          + f" (the model has {len(want)} entries: {_names(want, 3)})")
 
 
+def check_keeps_weights(path: str, mask) -> None:
+    """Refuse a mask that prunes every weight (one line); warn for layers it empties (the
+    network is then disconnected, as prune.on_empty_layer='warn' allows)."""
+    alive, total = masks_lib.count(mask)
+    if alive == 0:
+        raise ValueError(f"mask file {path} keeps none of the {total} prunable weights; "
+                         "allowed: a mask that keeps at least one weight of every prunable layer")
+    empty = [k for k, v in masks_lib.prunable_leaves(mask).items() if not np.asarray(v).any()]
+    if empty:
+        logging.warning("mask file %s keeps no weight of layer(s) %s: the network is "
+                        "disconnected", path, _names(empty))
+
+
+@lock_lib.holding("workdir")  # it writes eval_mask.json into the workdir
 def evaluate_mask(config, mask_path: str, workdir: str, *, seed: int | None = None,
                   start: str = "init") -> dict:
     """Train the masked init of ``seed`` under ``config`` and test it; writes eval_mask.json.
@@ -103,6 +121,7 @@ def evaluate_mask(config, mask_path: str, workdir: str, *, seed: int | None = No
     like = jax.eval_shape(setup.init_fn, jax.random.key(0))["params"]
     check_mask_file(mask_path, like)  # before any compilation or training
     mask = masks_lib.load(mask_path, like)
+    check_keeps_weights(mask_path, mask)
     t0 = time.time()
     variables = setup.init_fn(rng.key_for(seed, STARTS[start]))
     _, ev, _, tm = prune_lib.train_and_eval(setup, variables, mask, rng.key_for(seed, rng.DATA))

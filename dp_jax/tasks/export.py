@@ -11,6 +11,11 @@ A ticket is an npz (no pickles) holding
   ``trained/params/<path>``      the weights after the round's training (and
                                  ``trained/batch_stats``)
 
+``__meta__["sha256"]`` is a digest of the rest (:func:`content_digest`): :func:`load_ticket`
+refuses a ticket whose content no longer matches it (a bit flip, a changed weight, an edited
+accuracy), whose weights are not finite, or whose trained weights are nonzero where its mask is
+0. A ticket exported before the digest existed loads with a warning (its other checks still run).
+
 The start point is re-derived exactly as the experiment does: round 0 is every method's dense
 network, trained from the seed's ``rng.INIT`` init; later rounds train from that init (k = 0),
 the dense run's weights at step k (rewinding; training then starts at global step k) or the
@@ -21,9 +26,11 @@ key (bit-identical to the run's own training); ``trained_source`` records which.
 
 from __future__ import annotations
 
+import hashlib
 import io as _io
 import json
 import os
+import warnings
 from typing import Optional
 
 import jax
@@ -37,7 +44,9 @@ from dp_jax import masks as masks_lib
 from dp_jax import methods
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax import rng
+from dp_jax.rundir import lock as lock_lib
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.rundir import verified
 from dp_jax.pruning.plan import Start
 from dp_jax.pruning.settings import Experiment
 from dp_jax.tasks import settings as settings_lib
@@ -46,6 +55,7 @@ FORMAT, VERSION = "dp_jax.ticket", 1
 META = "__meta__"
 SECTIONS = ("mask", "init/params", "init/batch_stats", "trained/params", "trained/batch_stats")
 SOURCES = ("auto", "checkpoint", "retrain")
+DIGEST = "sha256"  # the meta field holding content_digest; optional: older tickets lack it
 REQUIRED = ("run", "method", "seed", "round", "start", "trained_source", "record", "config",
             "sparsity", "arrays")
 
@@ -67,13 +77,11 @@ def _find(workdir: str, settings: Experiment, label: str, seed: int, rnd: int):
     if seed not in seeds:
         raise ValueError(f"--seed={seed}: {workdir} has no {label} run of that seed; seeds: "
                          f"{seeds}")
-    records = {r["round"]: r for r in
-               fileio.read_jsonl(workdir_lib.run_rounds_path(workdir, label, seed))}
-    path = workdir_lib.mask_path(workdir, label, seed, rnd)
-    if rnd not in records or not os.path.exists(path):
+    records = {r["round"]: r for r in verified.run_records(workdir, label, seed)}
+    if rnd not in records:
         raise ValueError(f"--round={rnd}: {label} seed {seed} has not finished that round; "
                          f"finished rounds: {sorted(records)}")
-    return specs[label], records[rnd], path
+    return specs[label], records[rnd], verified.mask_file(workdir, label, seed, rnd)
 
 
 def start_point(setup: prune_lib.Setup, workdir: str, spec, seed: int, rnd: int):
@@ -83,16 +91,37 @@ def start_point(setup: prune_lib.Setup, workdir: str, spec, seed: int, rnd: int)
         v, step, desc = setup.init_fn(rng.key_for(seed, rng.INIT)), 0, {"kind": "init"}
     elif start.reinit:
         v, step, desc = setup.init_fn(rng.key_for(seed, rng.REINIT)), 0, {"kind": "reinit"}
+    elif start.kind == "trained":  # learning-rate rewinding: round rnd - 1's trained weights
+        v, step, desc = _previous_round(setup, workdir, spec, seed, rnd), 0, {
+            "kind": "trained", "round": rnd - 1}
     else:
         step = int(start.step)
-        v = dense.dense_run(setup, workdir, seed, [step])["snapshots"][step]
+        # A reader does not repair the workdir: a damaged dense checkpoint is an error.
+        v = dense.dense_run(setup, workdir, seed, [step], repair=False)["snapshots"][step]
         desc = {"kind": "rewind"}
     desc.update(step=step, seed=seed)
     return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}, step, desc
 
 
+def _previous_round(setup, workdir: str, spec, seed: int, rnd: int) -> dict:
+    """The trained weights round ``rnd`` started from: round ``rnd - 1``'s (round 0's are the
+    dense run's), from their checkpoints; never retrained (that would hide damage)."""
+    if rnd == 1:
+        return dense.dense_run(setup, workdir, seed, [], repair=False)["trained"]
+    init = setup.init_fn(rng.key_for(seed, rng.INIT))
+    like = {"params": init["params"], "batch_stats": init.get("batch_stats", {})}
+    arrays, why = _checkpointed(workdir, spec.label, seed, rnd - 1,
+                                {"mask": masks_lib.ones_like(like["params"]), "trained": like})
+    if arrays is None:
+        raise ValueError(f"{spec.label} round {rnd} trained from round {rnd - 1}'s weights, "
+                         f"which cannot be read: {why} (a run made with checkpoint.keep='all' "
+                         "keeps them)")
+    return arrays["trained"]
+
+
 def _checkpointed(workdir: str, label: str, seed: int, rnd: int, like: dict):
-    """``(arrays, None)`` from the round checkpoint, or ``(None, why not)``."""
+    """``(arrays, None)`` from the round checkpoint, or ``(None, why not)``; a checkpoint that
+    fails its checksum is a ValueError (retraining would hide the damage)."""
     d = workdir_lib.checkpoints_dir(workdir, label, seed)
     if not os.path.isdir(d):
         return None, f"{d} does not exist"
@@ -101,9 +130,14 @@ def _checkpointed(workdir: str, label: str, seed: int, rnd: int, like: dict):
         steps = ckpt.all_steps()
         if rnd not in steps:
             return None, f"round {rnd}'s checkpoint is not kept (kept: {steps})"
-        return ckpt.restore(rnd, like)[0], None
-    except ValueError as e:
-        return None, str(e)
+        try:
+            verified.checkpoint_dir(workdir, label, seed, rnd)
+        except ValueError as e:
+            raise ValueError(f"round {e}; --source=retrain retrains the round instead") from None
+        try:
+            return ckpt.restore(rnd, like)[0], None
+        except ValueError as e:
+            return None, str(e)
     finally:
         ckpt.close()
 
@@ -133,16 +167,19 @@ def _trained(setup, workdir, spec, seed, rnd, variables, step, mask, source):
 
 
 def build_ticket(workdir: str, label: str, seed: int, rnd: int, *, source: str = "auto",
-                 setup: Optional[prune_lib.Setup] = None) -> tuple[dict, dict]:
+                 setup: Optional[prune_lib.Setup] = None, plugins=None,
+                 trust_plugins: bool = False) -> tuple[dict, dict]:
     """The ticket of round ``rnd`` of run ``label``, seed ``seed``: ``(meta, sections)`` with
     ``sections`` = ``{"mask" | "init/params" | ...: {parameter path: array}}``.
 
     ``source``: ``auto`` (the round checkpoint when kept, else retrain), ``checkpoint`` or
     ``retrain``. ``setup`` reuses an already built setup of this workdir's config.
+    ``plugins``/``trust_plugins``: see :func:`dp_jax.tasks.settings.from_workdir`.
     """
     if source not in SOURCES:
         raise ValueError(f"--source={source!r} is invalid; allowed: {', '.join(SOURCES)}")
-    settings, config = settings_lib.from_workdir(workdir)
+    settings, config = settings_lib.from_workdir(workdir, plugins=plugins,
+                                                 trust_plugins=trust_plugins)
     spec, record, mask_path = _find(workdir, settings, label, int(seed), int(rnd))
     setup = setup or rebuild_setup(settings)
     variables, step, start = start_point(setup, workdir, spec, int(seed), int(rnd))
@@ -166,17 +203,43 @@ def build_ticket(workdir: str, label: str, seed: int, rnd: int, *, source: str =
             "trained_note": note, "record": record, "config": config,
             "sparsity": masks_lib.sparsity(mask), "check": check,
             "arrays": {sec: list(flat) for sec, flat in sections.items()}}
+    meta[DIGEST] = content_digest(meta, _payload(sections))
     return meta, sections
 
 
+def _payload(sections: dict) -> dict[str, np.ndarray]:
+    """A ticket's arrays as stored: ``{"<section>/<parameter path>": array}``."""
+    return {f"{sec}/{k}": v for sec, flat in sections.items() for k, v in flat.items()}
+
+
+def content_digest(meta: dict, arrays: dict) -> str:
+    """SHA-256 of a ticket's content: every array (name, dtype, shape and bytes, in name order)
+    and the metadata without its digest field (as canonical JSON)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+        # dtype and shape fix the byte count, so the stream parses one way only.
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode() + b"\0")
+        h.update(a.tobytes())
+    body = {k: v for k, v in meta.items() if k != DIGEST}
+    # Through JSON once first: the digest of a meta must equal that of its reloaded copy
+    # (tuples become lists, int keys strings).
+    h.update(json.dumps(json.loads(json.dumps(body)), sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def export_ticket(workdir: str, label: str, seed: int, rnd: int, out: str, *,
-                  source: str = "auto", setup: Optional[prune_lib.Setup] = None) -> dict:
-    """Write the ticket of :func:`build_ticket` to ``out`` (one npz); returns its meta."""
-    meta, sections = build_ticket(workdir, label, seed, rnd, source=source, setup=setup)
-    payload = {f"{sec}/{k}": v for sec, flat in sections.items() for k, v in flat.items()}
+                  source: str = "auto", setup: Optional[prune_lib.Setup] = None,
+                  plugins=None, trust_plugins: bool = False) -> dict:
+    """Write the ticket of :func:`build_ticket` to ``out`` (one npz; inside the workdir under
+    its lock); returns its meta."""
+    meta, sections = build_ticket(workdir, label, seed, rnd, source=source, setup=setup,
+                                  plugins=plugins, trust_plugins=trust_plugins)
     buf = _io.BytesIO()
-    np.savez_compressed(buf, **{META: np.array(json.dumps(meta))}, **payload)
-    fileio.atomic_write_bytes(out, buf.getvalue())
+    np.savez_compressed(buf, **{META: np.array(json.dumps(meta))}, **_payload(sections))
+    with lock_lib.writing_into(workdir, out):
+        fileio.atomic_write_bytes(out, buf.getvalue())
     return meta
 
 
@@ -190,7 +253,8 @@ def load_ticket(path: str) -> dict:
     Returns ``{"meta", "config", "record", "mask", "init", "trained"}``: ``mask`` is the
     params-shaped bool tree, ``init`` and ``trained`` hold ``params`` and ``batch_stats``
     trees (nested dicts of numpy arrays). Raises ValueError naming ``path`` when the file is
-    damaged, foreign or of another format version.
+    damaged or edited (content digest), foreign, of another format version, holds non-finite
+    weights or trained weights outside its mask; warns for a ticket without a digest.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"ticket {path} not found")
@@ -212,6 +276,11 @@ def load_ticket(path: str) -> dict:
     if want != set(arrays):
         raise _damaged(path, f"arrays missing {sorted(want - set(arrays))[:4]}, "
                              f"unexpected {sorted(set(arrays) - want)[:4]}")
+    if DIGEST not in meta:
+        warnings.warn(f"ticket {path} has no content digest (exported by an older dp_jax): "
+                      "damage or edits cannot be detected", RuntimeWarning, stacklevel=2)
+    elif content_digest(meta, arrays) != meta[DIGEST]:
+        raise _damaged(path, "damaged or edited (its content does not match its sha256)")
     sec = {s: {k: arrays[f"{s}/{k}"] for k in meta["arrays"][s]} for s in SECTIONS}
     _check_sections(path, sec)
     return ticket_objects(meta, sec)
@@ -240,3 +309,12 @@ def _check_sections(path: str, sec: dict) -> None:
         raise _damaged(path, "its mask, init and trained params differ in keys or shapes")
     if shapes("init/batch_stats") != shapes("trained/batch_stats"):
         raise _damaged(path, "its init and trained batch_stats differ in keys or shapes")
+    for s in SECTIONS[1:]:
+        for k, v in sec[s].items():
+            if v.dtype.kind in "fc" and not np.isfinite(v).all():
+                raise _damaged(path, f"{s}/{k} has non-finite values")
+    for k, m in sec["mask"].items():
+        # Training re-masks after every update, so a pruned weight of a real ticket is exactly 0.
+        if np.any(sec["trained/params"][k][~m] != 0):
+            raise _damaged(path, f"trained/params/{k} is nonzero where its mask is 0 (the mask "
+                                 "and the weights disagree)")

@@ -17,6 +17,7 @@ rewrites the report.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 
@@ -26,6 +27,7 @@ from absl import logging
 
 from dp_jax import methods
 from dp_jax import rng
+from dp_jax.data import registry as data_registry
 from dp_jax.distill import sets as distill_sets
 from dp_jax.pruning import dense as dense_lib
 from dp_jax.pruning import records
@@ -60,16 +62,115 @@ def run(config, workdir: str, *, restart_changed: bool = False, progress: bool =
     workdir_lib.check_writable(workdir)
     dataset = setup_lib.load_data(settings)
     settings_lib.validate_with_data(settings, dataset)
-    raw = config.to_dict()
+    raw = dict(config.to_dict(), **{workdir_lib.CONTENT: content_hashes(settings, dataset)})
     changed = workdir_lib.check_identity(workdir, raw, restart=restart_changed)
     os.makedirs(workdir, exist_ok=True)
     lock = lock_lib.Lock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
     with lock:
+        # Again under the lock: another process may have written the workdir since.
+        changed = workdir_lib.check_identity(workdir, raw, restart=restart_changed)
         if changed and distributed.is_main_process():
             _supersede_changed(workdir, changed, settings.specs)
-        fileio.write_json(workdir_lib.config_path(workdir),
-                          dict(raw, data_source=data_source(dataset)))
+        fileio.write_json(workdir_lib.config_path(workdir), dict(
+            recorded_config(workdir, raw, settings), data_source=data_source(dataset)))
         return _run_locked(settings, raw, workdir, dataset, t_start, progress)
+
+
+def content_hashes(settings: Experiment, dataset) -> dict:
+    """SHA-256 of the files the config names by path (``data.name``'s data file,
+    ``distill.path`` when a method reads it), nested by the config field naming them: they
+    enter the run identity. The distilled set is read and checked here, before anything is
+    written."""
+    out = {}
+    data_hash = data_registry.content_fingerprint(settings.data)
+    if data_hash is not None:
+        out["data"] = {"name": data_hash}
+    path = settings.distill.path
+    if path and any(methods.get(s.name).needs_distilled for s in settings.specs):
+        try:
+            distill_sets.check_compatible(distill_sets.load_distilled(path), dataset)
+        except ValueError as e:
+            raise ValueError(f"config.distill.path={path!r}: {e}") from None
+        out["distill"] = {"path": data_registry.file_sha256(path)}
+    return out
+
+
+# ---- config.json: every run the workdir holds -----------------------------------------------
+
+
+def recorded_config(workdir: str, raw: dict, settings: Experiment) -> dict:
+    """The config config.json records: this run's, extended by the workdir's earlier
+    config.json with what the workdir still holds (methods with a run directory, seeds,
+    rounds, plugin modules), so that export, analyze and the report reach every run, while
+    this run runs only what it names. A method entry whose label would change under this
+    run's settings (``imp`` after ``prune.rewind_step`` changed) is written out in full."""
+    path = workdir_lib.config_path(workdir)
+    present = {label for label, _ in workdir_lib.list_runs(workdir)}
+    if not os.path.exists(path) or not present - {workdir_lib.DENSE}:
+        return raw
+    old = fileio.read_json(path)
+    out = copy.deepcopy(raw)
+    out["seeds"] = max(int(old.get("seeds", 1)), int(raw["seeds"]))
+    old_prune = old.get("prune", {})
+    out["prune"]["rounds"] = max(int(old_prune.get("rounds", 0)), int(raw["prune"]["rounds"]))
+    for section in ("prune", "data", "model"):
+        out[section]["plugins"] = ",".join(_union(
+            _items(old.get(section, {}).get("plugins")), _items(raw[section]["plugins"])))
+    entries = _entries(old, _items(old_prune.get("method")), present) + [
+        (spec.label, text, method_entry(spec))
+        for spec, text in zip(settings.specs, _items(raw["prune"]["method"]))]
+    final = settings_lib.build(out)
+    texts, seen = [], set()
+    for label, text, full in entries:
+        if (label or text) not in seen:
+            seen.add(label or text)
+            texts.append(text if label is None or _label(text, final) == label else full)
+    out["prune"]["method"] = ",".join(texts)
+    return out
+
+
+def method_entry(spec) -> str:
+    """The ``prune.method`` entry of ``spec`` with every option written out
+    (``imp:k=0``): it names the same run whatever the other settings say."""
+    flags = {o.name for o in methods.get(spec.name).options if o.flag}
+    opts = [k if k in flags else f"{k}={v}" for k, v in spec.options
+            if not (k in flags and not v)]
+    return spec.name + (":" + ";".join(opts) if opts else "")
+
+
+def _entries(config: dict, texts: list, present: set) -> list:
+    """``(label, entry as written, entry in full)`` of the old config.json's methods that
+    still have a run directory. A method this process has not registered (a plugin it did not
+    load) has label None and is kept as written."""
+    try:
+        settings = settings_lib.build(config)
+    except ValueError:
+        settings = None
+    out = []
+    for text in texts:
+        try:
+            spec = methods.parse(text, settings, check=False)[0]
+        except (ValueError, AttributeError):  # unregistered, or no settings to read defaults
+            out.append((None, text, text))
+            continue
+        if spec.label in present:
+            out.append((spec.label, text, method_entry(spec)))
+    return out
+
+
+def _label(text: str, settings):
+    try:
+        return methods.parse(text, settings, check=False)[0].label
+    except ValueError:
+        return None
+
+
+def _items(text) -> list:
+    return [t.strip() for t in str(text or "").split(",") if t.strip()]
+
+
+def _union(*lists) -> list:
+    return list(dict.fromkeys(x for xs in lists for x in xs))
 
 
 def small_set_labels(specs) -> set:

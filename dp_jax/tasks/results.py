@@ -17,7 +17,8 @@ from dp_jax.pruning import records as records_lib
 from dp_jax.reports import curves, merge
 from dp_jax.reports import pruning as report
 from dp_jax.rundir import paths as workdir_lib
-from dp_jax.storage import fileio, npz
+from dp_jax.rundir import verified
+from dp_jax.storage import fileio
 from dp_jax.tasks import analyze as analyze_task
 from dp_jax.tasks import export
 
@@ -68,13 +69,12 @@ class Results:
 
     def mask(self, method: str, seed: int, round: int) -> dict:
         """The mask of round ``round`` of run ``method`` (a label, e.g. ``imp_k0``), seed
-        ``seed``: a params-shaped tree of bool arrays."""
+        ``seed``: a params-shaped tree of bool arrays (checked against the run's checksums)."""
         workdir = self._holder(method, seed)
-        path = workdir_lib.mask_path(workdir, method, seed, round)
-        if not os.path.exists(path):
+        if round not in self._rounds(method, seed):
             raise FileNotFoundError(f"{method} seed {seed} has no mask of round {round} in "
                                     f"{workdir}; rounds: {sorted(self._rounds(method, seed))}")
-        return masks_lib.from_flat(npz.read(path, "mask file"))
+        return masks_lib.from_flat(verified.mask_arrays(workdir, method, seed, round))
 
     def ticket(self, method: str, seed: int, round: int, *, source: str = "auto") -> dict:
         """What ``dp-jax export`` writes, as objects: ``{"meta", "config", "record", "mask",

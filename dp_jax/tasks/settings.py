@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import jax
+from absl import logging
 
 from dp_jax import distill
 from dp_jax import masks as masks_lib
@@ -21,6 +23,7 @@ from dp_jax.data import registry as data_registry
 from dp_jax.distill.settings import DistillSettings
 from dp_jax.models import MODELS, ModelSpec, create_model, init_variables
 from dp_jax.pruning import seeds as seed_groups
+from dp_jax.pruning.plan import remaining_per_round
 from dp_jax.pruning.settings import CheckpointSettings, Experiment, PruneSettings
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.rundir.metrics import MetricsSettings
@@ -76,6 +79,11 @@ def _validate_data(d) -> None:
     _need(d.preprocess in PREPROCESS, "data.preprocess", " | ".join(PREPROCESS), d.preprocess)
     _need(d.train_size >= 0, "data.train_size", "0 (all) or a positive number of examples",
           d.train_size)
+    classes = d.classes
+    _need(isinstance(classes, (tuple, list)) and len(classes) != 1
+          and len(set(classes)) == len(classes)
+          and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes),
+          "data.classes", "() (all classes) or at least 2 distinct class indices >= 0", classes)
     augment, streamed = d.augment, d.pipeline
     _need(streamed in ("memory", "stream"), "data.pipeline", "memory | stream", streamed)
     _need(augment in (("none", "crop_flip", "random_resized_crop") if streamed == "stream"
@@ -145,7 +153,8 @@ def build(config) -> Experiment:
     lacks at its default; checks field names only (see :func:`parse`)."""
     top = defaults.section("")
     known = set(top) | {n for n in defaults.base_config().keys() if n not in top}
-    unknown = sorted(set(config.keys()) - known - {"data_source"})  # config.json adds data_source
+    # config.json adds data_source and the content hashes of its files
+    unknown = sorted(set(config.keys()) - known - {"data_source", workdir_lib.CONTENT})
     if unknown:
         raise ValueError(f"config has no field {unknown[0]!r}; valid: {', '.join(sorted(known))}")
     get = (lambda k: config[k] if k in config else top[k])  # noqa: E731
@@ -192,6 +201,7 @@ def parse(config, *, check_methods: bool = True) -> Experiment:
         _need(s.train.batch_size >= 1, "train.batch_size", "an integer >= 1",
               s.train.batch_size)
         distill.validate(s.distill)
+        _writable_dir("distill.buffer_dir", s.distill.buffer_dir)
         return s
     _validate_train(s)
     _validate_prune(s)
@@ -203,21 +213,74 @@ def parse(config, *, check_methods: bool = True) -> Experiment:
         _need(not any(m.needs_dp for m in used), "prune.method",
               "methods without a small-set inner loop (no dp, dp_imp, subset) with "
               "data.pipeline='stream' (the inner loop trains from memory)", p.method)
+    distilled = any(m.needs_distilled for m in used)
     if any(m.needs_dp for m in used):
-        _validate_dp(s, distilled=any(m.needs_distilled for m in used))
+        _validate_dp(s, distilled=distilled, subset=any(sp.name == "subset" for sp in specs))
+    if distilled and not s.distill.path:  # the distillation writes its expert buffers there
+        _writable_dir("distill.buffer_dir", s.distill.buffer_dir)
     return s.replace(specs=tuple(specs))
 
 
-def from_workdir(workdir: str) -> tuple[Experiment, dict]:
+def _writable_dir(field: str, path) -> None:
+    """An optional directory field (None = inside the workdir) names a directory that exists
+    or can be made, and can be written."""
+    if not path:
+        return
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"config.{field}={path!r} is invalid: {probe} is a file; allowed: a "
+                         "directory (made if missing)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"config.{field}={path!r} is invalid: {probe} is not writable; "
+                         "allowed: a writable directory")
+
+
+def from_workdir(workdir: str, *, plugins=None, trust_plugins: bool = False
+                 ) -> tuple[Experiment, dict]:
     """``(settings, config.json)`` of a workdir: its runs were checked when they started, so
-    only the field names and the method list are read again (plugins it names are imported)."""
+    only the field names and the method list are read again.
+
+    The plugin modules config.json names (``prune``/``data``/``model.plugins``) are code, and
+    a workdir may come from anyone: they are imported only when ``plugins`` (a list or a
+    comma-separated string, the command lines' ``--plugins``) covers them, or with
+    ``trust_plugins`` (``--trust_workdir_plugins``); otherwise a ValueError names them and
+    both ways on. A module already imported runs no code and needs neither. The modules
+    ``plugins`` lists are imported too.
+    """
     path = workdir_lib.config_path(workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found; is {workdir} a dp_jax workdir?")
     raw = fileio.read_json(path)
     s = build(raw)
-    methods.load_plugins(s.prune.plugins)
+    _import_workdir_plugins(path, s, plugins, trust_plugins)
     return s.replace(specs=tuple(methods.parse(s.prune.method, s, check=False))), raw
+
+
+def _modules(text) -> list:
+    if isinstance(text, (list, tuple)):
+        text = ",".join(text)
+    return [m.strip() for m in str(text or "").split(",") if m.strip()]
+
+
+def _import_workdir_plugins(path: str, s: Experiment, plugins, trust: bool) -> None:
+    named = {"prune.plugins": _modules(s.prune.plugins), "data.plugins": _modules(s.data.plugins),
+             "model.plugins": _modules(s.model.plugins)}
+    given = _modules(plugins)
+    foreign = [m for ms in named.values() for m in ms if m not in given and m not in sys.modules]
+    if foreign and not trust:
+        fields = ", ".join(f for f, ms in named.items() if set(ms) & set(foreign))
+        everything = ",".join(dict.fromkeys(m for ms in named.values() for m in ms))
+        raise ValueError(
+            f"{path} names plugin modules {', '.join(foreign)} ({fields}); importing them would "
+            f"run code named by the workdir: pass --plugins={everything} if you trust them "
+            "(from Python: import them first, or pass plugins=[...]), or "
+            "--trust_workdir_plugins to import whatever it names")
+    for field, ms in named.items():
+        config_files.import_plugins(field, ",".join(ms))
+    config_files.import_plugins("plugins", ",".join(m for m in given
+                                                    if not any(m in ms for ms in named.values())))
 
 
 def layer_rates(prune_cfg) -> dict:
@@ -225,7 +288,9 @@ def layer_rates(prune_cfg) -> dict:
     return masks_lib.parse_layer_rates(prune_cfg.layer_rates)
 
 
-def _validate_dp(config, *, distilled: bool) -> None:
+def _validate_dp(config, *, distilled: bool, subset: bool = False) -> None:
+    """The ``dp`` section (``distilled``: a method trains on the distilled set; ``subset``: the
+    subset control runs)."""
     if distilled:
         distill.validate(config.distill)
     d = config.dp
@@ -251,10 +316,23 @@ def _validate_dp(config, *, distilled: bool) -> None:
           d.switch_sparsity)
     _need(d.subset_lr >= 0, "dp.subset_lr", "0 (Distilled Pruning's step size) or a number > 0",
           d.subset_lr)
+    default_steps = defaults.section("dp")["steps"]
+    if d.by_epochs and d.steps != default_steps:
+        raise ValueError(f"config.dp.epochs={epochs} and config.dp.steps={d.steps} are both set, "
+                         "but dp.epochs > 0 replaces dp.steps; allowed: one of them (dp.epochs=0 "
+                         f"with any dp.steps, or dp.epochs > 0 with dp.steps at its default "
+                         f"{default_steps})")
+    # Without a distilled set the subset control has no step size to inherit: the run would
+    # fail only after the dense training.
+    _need(not subset or distilled or d.subset_lr > 0 or d.lr > 0, "dp.subset_lr",
+          "a number > 0 (or dp.lr > 0) when subset runs without a method that uses a distilled "
+          "set (0 takes Distilled Pruning's step size: dp.lr, else the set's learned one)",
+          d.subset_lr)
 
 
 def validate_with_data(config: Experiment, dataset) -> None:
-    """Checks that need the dataset: batch size, rewind steps, layer names, methods' own."""
+    """Checks that need the dataset: batch size, rewind steps, layer names and sizes, methods'
+    own; warns when the pruning schedule stalls (rounds that prune nothing)."""
     specs = config.specs
     n = dataset.num_train if hasattr(dataset, "num_train") else len(dataset.y_train)
     _need(config.train.batch_size <= n, "train.batch_size",
@@ -269,9 +347,39 @@ def validate_with_data(config: Experiment, dataset) -> None:
         methods.get(s.name).validate_with_data(s, config, n, dataset.num_classes)
     if any(methods.get(s.name).needs_distilled for s in specs) and not config.distill.path:
         distill.validate_with_data(config.distill, dataset)
-    rates = layer_rates(config.prune)
-    if rates:
-        model = create_model(config.model, num_classes=dataset.num_classes)
-        shapes = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
-                                jax.random.key(0))
-        masks_lib.resolve_layer_rates(rates, shapes["params"])
+    model = create_model(config.model, num_classes=dataset.num_classes)
+    shapes = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
+                            jax.random.key(0))["params"]
+    rates = masks_lib.resolve_layer_rates(layer_rates(config.prune), shapes)
+    sizes = {k: math.prod(v.shape) for k, v in masks_lib.prunable_leaves(shapes).items()}
+    _check_layer_sizes(config.prune, sizes)
+    if specs:
+        _warn_stall(config.prune, sizes, rates)
+
+
+def _check_layer_sizes(p: PruneSettings, sizes: dict) -> None:
+    """``prune.min_per_layer`` at most the smallest prunable layer (a larger guard keeps that
+    layer whole, and with a bound above every layer nothing is ever pruned)."""
+    if not sizes:
+        return
+    smallest = min(sizes, key=sizes.get)
+    _need(p.min_per_layer <= sizes[smallest], "prune.min_per_layer",
+          f"an integer in [0, {sizes[smallest]}] (the smallest prunable layer, {smallest!r}, "
+          f"has {sizes[smallest]} weights)", p.min_per_layer)
+
+
+def _warn_stall(p: PruneSettings, sizes: dict, rates: dict) -> None:
+    """Log a warning when rounds of the schedule would prune nothing (they repeat a mask)."""
+    left = remaining_per_round(sizes, p.fraction, p.rounds, min_per_layer=p.min_per_layer,
+                               scope=p.scope, rates=rates)
+    stall = next((r for r in range(1, len(left)) if left[r] == left[r - 1]), None)
+    if stall is None:
+        return
+    why = (f"prune.min_per_layer={p.min_per_layer} in each of {len(sizes)} prunable layers"
+           if left[stall] <= sum(min(p.min_per_layer, v) for v in sizes.values())
+           else "prune.fraction x the remaining weights rounds to 0")
+    logging.warning(
+        "the pruning schedule stalls: prune.fraction=%s over prune.rounds=%d leaves %d "
+        "weights by round %d (%s), so rounds %d-%d prune nothing and repeat round %d's mask; "
+        "lower prune.fraction or prune.rounds", p.fraction, p.rounds, left[stall], stall - 1,
+        why, stall, p.rounds, stall - 1)

@@ -50,3 +50,8 @@ class DPSettings(Section):
     switch_sparsity: float
     unroll: int
     weight_decay: float
+
+    @property
+    def by_epochs(self) -> bool:
+        """True when ``epochs`` (> 0) sets the inner loop's length: ``steps`` is then unused."""
+        return self.epochs > 0

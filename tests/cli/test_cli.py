@@ -23,7 +23,7 @@ from dp_jax.cli import main as cli
 from dp_jax.cli import common as cli_common
 from dp_jax.tasks import eval_mask, export
 from dp_jax.tasks import settings as settings_lib
-from dp_jax.storage import fileio
+from dp_jax.storage import fileio, integrity
 from dp_jax.reports import pruning as report
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax.rundir import paths as workdir_lib
@@ -271,8 +271,12 @@ def test_merge_refuses_differing_settings_and_records(wd, tmp_path, capsys):
     c = _split(wd, 0, str(tmp_path / "c"))  # the same seed again: same records are fine
     assert "(n=1)" in report.write_report(str(tmp_path / "m"), sources=[a, c])
     rows = fileio.read_jsonl(workdir_lib.rounds_path(c))
-    rows[-1]["test_accuracy"] = 0.123
+    rows[-1]["test_accuracy"] = 0.123  # other records of that run, written as a run writes them
     fileio.write_jsonl(workdir_lib.rounds_path(c), rows)
+    label, seed = rows[-1]["method"], rows[-1]["seed"]
+    fileio.write_jsonl(workdir_lib.run_rounds_path(c, label, seed),
+                       [r for r in rows if (r["method"], r["seed"]) == (label, seed)])
+    integrity.record(workdir_lib.run_dir(c, label, seed), workdir_lib.ROUNDS)
     for args, needles in (([a, c, f"--out={tmp_path / 'm'}"], ("both hold", "different records")),
                           ([a, c], ("need --out",))):
         with pytest.raises(SystemExit) as exit_:  # the subcommand's own entry, in-process

@@ -1,6 +1,7 @@
 """A workdir written before the layered package resumes and extends with today's code, without
 a "settings changed" refusal (tests/fixtures/workdir_v0/README.md says how it was made)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -52,6 +53,9 @@ def test_old_workdir_extends_without_a_settings_refusal(tmp_path, monkeypatch):
     # data_source is where the data was read from: the absolute path of this copy's toy.npz.
     assert new_config.pop("data_source") == f"npz:{tmp_path / 'fx' / 'toy.npz'}"
     old_config.pop("data_source")
-    # Fields added since the fixture was made appear at their defaults.
+    # Fields added since the fixture was made appear at their defaults; the data file's
+    # content hash, which it could not record, is recorded from this resume on.
     assert new_config["data"].pop("plugins") == new_config["model"].pop("plugins") == ""
+    assert new_config.pop("content_sha256") == {"data": {"name": hashlib.sha256(
+        open(tmp_path / "fx" / "toy.npz", "rb").read()).hexdigest()}}
     assert new_config == old_config

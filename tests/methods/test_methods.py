@@ -106,6 +106,7 @@ def test_bad_method_entries_fail_before_any_work(tiny_config, tmp_path, entry, m
 ])
 def test_bad_method_settings_fail_before_any_work(tiny_config, tmp_path, field, value, match):
     tiny_config.prune.method = "snip,imp"
+    tiny_config.dp.subset_lr = 0.05  # subset's own step size (without one it is refused first)
     assert_rejected(tiny_config, field, value, match, tmp_path / "wd")
 
 
