@@ -65,6 +65,8 @@ def label_spec(label: str) -> Spec:
 def source_start(spec: Spec) -> Start:
     """Where the source run of ``spec`` trains from, read from its label (``start`` gets the
     spec alone: the analysis and export call it without the experiment's other runs)."""
+    if spec.source is None:  # no of= given: validate() refuses the entry with its own message
+        return Start("rewind", 0)
     src = label_spec(spec.source)
     return registry.get(src.name).start(src)
 
