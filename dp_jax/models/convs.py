@@ -15,7 +15,7 @@ differentiation and each lowered to a canonical NHWC/HWIO convolution:
 ``wgrad`` runs as a convolution with the input channels as batch and the examples as
 features (the standard weight-gradient formulation, which XLA:CPU executes well). Layers with at
 most ``SMALL_CHANNELS`` input channels use patch matrix products instead, and so do the two
-adjoints of layers with at least ``WIDE_CHANNELS``. Values equal
+adjoints of layers with at least ``WIDE_CHANNELS`` (off by default). Values equal
 ``lax.conv_general_dilated``'s up to float rounding; only the lowering changes.
 
 ``fast_convs()`` routes every eligible ``flax.linen.Conv`` (stride 1, no dilation, one group,
@@ -40,13 +40,15 @@ _DN = ("NHWC", "HWIO", "NHWC")
 # 1-3 GFLOP/s for the 1-channel layer of ConvNet-32 and its transposes).
 SMALL_CHANNELS = 4
 # The adjoints (input and kernel gradients) of layers with at least this many input channels
-# run as patch matrix products too: for ConvNet-3 width 64 and 128 a training step is 1.3x and
-# 1.8x faster so; at width 32 XLA's convolutions are faster (docs/performance.md).
-WIDE_CHANNELS = 64
+# run as patch matrix products too; None: never. With jaxlib 0.9 that made ConvNet-3 width 128
+# training 1.8x faster; with 0.10.x (YNNPACK kernels) XLA's own adjoints are faster: ResNet-18
+# width 32 trains 1.3x faster without the rule, ConvNet-3 width 128 within 4 %, and one
+# 128-channel layer's adjoints run 3x faster (docs/performance.md, benchmarks/library_kernels.py).
+WIDE_CHANNELS = None
 
 
 def _patch_adjoints(ci: int) -> bool:
-    return ci <= SMALL_CHANNELS or ci >= WIDE_CHANNELS
+    return ci <= SMALL_CHANNELS or (WIDE_CHANNELS is not None and ci >= WIDE_CHANNELS)
 
 
 def _lax_conv(x, w, pad):

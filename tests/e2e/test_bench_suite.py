@@ -82,8 +82,8 @@ def test_library_kernels_names_the_fastest_setting_and_the_patch_rule_ratio(monk
                 "dp_inner_convnet32": {"ratio_to_torch_per_cpu_s": r_inner},
                 "resnet18_w32": {"ratio_to_torch": r_res, "images_per_s": 5.0},
                 "patch_rule": {"convnet32_wide32": {"convnet32": {"images_per_s": ips32_wide}},
-                               "convnet128_rule_off": {"convnet128": {"images_per_s": 15.0}},
-                               "resnet18_w32_rule_off": {"images_per_s": 4.0}}}
+                               "convnet128_rule_on": {"convnet128": {"images_per_s": 15.0}},
+                               "resnet18_w32_rule_on": {"images_per_s": 4.0}}}
 
     s = lk.summarize({"default": row(1.0, 100.0, 50.0, 1.4, 0.5),
                       "-reduce": row(0.9, 90.0, 90.0, 1.5, 0.6)})
@@ -93,5 +93,5 @@ def test_library_kernels_names_the_fastest_setting_and_the_patch_rule_ratio(monk
     rule = s["patch_rule_speed_ratio"]
     assert rule["default"]["convnet32: wide32 / current"] == pytest.approx(0.5)
     assert rule["-reduce"]["convnet32: wide32 / current"] == pytest.approx(1.0)
-    assert rule["default"]["convnet128: rule off / current"] == pytest.approx(1.5)
-    assert rule["default"]["resnet18: rule off / current"] == pytest.approx(0.8)
+    assert rule["default"]["convnet128: rule at 64 / current"] == pytest.approx(1.5)
+    assert rule["default"]["resnet18: rule at 64 / current"] == pytest.approx(0.8)
