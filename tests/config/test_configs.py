@@ -186,6 +186,7 @@ def test_rewind_smoke_runs_both_rewind_points(tmp_path):
     assert abs(by[("imp_k5", 2)]["sparsity"] - 0.75) < 0.01
 
 
+@pytest.mark.slow  # the default run covers this path with a smaller test
 def test_paper_variant_runs_an_imported_idc_set_end_to_end(tmp_path):
     """cifar10_resnet18:paper -- an IDC-format set imported and pruned with, under mock_data."""
     tfds = pytest.importorskip("tensorflow_datasets")

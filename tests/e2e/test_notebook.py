@@ -99,6 +99,7 @@ def test_quickstart_runs_end_to_end(tmp_path, toy_npz, monkeypatch):
     assert _images(outputs) == 1
 
 
+@pytest.mark.slow  # the default run covers this path with a smaller test
 def test_your_model_runs_end_to_end(tmp_path, monkeypatch):
     workdir = tmp_path / "wd"
     outputs = _execute("your_model", tmp_path, monkeypatch, {
@@ -114,6 +115,7 @@ def test_your_model_runs_end_to_end(tmp_path, monkeypatch):
     assert _images(outputs) == 3  # sample images, accuracy vs sparsity, accuracy vs examples
 
 
+@pytest.mark.slow  # the default run covers this path with a smaller test
 def test_analysis_runs_its_own_experiment_then_analyses_it(tmp_path, toy_npz, monkeypatch):
     workdir = tmp_path / "wd"  # absent: the notebook runs an experiment into it first
     outputs = _execute("analysis", tmp_path, monkeypatch, {

@@ -167,6 +167,7 @@ def test_from_trained_needs_the_rounds_trained_variables_first():
         start_point(4)
 
 
+@pytest.mark.slow  # the default run covers this path with a smaller test
 def test_new_methods_run_from_the_command_line(toy_npz, tmp_path):
     """imp, lrr, random:dist=erk and force:iters=3 on the smoke config (LeNet-300-100 on the 8x8
     toy set: fc1 64x300, fc2 300x100, head 100x10 = 50200 weights; 2 rounds of 50 %)."""

@@ -97,6 +97,7 @@ def _run_both(config, tmp_path):
     return str(tmp_path / "on"), str(tmp_path / "off")
 
 
+@pytest.mark.slow  # the default run covers this path with a smaller test
 def test_vmapped_seeds_equal_sequential_mlp(tiny_config, tmp_path):
     tiny_config.prune.method = "imp,imp:k=3,random,reinit:of=imp_k0,snip,dp"
     tiny_config.distill.path = make_distilled(tiny_config, str(tmp_path / "syn.npz"))

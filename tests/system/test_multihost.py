@@ -225,6 +225,7 @@ def _check_same_rounds(res):
         assert r["test_accuracy"] == pytest.approx(m["test_accuracy"], abs=1 / res["num_test"] + 1e-9)
 
 
+@pytest.mark.slow  # the default run covers this path with a smaller test
 def test_data_parallel_on_8_devices_matches_one_device(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     # IMP only: each round's mask depends on the previous round's data-parallel training.

@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("model,loop", [("lenet_300_100", "scan"), ("convnet", "python")])
+@pytest.mark.parametrize("model,loop", [
+    ("lenet_300_100", "scan"), pytest.param("convnet", "python", marks=pytest.mark.slow)])
 def test_mesh_matches_single_device(model, loop):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "mesh_equivalence.py"),
