@@ -180,16 +180,23 @@ def prune(scores: PyTree, mask: PyTree, fraction: float, *, scope: str = "global
         need = min(int(min_per_layer), alive)
         if int(v.sum()) < need:
             new[k] = _rank_keep(s_leaves[k], m_leaves[k], alive - need)
+    check_connected(new, on_empty_layer)
+    return replace_prunable(mask, new)
+
+
+def check_connected(new: dict[str, np.ndarray], on_empty_layer: str) -> None:
+    """``prune.on_empty_layer`` for new per-layer masks ``{path: bool array}``: an error or a
+    warning naming the layers that lost every weight (``ignore``: nothing)."""
     empty = [k for k, v in new.items() if not v.any()]
     if empty and on_empty_layer != "ignore":
         msg = f"pruning removed every weight of layer(s) {empty}; the network is disconnected"
         if on_empty_layer == "error":
             raise ValueError(msg + " (set prune.on_empty_layer='warn' to allow it)")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    return _replace_prunable(mask, new)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _replace_prunable(mask: PyTree, new: dict[str, np.ndarray]) -> PyTree:
+def replace_prunable(mask: PyTree, new: dict[str, np.ndarray]) -> PyTree:
+    """``mask`` with its prunable leaves replaced by ``new`` (``{path: bool array}``)."""
     def repl(path, leaf):
         key = path_str(path)
         return jnp.asarray(new[key]) if key in new else leaf

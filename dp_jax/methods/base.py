@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
+from dp_jax import masks as masks_lib
 from dp_jax.pruning.plan import Context, Plan, Spec, Start
+from dp_jax.rundir import verified
 
 __all__ = ["Context", "Method", "Option", "Plan", "Spec"]
 
@@ -95,3 +97,19 @@ REWIND = Option("k", non_negative_int("k (the rewind step)"),
                 default=lambda cfg: int(cfg.prune.rewind_step),
                 help="rewind step: every round trains from the dense run's weights at step k")
 REWIND0 = dataclasses.replace(REWIND, default=0)  # the same option, rewinding to init by default
+
+
+def source_masks(method: str, spec: Spec, ctx: Context) -> tuple[Callable, Callable]:
+    """``(mask_of, search_examples)`` for a method built on another run's masks (``of=LABEL``):
+    round r's mask of the source run (checked), and the examples its mask search cost in round
+    r, which the borrowing run is charged with."""
+    done = {r["round"]: r["train_examples"]
+            for r in verified.run_records(ctx.workdir, spec.source, ctx.seed)}
+    like = ctx.dense["variables"]["params"]
+
+    def mask_of(rnd):
+        if rnd not in done:
+            raise FileNotFoundError(f"{method} needs round {rnd} of {spec.source!r} (seed "
+                                    f"{ctx.seed}); run its source method first")
+        return masks_lib.load(verified.mask_file(ctx.workdir, spec.source, ctx.seed, rnd), like)
+    return mask_of, lambda rnd: done[rnd] - done[rnd - 1]

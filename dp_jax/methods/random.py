@@ -30,10 +30,8 @@ at every round. Non-prunable parameters (biases, norms) are never pruned.
 from __future__ import annotations
 
 import math
-import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dp_jax import masks as masks_lib
@@ -121,14 +119,8 @@ def keep_random(scores, mask, counts: dict, on_empty_layer: str = "warn"):
         keep = np.zeros_like(m)
         keep[idx[order[:counts[k]]]] = True
         new[k] = keep.reshape(np.shape(s_leaves[k]))
-    empty = [k for k, v in new.items() if not v.any()]
-    if empty and on_empty_layer != "ignore":
-        msg = f"pruning removed every weight of layer(s) {empty}; the network is disconnected"
-        if on_empty_layer == "error":
-            raise ValueError(msg + " (set prune.on_empty_layer='warn' to allow it)")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    return jax.tree_util.tree_map_with_path(
-        lambda p, leaf: jnp.asarray(new.get(masks_lib.path_str(p), leaf)), mask)
+    masks_lib.check_connected(new, on_empty_layer)
+    return masks_lib.replace_prunable(mask, new)
 
 
 class Random(base.Method):

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import jax
 
-from dp_jax import masks as masks_lib
 from dp_jax import rng
-from dp_jax.rundir import verified
 from dp_jax.methods import base, registry
 from dp_jax.pruning.plan import REINIT
 
@@ -40,20 +38,10 @@ class Reinit(base.Method):
         return REINIT
 
     def plan(self, spec, ctx):
-        like = ctx.dense["variables"]["params"]
         fresh = ctx.setup.init_fn(jax.random.fold_in(ctx.seed_key, rng.REINIT))
         # The mask search is the source's: charge its examples round by round.
-        src_examples = {r["round"]: r["train_examples"]
-                        for r in verified.run_records(ctx.workdir, spec.source, ctx.seed)}
-
-        def next_mask(rnd, mask, trained):
-            if rnd not in src_examples:
-                raise FileNotFoundError(f"reinit needs round {rnd} of {spec.source!r} (seed "
-                                        f"{ctx.seed}); run its source method first")
-            return masks_lib.load(verified.mask_file(ctx.workdir, spec.source, ctx.seed, rnd),
-                                  like)
-        return base.Plan(next_mask=next_mask, start_point=lambda rnd: (fresh, 0),
-                         search_examples=lambda rnd: src_examples[rnd] - src_examples[rnd - 1])
-
+        mask_of, examples = base.source_masks(self.name, spec, ctx)
+        return base.Plan(next_mask=lambda rnd, mask, trained: mask_of(rnd),
+                         start_point=lambda rnd: (fresh, 0), search_examples=examples)
 
 METHOD = Reinit()

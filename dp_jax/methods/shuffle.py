@@ -23,7 +23,6 @@ from dp_jax import masks as masks_lib
 from dp_jax import rng
 from dp_jax.methods import base, registry
 from dp_jax.pruning.plan import TRAINED, Spec, Start, from_trained
-from dp_jax.rundir import verified
 
 
 def source_option(what: str) -> base.Option:
@@ -149,18 +148,12 @@ class Shuffle(base.Method):
         like = ctx.dense["variables"]["params"]
         perms = layer_permutations(like, jax.random.fold_in(ctx.seed_key, rng.SHUFFLE))
         # The mask search is the source's (shuffling costs nothing): its examples, round by round.
-        done = {r["round"]: r["train_examples"]
-                for r in verified.run_records(ctx.workdir, spec.source, ctx.seed)}
+        mask_of, examples = base.source_masks(self.name, spec, ctx)
 
         def next_mask(rnd, mask, trained):
-            if rnd not in done:
-                raise FileNotFoundError(f"shuffle needs round {rnd} of {spec.source!r} (seed "
-                                        f"{ctx.seed}); run its source method first")
-            path = verified.mask_file(ctx.workdir, spec.source, ctx.seed, rnd)
-            return shuffle_mask(masks_lib.load(path, like), perms)
+            return shuffle_mask(mask_of(rnd), perms)
         next_mask, start_point = from_start(self.start(spec), ctx, next_mask)
         return base.Plan(next_mask=next_mask, start_point=start_point,
-                         search_examples=lambda rnd: done[rnd] - done[rnd - 1])
-
+                         search_examples=examples)
 
 METHOD = Shuffle()

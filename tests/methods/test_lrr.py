@@ -140,21 +140,29 @@ def test_resumed_lrr_continues_from_the_checkpointed_trained_weights(tiny_config
         np.testing.assert_array_equal(_mask_file(split, 2)[k], v, err_msg=k)
 
 
-def test_export_starts_an_lrr_round_from_the_previous_rounds_trained_weights(
+def test_export_and_analysis_start_an_lrr_round_from_the_previous_rounds_weights(
         tiny_config, tmp_path, spy):
+    from dp_jax.analysis import context
+    from dp_jax.analysis.settings import Settings
     from dp_jax.tasks import export, settings as settings_lib
     c = tiny_config
     c.prune.method, c.prune.rounds = "lrr", 2
     wd = str(tmp_path / "wd")
     experiment.run(c, wd)
     settings, _ = settings_lib.from_workdir(wd)
+    spec = settings.specs[0]
     setup = export.rebuild_setup(settings)
+    ctx = context.Context(wd, settings, Settings(), (), lambda m: None)
+    seed_state = context.SeedState(ctx, 0, [0])
     for rnd in (1, 2):  # round 1 from the dense run's training, round 2 from round 1's
-        variables, step, desc = export.start_point(setup, wd, settings.specs[0], 0, rnd)
+        want = spy[rnd - 1]["trained"]["params"]
+        variables, step, desc = export.start_point(setup, wd, spec, 0, rnd)
         assert step == 0 and desc["kind"] == "trained" and desc["round"] == rnd - 1
-        got = _flat(variables["params"])
-        for k, w in spy[rnd - 1]["trained"]["params"].items():
-            np.testing.assert_array_equal(got[k], w, err_msg=(rnd, k))
+        got_analysis, k, tag = seed_state.start_point(ctx, spec, rnd)
+        assert k == 0 and tag.kind == "trained" and tag.step == rnd - 1
+        for got in (_flat(variables["params"]), _flat(got_analysis["params"])):
+            for key, w in want.items():
+                np.testing.assert_array_equal(got[key], w, err_msg=(rnd, key))
 
 
 def test_from_trained_needs_the_rounds_trained_variables_first():

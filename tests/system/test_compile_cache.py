@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from dp_jax.system import compile_cache, compile_time
 from dp_jax.storage import fileio
@@ -44,6 +45,7 @@ def _run(tmp_path, wd, cache):
     return fileio.read_json(workdir.summary_path(wd))
 
 
+@pytest.mark.slow  # two full processes; the cache's keys and settings are tested above
 def test_a_second_process_reads_the_programs_from_the_cache(tmp_path):
     cache = str(tmp_path / "cache")
     cold = _run(tmp_path, str(tmp_path / "a"), cache)

@@ -93,6 +93,7 @@ def _cli(wd, *overrides):
             f"--workdir={wd}", *overrides]
 
 
+@pytest.mark.slow  # tests/tasks/test_resume_metrics.py kills the CLI at several points by default
 def test_resume_after_kill_matches_uninterrupted(toy_npz, tmp_path):
     base = load_config_module("fashion_mnist").get_config("smoke")
     base.data.name = f"npz:{toy_npz}"
