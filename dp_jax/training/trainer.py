@@ -175,19 +175,22 @@ class Trainer(StreamTraining):
         self.eval_batch_size = int(eval_batch_size)
         step = functools.partial(train_step, model=model, tx=tx, augment=augment,
                                  compute_dtype=compute_dtype)
-        B = self.batch_size
+        self._step_batch = jax.jit(functools.partial(_one_batch, step=step, mesh=mesh),
+                                   donate_argnums=0)
+        self._eval = jax.jit(functools.partial(_eval_batch, model=model))
+        self._programs = self._build_programs(step)
 
-        def batch_at(x, y, perm, i):
-            idx = jax.lax.dynamic_slice_in_dim(perm, i * B, B)
-            return _constrain(x[idx], mesh), _constrain(y[idx], mesh)
-
-        S = self.steps_per_epoch
+    def _build_programs(self, step: Callable) -> dict:
+        """``{seeds: (perm, segment, step)}``: one run, and S runs as one program (every
+        argument but the data gains a seed axis)."""
+        B, S, mesh = self.batch_size, self.steps_per_epoch, self.mesh
 
         # The batch position comes from the state's own step (on the device), so a hot loop
         # passes no host scalar: nothing to copy per step or epoch on an accelerator.
         def one(state, x, y, perm, key):
-            xb, yb = batch_at(x, y, perm, state.step % S)
-            return step(state, xb, yb, jax.random.fold_in(key, state.step))
+            idx = jax.lax.dynamic_slice_in_dim(perm, (state.step % S) * B, B)
+            return step(state, _constrain(x[idx], mesh), _constrain(y[idx], mesh),
+                        jax.random.fold_in(key, state.step))
 
         def segment(state, x, y, perm, key, length):
             def body(s, _):
@@ -198,18 +201,10 @@ class Trainer(StreamTraining):
             state, m = one(state, x, y, perm, key)
             return state, jax.tree.map(lambda v: v[None], m)
 
-        def one_batch(state, xb, yb, key):
-            # A streamed batch is already the step's minibatch (dp_jax.data.pipeline).
-            return step(state, _constrain(xb, mesh), _constrain(yb, mesh),
-                        jax.random.fold_in(key, state.step))
-
         def perm(key, step):  # the data order of the epoch that holds global step ``step``
             return jax.random.permutation(jax.random.fold_in(key, step // S), self.num_train)
 
-        self._step_batch = jax.jit(one_batch, donate_argnums=0)
-        self._eval = jax.jit(functools.partial(_eval_batch, model=model))
-        # One run, and S runs as one program (every argument but the data gains a seed axis).
-        self._programs = {
+        return {
             False: (jax.jit(perm), jax.jit(segment, static_argnames="length", donate_argnums=0),
                     jax.jit(one_logged, donate_argnums=0)),
             True: (jax.jit(jax.vmap(perm)),
@@ -335,6 +330,12 @@ def evaluate(model, params: PyTree, batch_stats: PyTree, mask: PyTree, x: jax.Ar
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     return {"accuracy": float(totals["correct"] / n), "loss": float(totals["loss"] / n)}
+
+
+def _one_batch(state, xb, yb, key, *, step, mesh):
+    """One step on a streamed batch, already the step's minibatch (dp_jax.data.pipeline)."""
+    return step(state, _constrain(xb, mesh), _constrain(yb, mesh),
+                jax.random.fold_in(key, state.step))
 
 
 def _vmapped_segment(segment):
