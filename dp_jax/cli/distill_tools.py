@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 
 from dp_jax.cli.common import USER_ERRORS, OneLineParser, check_output
 from dp_jax.distill import importers as convert
-from dp_jax.reports import distill_compare, distill_quality
+from dp_jax.reports import distill_baselines, distill_compare, distill_quality
+from dp_jax.tasks import settings as settings_lib
 
 FORMATS, SPACES = convert.FORMATS, convert.SPACES
 
@@ -60,16 +61,22 @@ def convert_main(argv=None) -> int:
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dp_jax.distill.compare WORKDIR ... --out=DIR``."""
+    """``python -m dp_jax.distill.compare WORKDIR ... --out=DIR [--baselines=...]``."""
     ap = OneLineParser(prog="python -m dp_jax.distill.compare",
                        description=distill_compare.__doc__.split("\n")[0])
     ap.add_argument("workdirs", nargs="+", help="finished distillation workdirs")
     ap.add_argument("--out", required=True, help="directory for compare.md and the plot")
+    ap.add_argument("--baselines", default=",".join(distill_baselines.DEFAULT_BASELINES),
+                    help="real subsets of each set's size, evaluated like the set: none, or "
+                         "comma-separated names of " + ", ".join(distill_baselines.BASELINES))
     args = ap.parse_args(argv)
 
     def go():
+        baselines = distill_baselines.parse_baselines(args.baselines)  # before any work
         check_output("out", args.out)
-        return distill_compare.write(args.workdirs, args.out)
+        return distill_compare.write(
+            args.workdirs, args.out, baselines=baselines,
+            settings_of=lambda workdir: settings_lib.from_workdir(workdir)[0])
     text = _user_errors(go)
     if text is None:
         return 2

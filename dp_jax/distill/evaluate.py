@@ -30,6 +30,7 @@ import optax
 
 from dp_jax.training import optimizers
 from dp_jax import masks as masks_lib
+from dp_jax import rng
 from dp_jax.training import small_set
 from dp_jax.training import trainer as train_lib
 from dp_jax.data import stratified_indices
@@ -213,3 +214,25 @@ def full_data_baseline(config, dataset, key: jax.Array, *, num_models: int,
             "accuracies": accs, "epochs": int(epochs), "examples": int(steps * batch * num_models),
             "wall_s": time.time() - t0}
 
+
+
+# The purposes under a distillation's evaluation key (``rng.DISTILL_EVAL``): the distilled set is
+# evaluated with purpose 0 (tasks/distill.py; 1 and 3 are its random subsets, 2 the full data).
+DISTILLED_SET_EVAL = 0
+
+
+def set_eval_key(seed: int) -> jax.Array:
+    """The key the distillation of seed ``seed`` evaluates its distilled set with: network ``i``
+    of the K starts from ``fold_in(fold_in(key, i), 0)`` and draws its minibatches and
+    augmentation from ``fold_in(fold_in(key, i), 1)`` (:meth:`SetEvaluator.run`). A real subset
+    evaluated with it trains the very networks (inits, minibatch and augmentation keys) the
+    distilled set trained."""
+    return rng.key_for(int(seed), rng.DISTILL, rng.DISTILL_EVAL, DISTILLED_SET_EVAL)
+
+
+def evaluate_subset(evaluator: SetEvaluator, dataset, indices, lr: float, key: jax.Array, *,
+                    num_models: int) -> dict:
+    """:meth:`SetEvaluator.run` on the real training images ``indices`` of ``dataset``."""
+    idx = np.asarray(indices, np.int64)
+    return evaluator.run(np.asarray(dataset.x_train)[idx], np.asarray(dataset.y_train)[idx], lr,
+                         key, num_models=num_models)

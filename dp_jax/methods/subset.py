@@ -23,6 +23,10 @@ pass over the training set that scores it, count in round 1's search examples.
 Every run writes its selection once, ``runs/<label>-seed<s>/subset_indices.json`` (the sorted
 indices, their class counts, the probe's budget; checksummed with the run's files), and reads it
 back on resume instead of training the probes again.
+
+The distillation comparison (``python -m dp_jax.distill.compare``, its real-subset baselines)
+makes the same selections through :func:`random_indices`, :func:`coreset_key`,
+:func:`train_probes` and :func:`select_indices`, sharing one probe among the rules that need it.
 """
 
 from __future__ import annotations
@@ -152,13 +156,33 @@ def over_train_set(setup, fn) -> np.ndarray:
     return np.concatenate([np.asarray(fn(x[s:s + B])) for s in range(0, x.shape[0], B)])
 
 
-def select_indices(select: str, setup, key, n: int) -> tuple[np.ndarray, dict]:
+def coreset_key(seed_key):
+    """The probes' key of a seed (its root key ``seed_key``): probe ``i`` trains from
+    ``fold_in(coreset_key, i)``."""
+    return rng.fold(seed_key, rng.SUBSET, rng.SUBSET_CORESET)
+
+
+def probe_nets(select: str) -> int:
+    """How many probe networks the coreset ``select`` needs (EL2N averages over several)."""
+    return EL2N_NETS if select.startswith("el2n") else 1
+
+
+def train_probes(setup, key, nets: int) -> list:
+    """Probes ``0 .. nets-1`` of ``key`` (:func:`train_probe`, :func:`probe_epochs` each): the
+    first ``k`` of them are those of any selection that needs ``k``, so selections may share."""
+    epochs = probe_epochs(setup)
+    return [train_probe(setup, jax.random.fold_in(key, i), epochs) for i in range(nets)]
+
+
+def select_indices(select: str, setup, key, n: int, probes=None) -> tuple[np.ndarray, dict]:
     """``(sorted indices, budget)`` of the coreset ``select`` of ``n`` images, n / classes per
-    class; ``budget`` holds the probes' figures and ``examples`` they processed."""
+    class; ``budget`` holds the probes' figures and ``examples`` they processed. ``probes``
+    (from :func:`train_probes` with the same ``key``, at least :func:`probe_nets` of them) are
+    used instead of training them again."""
     per, labels = n // setup.num_classes, np.asarray(setup.y_train)
     epochs, num_train = probe_epochs(setup), int(labels.shape[0])
-    nets = EL2N_NETS if select.startswith("el2n") else 1
-    probes = [train_probe(setup, jax.random.fold_in(key, i), epochs) for i in range(nets)]
+    nets = probe_nets(select)
+    probes = train_probes(setup, key, nets) if probes is None else list(probes)[:nets]
     examples = sum(p[2] for p in probes)
     if select == "forgetting":
         flags = probes[0][1]
@@ -181,7 +205,9 @@ def select_indices(select: str, setup, key, n: int) -> tuple[np.ndarray, dict]:
     return idx, {"probe_nets": nets, "probe_epochs": epochs, "examples": int(examples)}
 
 
-def _random_indices(setup, seed_key, n: int) -> np.ndarray:
+def random_indices(setup, seed_key, n: int) -> np.ndarray:
+    """``select=random``: the stratified random draw of ``n`` training images of a seed (its root
+    key ``seed_key``)."""
     pick = rng.fold(seed_key, rng.SUBSET, rng.SUBSET_PICK)
     return stratified_indices(np.asarray(setup.y_train), n, num_classes=setup.num_classes,
                               seed=int(jax.random.randint(pick, (), 0, 2**31 - 1)))
@@ -197,10 +223,9 @@ def selection(spec, ctx, n: int) -> dict:
     if got is not None:
         return got
     if select == "random":
-        idx, budget = _random_indices(setup, ctx.seed_key, n), {"examples": 0}
+        idx, budget = random_indices(setup, ctx.seed_key, n), {"examples": 0}
     else:
-        idx, budget = select_indices(select, setup,
-                                     rng.fold(ctx.seed_key, rng.SUBSET, rng.SUBSET_CORESET), n)
+        idx, budget = select_indices(select, setup, coreset_key(ctx.seed_key), n)
     labels = np.asarray(setup.y_train)[idx]
     record = dict(who, **budget, indices=idx.tolist(),
                   per_class=np.bincount(labels, minlength=setup.num_classes).tolist())

@@ -1,6 +1,9 @@
-r"""Compare finished distillations: a table of accuracy against cost and the accuracy-vs-budget plot.
+r"""Compare finished distillations: a table of accuracy against cost, the accuracy-vs-budget plot,
+and each set against real subsets of its size chosen by the coreset rules.
 
   python -m dp_jax.distill.compare runs/distill_a runs/distill_b ... --out=runs/compare
+  python -m dp_jax.distill.compare ... --out=DIR --baselines=random,herding,kcenter,forgetting
+  python -m dp_jax.distill.compare ... --out=DIR --baselines=none
 
 Each argument is the workdir of a ``task=distill`` run (its summary.json, config.json and
 metrics.jsonl). Writes ``compare.md`` (one row per set: method, model, images, distilled and
@@ -10,19 +13,35 @@ and CPU seconds of experts and distillation) and
 ``accuracy_vs_budget.png``: the distilled accuracy against the distillation budget spent so far
 (experts included), from the periodic evaluations (``distill.eval_every``) and the final one.
 The budget of a periodic point excludes the periodic evaluations themselves.
+
+**Baselines** (:mod:`dp_jax.reports.distill_baselines`; ``baselines``, default its
+:data:`DEFAULT_BASELINES`; the names of
+:data:`dp_jax.data.coresets.SELECTIONS`): for every workdir with a ``distilled.npz``, real training
+subsets with as many images of each class as the set *stores* (its ``ipc``) are chosen exactly as
+the pruning control ``subset:n=N;select=S`` chooses them for the workdir's seed
+(:mod:`dp_jax.methods.subset`: the stratified random draw, or :mod:`dp_jax.data.coresets` on the
+probe networks' penultimate features, forgetting events or EL2N; one probe is shared by the
+rules that need one), and trained by the distilled set's own evaluation: the same
+``SetEvaluator`` settings (``distill.eval_*``, the workdir's model), the same K networks (inits,
+minibatch and augmentation keys: :func:`dp_jax.distill.evaluate.set_eval_key`) and the step size
+``distill.lr_init`` of the task's random subsets. Selections and their evaluations are cached under
+``<out>/baselines/`` (atomic writes, named and checked by what made them), so a rerun trains no
+probe and no network again. ``compare.md`` and ``compare.json`` put them side by side with the
+published figures of DC's Table 1 (``DC_TABLE1_FMNIST_IPC10``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
-from dp_jax.system import figures
-from dp_jax.storage import fileio
-from dp_jax.rundir import paths as workdir_lib
-from dp_jax.reports.curves import save_figure
 from dp_jax.distill.sets import load_distilled
-
+from dp_jax.reports.curves import save_figure
+from dp_jax.reports.distill_baselines import (DC_TABLE1_FMNIST_IPC10, Baselines,
+                                              baselines_table, parse_baselines, pct, set_size)
+from dp_jax.rundir import paths as workdir_lib
+from dp_jax.storage import fileio
+from dp_jax.system import figures
 
 def _set_settings(workdir: str) -> dict:
     """The ``distill`` settings that made the workdir's set: the set's own record (right also
@@ -66,13 +85,6 @@ def load_run(workdir: str) -> dict:
             "budget_s": budget, "curve": sorted(curve)}
 
 
-def _pct(r: dict) -> str:
-    if not r:
-        return "—"
-    n = len(r.get("accuracies", [])) or 1
-    return f"{100 * r['accuracy_mean']:.2f} ± {100 * r.get('accuracy_std', 0.0):.2f} ({n})"
-
-
 def _secs(wall: float, cpu) -> str:
     return f"{wall:.0f} / " + ("—" if cpu is None else f"{cpu:.0f}")
 
@@ -89,8 +101,8 @@ def table(runs: Sequence[dict]) -> str:
                if dist and stored else "—")
         lines.append(
             f"| {r['label']} | {r['method']} | {r['model']} | {r['images']} ({r['ipc']} × "
-            f"{r['factor']}²) | {r['iterations']} | {_pct(dist)} | {_pct(rand)} | "
-            f"{_pct(stored)} | {gap} | "
+            f"{r['factor']}²) | {r['iterations']} | {pct(dist)} | {pct(rand)} | "
+            f"{pct(stored)} | {gap} | "
             f"{_secs(r['experts_wall_s'], r['experts_cpu_s'])} | "
             f"{_secs(r['distill_wall_s'], r['distill_cpu_s'])} |")
     return "\n".join(lines) + "\n"
@@ -118,12 +130,36 @@ def plot(runs: Sequence[dict], path: str) -> bool:
     return True
 
 
-def write(workdirs: Sequence[str], out: str) -> str:
-    """Compare finished distillation workdirs into ``out`` (compare.md and the plot); every
-    workdir is read and validated before anything is written. Returns the table."""
+def write(workdirs: Sequence[str], out: str, *, baselines: Sequence[str] = (),
+          settings_of: Optional[Callable] = None) -> str:
+    """Compare finished distillation workdirs into ``out`` (compare.md, compare.json and the
+    plot); every workdir is read and validated before anything is written. ``baselines`` (names
+    of :data:`BASELINES`) are evaluated for each workdir with a distilled.npz, whose typed
+    settings ``settings_of(workdir)`` returns (the command line passes
+    ``tasks.settings.from_workdir``). Returns the markdown."""
+    names = parse_baselines(",".join(baselines)) if baselines else ()
+    if names and settings_of is None:
+        raise ValueError("baselines need each workdir's settings: pass settings_of")
     runs = [load_run(w) for w in workdirs]
+    jobs = {}
+    if names:
+        for w, r in zip(workdirs, runs):
+            size = set_size(w)
+            if size is None:
+                r["baselines_note"] = "no distilled.npz in the workdir, baselines not evaluated"
+                continue
+            jobs[w] = (settings_of(w), size)
     os.makedirs(out, exist_ok=True)
+    datasets: dict = {}
+    for w, r in zip(workdirs, runs):
+        if w in jobs:
+            r["baselines"] = Baselines(*jobs[w], out, datasets).run(names)
     text = table(runs)
+    if names:
+        text += "\n" + baselines_table(runs, names)
     fileio.atomic_write_bytes(os.path.join(out, "compare.md"), text.encode())
+    fileio.write_json(os.path.join(out, "compare.json"),
+                      {"runs": runs, "baselines": list(names),
+                       "published": DC_TABLE1_FMNIST_IPC10})
     plot(runs, os.path.join(out, "accuracy_vs_budget.png"))
     return text
