@@ -15,7 +15,7 @@ from absl import app, flags, logging
 
 from dp_jax.analysis import registry as analyses_lib
 from dp_jax.analysis import settings as analysis_settings
-from dp_jax.cli.common import check_output, guarded, run_app
+from dp_jax.cli.common import check_output, define_plugin_flags, guarded, run_app
 from dp_jax.reports import analysis as report_lib
 from dp_jax.rundir import lock as lock_lib
 from dp_jax.rundir import paths as workdir_lib
@@ -43,10 +43,7 @@ _LAYERWISE = flags.DEFINE_bool("layerwise", True, "Layer-wise interpolation.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False,
                                  "Only redraw plots and the report section from analysis/*.json.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the full traceback of an error.")
-_PLUGINS = flags.DEFINE_list("plugins", None, "Plugin modules named by the workdir's "
-                             "config.json that may be imported (must cover them).")
-_TRUST = flags.DEFINE_bool("trust_workdir_plugins", False, "Import whatever plugin modules "
-                           "the workdir's config.json names.")
+_PLUGINS, _TRUST = define_plugin_flags()
 flags.mark_flag_as_required("workdir")
 
 

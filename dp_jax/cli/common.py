@@ -96,6 +96,16 @@ def resolved_argv() -> list[str]:
     return argv
 
 
+def define_plugin_flags() -> tuple:
+    """``(--plugins, --trust_workdir_plugins)``: which plugin modules named by a workdir's
+    config.json a command reading that workdir may import (docs/extending.md)."""
+    plugins = flags.DEFINE_list("plugins", None, "Plugin modules named by the workdir's "
+                                "config.json that may be imported (must cover them).")
+    trust = flags.DEFINE_bool("trust_workdir_plugins", False, "Import whatever plugin modules "
+                              "the workdir's config.json names.")
+    return plugins, trust
+
+
 def check_output(flag: str, path: str, *, file: bool = False) -> None:
     """Refuse, before any work, an output ``--flag=path`` that cannot be written: a directory
     (``file=False``) or a file (``file=True``, checked through its directory)."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
-from dp_jax.cli.common import OneLineParser, check_output, fail, guarded, resolved_argv, run_app
+from dp_jax.cli.common import (OneLineParser, check_output, define_plugin_flags, fail, guarded,
+                              resolved_argv, run_app)
 from dp_jax.config.files import packaged_configs
 from dp_jax.system import hugepages
 
@@ -115,10 +116,7 @@ def cmd_export() -> None:
                                "Trained weights: the round checkpoint when kept (auto), "
                                "checkpoint only, or retrain from the start point.")
     verbose = flags.DEFINE_bool("verbose", False, "Show the full traceback of an error.")
-    plugins = flags.DEFINE_list("plugins", None, "Plugin modules named by the workdir's "
-                                "config.json that may be imported (must cover them).")
-    trust = flags.DEFINE_bool("trust_workdir_plugins", False, "Import whatever plugin modules "
-                              "the workdir's config.json names.")
+    plugins, trust = define_plugin_flags()
     flags.mark_flags_as_required(["workdir", "run", "seed", "round", "out"])
 
     def main(argv):
