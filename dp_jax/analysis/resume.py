@@ -28,6 +28,7 @@ from dp_jax.storage import integrity
 from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
 from dp_jax.rundir import paths as workdir_lib
+from dp_jax.pruning import records
 
 DONE = "done"
 
@@ -97,13 +98,16 @@ def mark_finished(workdir: str, label: str, seed: int, rnd: int, digest: str, ma
 def kept_trained(workdir: str, label: str, seed: int, rnd: int, like: dict) -> Optional[dict]:
     """The run's trained ``{"params", "batch_stats"}`` of round ``rnd`` from its kept checkpoint.
 
-    None when the round's checkpoint is not kept (``checkpoint.keep='last'``), or is damaged
-    or unrecorded (then the analysis trains copy 0 itself).
+    None when the round's checkpoint is not kept (``checkpoint.keep='last'``), is damaged or
+    unrecorded, or the round was not trained (``prune.evaluate``); then the analysis trains
+    copy 0 itself.
     """
     run_dir = workdir_lib.run_dir(workdir, label, seed)
     ckpt_dir = workdir_lib.checkpoints_dir(workdir, label, seed)
     if not os.path.isdir(os.path.join(ckpt_dir, str(rnd))):
         return None
+    if rnd > 0 and not records.round_trained(workdir, label, seed, rnd):
+        return None  # prune.evaluate skipped its training: the checkpoint holds an older round's
     if integrity.has_records(run_dir) and \
             integrity.problem(run_dir, f"checkpoints/{rnd}") is not None:
         return None

@@ -128,9 +128,10 @@ def cmd_export() -> None:
                                     source=source.value, plugins=plugins.value,
                                     trust_plugins=trust.value)
         check = meta.get("check") or {}
+        acc = meta['record']['test_accuracy']  # None: the run did not train it (prune.evaluate)
         print(f"{out.value}: {meta['run']} seed {meta['seed']} round {meta['round']}, sparsity "
-              f"{meta['sparsity']:.4f}, trained weights {meta['trained_source']}, recorded test "
-              f"accuracy {meta['record']['test_accuracy']:.4f}"
+              f"{meta['sparsity']:.4f}, trained weights {meta['trained_source']}, "
+              + ("not trained in the run" if acc is None else f"recorded test accuracy {acc:.4f}")
               + (f" (re-evaluated {check['test_accuracy']:.4f})" if check else ""))
     run_app(guarded(main, lambda: verbose.value))
 

@@ -105,6 +105,11 @@ def _prune() -> ml_collections.ConfigDict:
     # 'LAYER=RATE,...': those layers prune RATE x fraction per round (e.g. 'head=0.5').
     s.layer_rates = ""
     s.score_batches = 1  # snip/grasp: real minibatches (of train.batch_size) per score
+    # Rounds to train and test, e.g. '5,6' ('' = all). Every round's mask is still made and
+    # saved; a method whose next mask needs the round's training (imp, lrr, dp_imp's IMP
+    # rounds) trains and tests every round anyway. Saves the trainings of sparsities nobody
+    # reads; a skipped round's mask can be evaluated later (dp-jax eval-mask, export).
+    s.evaluate = ""
     s.plugins = ""  # comma-separated modules to import; they register more methods
     return s
 

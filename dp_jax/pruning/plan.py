@@ -89,6 +89,37 @@ class Plan:
 DENSE = Spec(name="dense", label="dense")  # the shared dense training of a seed
 
 
+def parse_evaluate(text: str, rounds: int) -> Optional[frozenset]:
+    """``prune.evaluate`` (``'5,6'``: rounds to train and test) as a set; None (every round)
+    for ``''``. Raises ValueError naming the allowed values."""
+    if not str(text).strip():
+        return None
+    out = set()
+    for part in str(text).split(","):
+        try:
+            rnd = int(part.strip())
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not a round; give comma-separated rounds in "
+                             f"1..{rounds} (e.g. '{rounds}'), or '' for every round") from None
+        if not 1 <= rnd <= rounds:
+            raise ValueError(f"round {rnd} is outside 1..{rounds} (prune.rounds={rounds}; round "
+                             "0, the dense network, is always trained)")
+        out.add(rnd)
+    return frozenset(out)
+
+
+def rounds_to_train(plan: Plan, start: Start, rounds: int,
+                    evaluate: Optional[frozenset]) -> Callable[[int], bool]:
+    """``round -> bool``: whether the round engine trains and tests round r. Every round with
+    ``evaluate`` None; otherwise the rounds it names and every round whose training a later
+    round needs (that round's mask comes from it, as IMP's, or it starts from it, as LRR's)."""
+    def trains(rnd: int) -> bool:
+        if evaluate is None or rnd == 0 or rnd in evaluate:
+            return True
+        return rnd < rounds and (start.kind == TRAINED.kind or bool(plan.uses_trained(rnd + 1)))
+    return trains
+
+
 def from_trained(next_mask: Callable[[int, PyTree, dict], PyTree]) -> tuple[Callable, Callable]:
     """``(next_mask, start_point)`` of a plan whose round r trains from round r-1's trained
     variables at step 0 (:data:`TRAINED`; the round engine masks them).

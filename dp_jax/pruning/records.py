@@ -1,4 +1,5 @@
-"""Records: one line of rounds.jsonl per evaluated mask, and the per-method figures that
+"""Records: one line of rounds.jsonl per round's mask (trained and tested, or only made when
+``prune.evaluate`` skips the round's training), and the per-method figures that
 summary.json, report.md and merged reports print (one owner for each figure)."""
 
 from __future__ import annotations
@@ -16,6 +17,21 @@ PyTree = Any
 
 # Record fields that measure time: they differ between any two runs of the same settings.
 TIMINGS = ("wall_s", "mask_s", "train_s", "search_s", "compile_s")
+
+
+# The evaluation of a round the engine did not train (``prune.evaluate``): no test figures.
+NOT_TRAINED = {"accuracy": None, "loss": None}
+
+
+def evaluated(rows: list[dict]) -> list[dict]:
+    """The records of trained and tested rounds (without those ``prune.evaluate`` skipped)."""
+    return [r for r in rows if r.get("test_accuracy") is not None]
+
+
+def round_trained(workdir: str, label: str, seed: int, rnd: int) -> bool:
+    """Whether the run trained round ``rnd`` (so that its checkpoint holds the round's own
+    trained weights); False for a round ``prune.evaluate`` skipped or one not finished."""
+    return any(r["round"] == rnd for r in evaluated(verified.run_records(workdir, label, seed)))
 
 
 def make_record(spec, seed: int, rnd: int, mask: PyTree, ev: dict,
@@ -52,7 +68,8 @@ def method_figures(rows: list[dict]) -> dict[str, dict]:
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
     out = {}
-    for label, rs in by_method.items():
+    for label, every in by_method.items():
+        rs = evaluated(every)  # the figures are those of trained rounds; the compute is all
         last_round = max(r["round"] for r in rs)
         final = [r for r in rs if r["round"] == last_round]
         dense = [r for r in rs if r["round"] == 0]
@@ -67,8 +84,8 @@ def method_figures(rows: list[dict]) -> dict[str, dict]:
                                          if dense else None),
             "mask_search_examples": int(max(r["train_examples"] for r in final)),
             "search_wall_s": float(np.mean([r.get("search_s", 0.0) for r in final])),
-            "wall_s": float(sum(r["wall_s"] for r in rs)),
+            "wall_s": float(sum(r["wall_s"] for r in every)),
             # Compilation inside those wall times (a warm compilation cache removes most).
-            "compile_s": float(sum(r.get("compile_s", 0.0) for r in rs)),
+            "compile_s": float(sum(r.get("compile_s", 0.0) for r in every)),
         }
     return out

@@ -215,6 +215,7 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
                start_point: Callable[[int], tuple[dict, int]],
                search_examples: Callable[[int], int],
                uses_trained: Callable[[int], bool] = lambda rnd: False,
+               trains: Callable[[int], bool] = lambda rnd: True,
                on_round: Callable[[dict], None] = lambda r: None):
     """The generic pruning loop every method runs (its plan gives the callables below).
 
@@ -230,6 +231,9 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
         the records is the cumulative sum: the cost of finding the round's mask.
       uses_trained: ``round -> bool``, whether that round's mask is derived from the
         previous round's trained weights (so that training counts as search time).
+      trains: ``round -> bool``, whether the round is trained and tested
+        (:func:`dp_jax.pruning.plan.rounds_to_train`); an untrained round still makes and
+        saves its mask, and its record has no test accuracy.
       on_round: called with each new record (progress display).
 
     Returns:
@@ -242,10 +246,13 @@ def run_rounds(setup: Setup, run: Run, dense: dict, *, seed_key: jax.Array,
         mask = jax.block_until_ready(next_mask(rnd, mask, trained))
         t_mask = time.time() - t0
         variables, start_step = start_point(rnd)
-        state, ev, _, tm = train_and_eval(
-            setup, variables, mask, data_key, start_step=start_step,
-            log={"run": run.spec.label, "seed": run.seed, "round": rnd})
-        trained = _trained(state)
+        if trains(rnd):
+            state, ev, _, tm = train_and_eval(
+                setup, variables, mask, data_key, start_step=start_step,
+                log={"run": run.spec.label, "seed": run.seed, "round": rnd})
+            trained = _trained(state)
+        else:
+            ev, tm = records_lib.NOT_TRAINED, {}  # ``trained`` stays the last trained round's
         finish_round(run, rnd, mask, trained, ev, tm, records, t_mask=t_mask,
                      train_s=time.time() - t0 - t_mask, compile_s=compile_time.seconds() - c0,
                      search_examples=search_examples(rnd), uses_trained=uses_trained(rnd))
@@ -279,7 +286,9 @@ def begin_rounds(run: Run, dense: dict, on_round: Callable[[dict], None]):
 def finish_round(run: Run, rnd: int, mask: PyTree, trained: dict, ev: dict, tm: dict,
                  records: list, *, t_mask: float, train_s: float, compile_s: float,
                  search_examples: int, uses_trained: bool) -> None:
-    """Append round ``rnd``'s record to ``records`` and commit the round."""
+    """Append round ``rnd``'s record to ``records`` and commit the round. An untrained
+    round's checkpoint holds the last trained round's weights (it is not read as its own:
+    :func:`dp_jax.pruning.records.round_trained`)."""
     prev = records[-1]
     # Search time: computing this mask, plus the previous training when the mask
     # was derived from its weights (IMP); DP's search is its inner loop alone.

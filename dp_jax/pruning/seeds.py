@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dp_jax.system import compile_time
+from dp_jax.pruning import records as records_lib
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax import rng
 from dp_jax.training import trainer as train_lib
@@ -79,11 +80,12 @@ def train_and_eval_seeds(setup: prune_lib.Setup, variables: list, masks: list, k
 
 
 def run_rounds_seeds(setup: prune_lib.Setup, runs: list, denses: list, plans: list, *,
-                     width: int, on_round=lambda r: None) -> list:
+                     width: int, trains=lambda rnd: True, on_round=lambda r: None) -> list:
     """:func:`dp_jax.pruning.rounds.run_rounds` of one method for several seeds, trained as one program.
 
     ``runs``, ``denses`` and ``plans`` are per seed (:class:`dp_jax.pruning.rounds.Run`, the dense
-    result, the method's :class:`dp_jax.methods.base.Plan`). Returns each seed's records.
+    result, the method's :class:`dp_jax.methods.base.Plan`); ``trains`` as in ``run_rounds``
+    (the same for every seed). Returns each seed's records.
     """
     # [mask, trained, records, next round] per seed
     at = [list(prune_lib.begin_rounds(r, d, on_round)) for r, d in zip(runs, denses)]
@@ -100,11 +102,14 @@ def run_rounds_seeds(setup: prune_lib.Setup, runs: list, denses: list, plans: li
             raise ValueError(f"{runs[0].spec.label}: round {rnd} starts at different steps per "
                              "seed; set parallel.vmap_seeds='off'")
         t0 = time.time()
-        results = train_and_eval_seeds(
-            setup, [v for v, _ in points], [at[i][0] for i in group], [keys[i] for i in group],
-            width=width, start_step=points[0][1],
-            logs=[{"run": runs[i].spec.label, "seed": runs[i].seed, "round": rnd}
-                  for i in group])
+        if trains(rnd):
+            results = train_and_eval_seeds(
+                setup, [v for v, _ in points], [at[i][0] for i in group],
+                [keys[i] for i in group], width=width, start_step=points[0][1],
+                logs=[{"run": runs[i].spec.label, "seed": runs[i].seed, "round": rnd}
+                      for i in group])
+        else:  # prune.evaluate skips the round: masks only, the last trained weights kept
+            results = [(at[i][1], records_lib.NOT_TRAINED, {}, {}) for i in group]
         # The group's time is shared equally: per-seed costs still sum to the wall time.
         share = (time.time() - t0) / len(group)
         compile_share = (compile_time.seconds() - c0) / len(group)

@@ -25,6 +25,7 @@ class PruneSettings(Section):
     on_empty_layer: str
     plugins: str
     rewind_step: int
+    evaluate: str
     rounds: int
     scope: str
     score_batches: int

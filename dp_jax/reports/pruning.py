@@ -20,6 +20,7 @@ from dp_jax.system import figures
 from dp_jax import masks as masks_lib
 from dp_jax import methods
 from dp_jax.methods import dp as dp_method, imp as imp_method
+from dp_jax.pruning import records
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.rundir import verified
 from dp_jax.reports.merge import gather, merge_note
@@ -48,7 +49,7 @@ def mean_std(mean: float, std: Optional[float], n: int, *, scale: float = 1.0,
 def aggregate(rows: list[dict]) -> dict[str, list[dict]]:
     """Per method, per round: seed-mean sparsity, accuracy (and sample std), examples, time."""
     groups = defaultdict(list)
-    for r in rows:
+    for r in records.evaluated(rows):  # rounds prune.evaluate skipped have no accuracy
         groups[(r["method"], r["round"])].append(r)
     out = defaultdict(list)
     for (method, rnd), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -316,6 +317,10 @@ def write_report(workdir: str, sources: Optional[Sequence[str]] = None) -> str:
              "Test accuracy (%) of each round's mask, trained on the real training set; "
              f"{spread}.", "", accuracy_table(agg), "",
              "![accuracy vs sparsity](plots/accuracy_vs_sparsity.png)", ""] + stall_notes(agg)
+    skipped = sorted({pretty(r["method"]) for r in g["rows"] if r.get("test_accuracy") is None})
+    if skipped:
+        parts += ["Blank cells of " + ", ".join(skipped) + ": rounds whose masks were made but "
+                  "not trained (`prune.evaluate`); the sparsity below counts trained rounds.", ""]
     tickets = ticket_sparsity(agg)
     parts += ["Highest sparsity whose accuracy is within 1 point of the dense network: " +
               ", ".join(f"{pretty(m)} {100 * s:.1f}%" for m, s in sorted(tickets.items())), ""]

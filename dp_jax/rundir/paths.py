@@ -172,8 +172,9 @@ def list_masks(workdir: str, label: str, seed: int) -> dict[int, str]:
 
 # Fields that only add work (more seeds, rounds, methods, rewind steps) or cannot change any
 # result (loop forms proven step-identical, evaluation batch size, sharding, checkpoint cadence).
+# prune.evaluate chooses which rounds are trained and tested, never what a trained round gives.
 ADDITIVE = ("seeds", "prune.method", "prune.rounds", "prune.rewind_step", "prune.plugins",
-            "data.plugins", "model.plugins")
+            "data.plugins", "model.plugins", "prune.evaluate")
 NO_EFFECT = ("task", "data_source", "metrics.", "parallel.", "checkpoint.", "train.eval_batch_size", "train.loop", "train.unroll",
              "dp.loop", "dp.unroll", "dp.chunk", "distill.checkpoint_every", "data.label_cache")
 

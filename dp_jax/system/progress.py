@@ -18,7 +18,9 @@ class Progress:
         """Advance by one round and show its headline numbers."""
         self._bar.set_postfix_str(
             f"{record['method']} seed {record['seed']} r{record['round']} "
-            f"sparsity {record['sparsity']:.3f} acc {record['test_accuracy']:.4f}")
+            f"sparsity {record['sparsity']:.3f} " + (
+                "not trained" if record['test_accuracy'] is None  # prune.evaluate skipped it
+                else f"acc {record['test_accuracy']:.4f}"))
         self._bar.update(1)
 
     def epoch(self, info: dict) -> None:

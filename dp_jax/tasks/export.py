@@ -43,6 +43,7 @@ from dp_jax.storage import fileio
 from dp_jax import masks as masks_lib
 from dp_jax import methods
 from dp_jax.pruning import rounds as prune_lib
+from dp_jax.pruning import records
 from dp_jax import rng
 from dp_jax.rundir import lock as lock_lib
 from dp_jax.rundir import paths as workdir_lib
@@ -125,6 +126,8 @@ def _checkpointed(workdir: str, label: str, seed: int, rnd: int, like: dict):
     d = workdir_lib.checkpoints_dir(workdir, label, seed)
     if not os.path.isdir(d):
         return None, f"{d} does not exist"
+    if rnd > 0 and not records.round_trained(workdir, label, seed, rnd):
+        return None, f"round {rnd} was not trained in the run (prune.evaluate)"
     ckpt = fileio.RoundCheckpointer(d, max_to_keep=None)  # None: opening must never delete rounds
     try:
         steps = ckpt.all_steps()
@@ -191,7 +194,8 @@ def build_ticket(workdir: str, label: str, seed: int, rnd: int, *, source: str =
         ev = setup.trainer.evaluate(trained["params"], trained["batch_stats"], mask,
                                     setup.x_test, setup.y_test)
         check = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
-                 "matches_record": ev["accuracy"] == record["test_accuracy"]
+                 "matches_record": None if record["test_accuracy"] is None  # not trained
+                 else ev["accuracy"] == record["test_accuracy"]
                  and ev["loss"] == record["test_loss"]}
     sections = {"mask": _flat(mask), "init/params": _flat(variables["params"]),
                 "init/batch_stats": _flat(variables["batch_stats"]),

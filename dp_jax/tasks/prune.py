@@ -34,7 +34,7 @@ from dp_jax.pruning import records
 from dp_jax.pruning import rounds as prune_lib
 from dp_jax.pruning import seeds as seed_groups
 from dp_jax.pruning import setup as setup_lib
-from dp_jax.pruning.plan import Distilled
+from dp_jax.pruning.plan import Distilled, parse_evaluate, rounds_to_train
 from dp_jax.pruning.settings import Experiment
 from dp_jax.reports import pruning as report
 from dp_jax.rundir import lock as lock_lib
@@ -319,9 +319,16 @@ def run_method(setup, workdir, spec, seed, dense, on_round=lambda r: None, *, co
         return prune_lib.run_rounds(setup, run, dense, seed_key=rng.seed_key(seed),
                                     next_mask=plan.next_mask, start_point=plan.start_point,
                                     search_examples=plan.search_examples,
-                                    uses_trained=plan.uses_trained, on_round=on_round)
+                                    uses_trained=plan.uses_trained,
+                                    trains=_trains(plan, spec, config), on_round=on_round)
     finally:
         run.close()
+
+
+def _trains(plan, spec, config):
+    """``round -> bool``: the rounds this run trains (``prune.evaluate``, checked at parse)."""
+    return rounds_to_train(plan, methods.get(spec.name).start(spec), config.prune.rounds,
+                           parse_evaluate(config.prune.evaluate, config.prune.rounds))
 
 
 def run_method_seeds(setup, workdir, spec, seeds, denses, on_round=lambda r: None, *,
@@ -331,6 +338,7 @@ def run_method_seeds(setup, workdir, spec, seeds, denses, on_round=lambda r: Non
     runs = [prune_lib.Run(workdir, spec, s, keep=config.checkpoint.keep) for s in seeds]
     try:
         return seed_groups.run_rounds_seeds(setup, runs, denses, plans, width=len(seeds),
+                                            trains=_trains(plans[0], spec, config),
                                             on_round=on_round)
     finally:
         for r in runs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from typing import Optional
 
 import jax
 from absl import logging
@@ -23,7 +24,7 @@ from dp_jax.data import registry as data_registry
 from dp_jax.distill.settings import DistillSettings
 from dp_jax.models import MODELS, ModelSpec, create_model, init_variables
 from dp_jax.pruning import seeds as seed_groups
-from dp_jax.pruning.plan import remaining_per_round
+from dp_jax.pruning.plan import parse_evaluate, remaining_per_round
 from dp_jax.pruning.settings import CheckpointSettings, Experiment, PruneSettings
 from dp_jax.rundir import paths as workdir_lib
 from dp_jax.rundir.metrics import MetricsSettings
@@ -144,6 +145,7 @@ def _validate_prune(config) -> None:
     _need(isinstance(p.min_per_layer, int) and not isinstance(p.min_per_layer, bool)
           and p.min_per_layer >= 0, "prune.min_per_layer", "an integer >= 0", p.min_per_layer)
     layer_rates(p)  # syntax and ranges; the names are checked against the model with the data
+    evaluate_rounds(p)
     _need(config.checkpoint.keep in ("all", "last"), "checkpoint.keep", "all | last",
           config.checkpoint.keep)
 
@@ -281,6 +283,14 @@ def _import_workdir_plugins(path: str, s: Experiment, plugins, trust: bool) -> N
         config_files.import_plugins(field, ",".join(ms))
     config_files.import_plugins("plugins", ",".join(m for m in given
                                                     if not any(m in ms for ms in named.values())))
+
+
+def evaluate_rounds(prune_cfg) -> Optional[frozenset]:
+    """``prune.evaluate`` (``'5,6'``) as a set of rounds (None: every round), checked."""
+    try:
+        return parse_evaluate(prune_cfg.evaluate, prune_cfg.rounds)
+    except ValueError as e:
+        raise ValueError(f"config.prune.evaluate: {e}") from None
 
 
 def layer_rates(prune_cfg) -> dict:
