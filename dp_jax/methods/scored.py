@@ -18,18 +18,35 @@ from dp_jax.methods import base
 
 ONESHOT = base.Option("oneshot", flag=True, default=False,
                       help="score the dense init once instead of every round's masked init")
+BALANCED = base.Option("balanced", flag=True, default=False,
+                       help="score class-balanced minibatches (train.batch_size / classes "
+                            "images of every class), as GraSP's authors draw theirs")
 
 
-def score_batches(setup, key, num_batches: int) -> list:
-    """``num_batches`` distinct random minibatches ``(x, y)`` of the real training set."""
+def score_batches(setup, key, num_batches: int, *, balanced: bool = False) -> list:
+    """``num_batches`` distinct random minibatches ``(x, y)`` of the real training set;
+    ``balanced``: each holds ``batch_size / classes`` images of every class (the first of
+    each class in the same permutation), in class order."""
     B = setup.trainer.batch_size
-    n = int(setup.y_train.shape[0])
+    y = np.asarray(setup.y_train)
+    n = int(y.shape[0])
     perm = np.asarray(jax.random.permutation(key, n))
-    if num_batches * B > n:  # more than one pass: draw further permutations
-        extra = [np.asarray(jax.random.permutation(jax.random.fold_in(key, i), n))
-                 for i in range(1, -(-num_batches * B // n))]
-        perm = np.concatenate([perm] + extra)
-    idx = [perm[i * B:(i + 1) * B] for i in range(num_batches)]
+    if not balanced:
+        if num_batches * B > n:  # more than one pass: draw further permutations
+            extra = [np.asarray(jax.random.permutation(jax.random.fold_in(key, i), n))
+                     for i in range(1, -(-num_batches * B // n))]
+            perm = np.concatenate([perm] + extra)
+        idx = [perm[i * B:(i + 1) * B] for i in range(num_batches)]
+    else:
+        classes = setup.num_classes
+        per = B // classes
+        by_class = [perm[y[perm] == c] for c in range(classes)]
+        short = [c for c, ix in enumerate(by_class) if len(ix) < per * num_batches]
+        if short:
+            raise ValueError(f"balanced score batches need {per * num_batches} images of every "
+                             f"class; classes {short} have fewer")
+        idx = [np.concatenate([ix[i * per:(i + 1) * per] for ix in by_class])
+               for i in range(num_batches)]
     return [(setup.x_train[i], setup.y_train[i]) for i in idx]
 
 
@@ -49,11 +66,15 @@ class Scored(base.Method):
         raise NotImplementedError
 
     def label(self, opts):
-        return f"{self.name}_oneshot" if opts.get("oneshot") else self.name
+        return (self.name + ("_oneshot" if opts.get("oneshot") else "")
+                + ("_balanced" if opts.get("balanced") else ""))
 
     def describe(self, label):
-        if label == f"{self.name}_oneshot":
-            return f"{self.title} (one-shot)"
+        rest = label[len(self.name):] if label.startswith(self.name) else None
+        words = {"": [], "_oneshot": ["one-shot"], "_balanced": ["class-balanced batch"],
+                 "_oneshot_balanced": ["one-shot", "class-balanced batch"]}
+        if rest in words:
+            return self.title + (f" ({', '.join(words[rest])})" if words[rest] else "")
         return super().describe(label)
 
     def validate(self, spec, config, earlier):
@@ -62,16 +83,22 @@ class Scored(base.Method):
             raise ValueError(f"config.data.pipeline='stream' is invalid for {spec.name}; "
                              "allowed: memory (its scores read training minibatches)")
 
+    def validate_with_data(self, spec, config, num_train, num_classes):
+        B = config.train.batch_size
+        if spec.opt("balanced") and B % num_classes:
+            raise ValueError(f"{spec.name}:balanced needs train.batch_size={B} to be a multiple "
+                             f"of the {num_classes} classes (B / classes images of each)")
+
     def plan(self, spec, ctx):
         setup, variables = ctx.setup, ctx.dense["variables"]
         num = int(ctx.config.prune.score_batches)
         key = jax.random.fold_in(ctx.seed_key, rng.SCORE)
         cost = num * setup.trainer.batch_size
-        oneshot = bool(spec.opt("oneshot"))
+        oneshot, balanced = bool(spec.opt("oneshot")), bool(spec.opt("balanced"))
         cache = {}
 
         def scores_at(rnd, mask):
-            batches = score_batches(setup, jax.random.fold_in(key, rnd), num)
+            batches = score_batches(setup, jax.random.fold_in(key, rnd), num, balanced=balanced)
             return self.score_fn(setup.model, variables, mask, batches)
 
         def next_mask(rnd, mask, trained):
