@@ -149,18 +149,23 @@ def test_stability_config_validates(variant):
 
 _STUDY = {"imp_k0", "imp_k100", "dp", "dp_imp_k0", "subset_n100", "snip_oneshot",
           "grasp_oneshot", "synflow", "random"}
+_CONTROLS = {"imp_k100", "lrr", "dp", "snip_oneshot", "grasp_oneshot", "random_erk", "force",
+             "shuffle_dp", "shuffle_imp_k100", "shuffle_snip_oneshot", "invert_grasp_oneshot",
+             "subset_n100", "subset_n100_herding", "subset_n100_el2n_easy",
+             "subset_n100_el2n_hard"}
 
 
 @pytest.mark.parametrize("variant,labels,epochs", [
     ("", {"imp_k0", "imp_k39"}, 15), ("lr02", {"imp_k0", "imp_k39"}, 15),
     ("resnet", {"imp_k0", "imp_k39"}, 15), ("wide", {"imp_k0", "imp_k39"}, 15),
     ("full", {"imp_k0", "imp_k100"}, 5), ("full,study", _STUDY, 5),
-    ("smoke", {"imp_k0", "imp_k5"}, 2)])
+    ("full,study,controls", _CONTROLS, 5), ("smoke", {"imp_k0", "imp_k5"}, 2)])
 def test_rewind_config_validates(variant, labels, epochs):
     c = load_config_module("rewind_fashion_mnist").get_config(variant)
     assert {s.label for s in validate.parse(c).specs} == labels
     assert c.train.epochs == epochs
     assert c.data.train_size == (0 if "full" in variant else 500 if variant == "smoke" else 5000)
+    assert c.prune.evaluate == ("5,6" if "controls" in variant else "")
     with pytest.raises(ValueError, match="allowed: lr02"):
         load_config_module("rewind_fashion_mnist").get_config("bogus")
 
