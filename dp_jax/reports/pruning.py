@@ -25,7 +25,7 @@ from dp_jax.rundir import paths as workdir_lib
 from dp_jax.rundir import verified
 from dp_jax.reports.merge import gather, merge_note
 from dp_jax.reports.curves import save_figure
-from dp_jax.reports import curves
+from dp_jax.reports import controls, curves
 
 ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis -->", "<!-- /analysis -->"
 pretty = methods.pretty  # a run label's name in tables and plots, from the method registry
@@ -328,6 +328,7 @@ def write_report(workdir: str, sources: Optional[Sequence[str]] = None) -> str:
         parts += cost_section(summary, agg, base_methods(g["rows"]))
         plot_accuracy_vs_examples(agg, workdir_lib.plot_path(workdir, "accuracy_vs_examples.png"))
         parts += ["![accuracy vs examples](plots/accuracy_vs_examples.png)", ""]
+    parts += controls.controls_section(g["rows"], workdir_lib.plot_path(workdir, "controls.png"))
     parts += _curve_sections(workdir, sources)
     parts += _mask_sections(sources, sorted(agg), base_methods(g["rows"]))
     text = "\n".join(parts)
