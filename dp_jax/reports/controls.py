@@ -51,7 +51,7 @@ def paired(rows: list[dict], control: str, source: str) -> list[dict]:
             continue
         diff = np.array([c[i] - s[i] for i in seeds])
         out.append({"round": rnd, "sparsity": sparsity[(control, rnd)], "seeds": seeds,
-                    "control": [c[i] for i in seeds], "source": [s[i] for i in seeds],
+                    "control_acc": [c[i] for i in seeds], "source_acc": [s[i] for i in seeds],
                     "diff_mean": float(diff.mean()),
                     "diff_std": float(diff.std(ddof=1)) if len(seeds) > 1 else None})
     return out
@@ -79,8 +79,8 @@ def controls_section(rows: list[dict], plot_path: str) -> list[str]:
     for control, source, rows_ in pairs:
         for p in rows_:
             lines.append(f"| {methods.pretty(control)} | {methods.pretty(source)} | "
-                         f"{p['round']} | {100 * p['sparsity']:.1f}% | {_pct(p['source'])} | "
-                         f"{_pct(p['control'])} | {_pct([p['diff_mean']], p['diff_std'])} | "
+                         f"{p['round']} | {100 * p['sparsity']:.1f}% | {_pct(p['source_acc'])} | "
+                         f"{_pct(p['control_acc'])} | {_pct([p['diff_mean']], p['diff_std'])} | "
                          f"{len(p['seeds'])} |")
     _plot(pairs, plot_path)
     return lines + ["", "![mask controls](plots/controls.png)", ""]

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from dp_jax import masks as masks_lib
 from dp_jax.analysis.settings import Settings as AnalysisSettings
 from dp_jax.pruning import records as records_lib
+from dp_jax.reports import controls as controls_lib
 from dp_jax.reports import curves, merge
 from dp_jax.reports import pruning as report
 from dp_jax.rundir import paths as workdir_lib
@@ -25,8 +26,9 @@ from dp_jax.tasks import export
 
 @dataclasses.dataclass
 class Results:
-    """What finished workdirs hold. ``records`` are the rounds.jsonl rows (one per evaluated
-    mask); ``config`` is the (first) workdir's config.json."""
+    """What finished workdirs hold. ``records`` are the rounds.jsonl rows (one per round's
+    mask; ``test_accuracy`` None where ``prune.evaluate`` skipped its training); ``config`` is
+    the (first) workdir's config.json."""
     workdirs: tuple
     records: list
     config: dict
@@ -50,6 +52,16 @@ class Results:
     def table(self) -> str:
         """The accuracy-vs-sparsity table of report.md (markdown)."""
         return report.accuracy_table(report.aggregate(self.records))
+
+    def controls(self) -> list[dict]:
+        """Every mask control (``shuffle:of=``, ``invert:of=``, ``reinit:of=``) against its
+        source, per round trained in both: ``control``, ``source``, ``round``, ``sparsity``,
+        ``seeds``, both runs' accuracies (``control_acc``, ``source_acc``) and the paired
+        difference (``diff_mean``, ``diff_std``: control − source per seed, mean and sample
+        std)."""
+        return [dict(p, control=c, source=s)
+                for c, s in controls_lib.control_pairs({r["method"] for r in self.records})
+                for p in controls_lib.paired(self.records, c, s)]
 
     def figure_accuracy_vs_sparsity(self, path: Optional[str] = None):
         """Test accuracy vs weights remaining per method; written to ``path`` if given."""

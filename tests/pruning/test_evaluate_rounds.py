@@ -152,3 +152,13 @@ def test_seeds_as_one_program_skip_the_same_rounds(tiny_config, workdirs, tmp_pa
             assert rows[3]["test_accuracy"] == pytest.approx(seq[3]["test_accuracy"], abs=0.02)
             a, b = _mask(wd, "snip", 2), _mask(workdirs["last"], "snip", 2)
             assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_results_controls_pair_the_trained_rounds(workdirs):
+    import dp_jax
+    got = dp_jax.load_results(workdirs["last"]).controls()
+    assert [(p["control"], p["source"], p["round"]) for p in got] == [
+        ("shuffle_snip", "snip", 3)]
+    want = (_rows(workdirs["last"], "shuffle_snip")[3]["test_accuracy"]
+            - _rows(workdirs["last"], "snip")[3]["test_accuracy"])
+    assert got[0]["diff_mean"] == pytest.approx(want, abs=1e-12) and got[0]["diff_std"] is None
