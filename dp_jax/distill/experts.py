@@ -308,6 +308,22 @@ def expert_data(config, dataset) -> tuple[np.ndarray, np.ndarray]:
     return dataset.x_train[idx], dataset.y_train[idx]
 
 
+def _expert_trainer(config, dataset, num_train: int):
+    """``(model, optimizer, Trainer)`` of the experts' training on ``num_train`` images."""
+    d = config.distill
+    model = create_model(config.model, num_classes=dataset.num_classes)
+    batch = int(d.expert_batch_size)
+    tx = optimizers.make_optimizer(optimizer_config(d),
+                                   int(d.expert_train_epochs) * (num_train // batch))
+    like = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
+                          jax.random.key(0))
+    loop = train_lib.resolve_loop(config.train.loop, like["params"], model, dataset.image_shape)
+    trainer = train_lib.Trainer(model, tx, batch_size=batch, num_train=num_train, loop=loop,
+                                unroll=config.train.unroll, augment=make_augment(d.expert_augment),
+                                eval_batch_size=config.train.eval_batch_size)
+    return model, tx, trainer
+
+
 def train_experts(config, dataset, directory: str, *,
                   log: Callable[..., None] = lambda **kw: None) -> ExpertBuffer:
     """Train (or resume, or extend) ``distill.num_experts`` experts for ``distill.expert_train_epochs``.
@@ -329,16 +345,9 @@ def train_experts(config, dataset, directory: str, *,
     if all(done >= epochs for done in todo.values()):
         return buf
     x, y = expert_data(config, dataset)
-    model = create_model(config.model, num_classes=dataset.num_classes)
+    model, tx, trainer = _expert_trainer(config, dataset, len(y))
     batch = int(d.expert_batch_size)
     spe = len(y) // batch
-    tx = optimizers.make_optimizer(optimizer_config(d), epochs * spe)
-    like = jax.eval_shape(lambda k: init_variables(model, k, dataset.image_shape),
-                          jax.random.key(0))
-    loop = train_lib.resolve_loop(config.train.loop, like["params"], model, dataset.image_shape)
-    trainer = train_lib.Trainer(model, tx, batch_size=batch, num_train=len(y), loop=loop,
-                                unroll=config.train.unroll, augment=make_augment(d.expert_augment),
-                                eval_batch_size=config.train.eval_batch_size)
     xd, yd = jnp.asarray(x), jnp.asarray(y)
     key = jax.random.fold_in(distill_key(config), rng.DISTILL_EXPERTS)
     for i, done in todo.items():
