@@ -19,13 +19,19 @@ from dp_jax.methods import base
 ONESHOT = base.Option("oneshot", flag=True, default=False,
                       help="score the dense init once instead of every round's masked init")
 BALANCED = base.Option("balanced", flag=True, default=False,
-                       help="score class-balanced minibatches (train.batch_size / classes "
+                       help="score class-balanced minibatches (train.batch_size // classes "
                             "images of every class), as GraSP's authors draw theirs")
+
+
+def balanced_size(batch_size: int, num_classes: int) -> int:
+    """Images in a class-balanced score batch: ``batch_size`` rounded down to a multiple of
+    the classes (12 of each of 10 classes for 128)."""
+    return (batch_size // num_classes) * num_classes
 
 
 def score_batches(setup, key, num_batches: int, *, balanced: bool = False) -> list:
     """``num_batches`` distinct random minibatches ``(x, y)`` of the real training set;
-    ``balanced``: each holds ``batch_size / classes`` images of every class (the first of
+    ``balanced``: each holds ``batch_size // classes`` images of every class (the first of
     each class in the same permutation), in class order."""
     B = setup.trainer.batch_size
     y = np.asarray(setup.y_train)
@@ -85,16 +91,17 @@ class Scored(base.Method):
 
     def validate_with_data(self, spec, config, num_train, num_classes):
         B = config.train.batch_size
-        if spec.opt("balanced") and B % num_classes:
-            raise ValueError(f"{spec.name}:balanced needs train.batch_size={B} to be a multiple "
-                             f"of the {num_classes} classes (B / classes images of each)")
+        if spec.opt("balanced") and B < num_classes:
+            raise ValueError(f"prune.method: {spec.name}:balanced needs train.batch_size={B} "
+                             f">= the {num_classes} classes (one image of each at least)")
 
     def plan(self, spec, ctx):
         setup, variables = ctx.setup, ctx.dense["variables"]
         num = int(ctx.config.prune.score_batches)
         key = jax.random.fold_in(ctx.seed_key, rng.SCORE)
-        cost = num * setup.trainer.batch_size
         oneshot, balanced = bool(spec.opt("oneshot")), bool(spec.opt("balanced"))
+        cost = num * (balanced_size(setup.trainer.batch_size, setup.num_classes) if balanced
+                      else setup.trainer.batch_size)
         cache = {}
 
         def scores_at(rnd, mask):

@@ -56,6 +56,7 @@ def test_old_workdir_extends_without_a_settings_refusal(tmp_path, monkeypatch):
     # Fields added since the fixture was made appear at their defaults; the data file's
     # content hash, which it could not record, is recorded from this resume on.
     assert new_config["data"].pop("plugins") == new_config["model"].pop("plugins") == ""
+    assert new_config["prune"].pop("evaluate") == ""
     assert new_config.pop("content_sha256") == {"data": {"name": hashlib.sha256(
         open(tmp_path / "fx" / "toy.npz", "rb").read()).hexdigest()}}
     assert new_config == old_config

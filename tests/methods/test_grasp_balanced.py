@@ -83,6 +83,17 @@ def test_labels_names_and_bad_batch_size(toy_npz):
     assert labels == ["grasp", "grasp_oneshot_balanced", "grasp_balanced"]
     assert methods.pretty("grasp_oneshot_balanced") == "GraSP (one-shot, class-balanced batch)"
     assert methods.pretty("grasp_balanced") == "GraSP (class-balanced batch)"
-    s = settings_lib.parse(_config(toy_npz, batch=45))
-    with pytest.raises(ValueError, match="multiple of the 10 classes"):
+    s = settings_lib.parse(_config(toy_npz, batch=8))
+    with pytest.raises(ValueError, match="grasp:balanced needs train.batch_size=8 >= the 10"):
         settings_lib.validate_with_data(s, setup_lib.load_data(s))
+
+
+def test_a_batch_size_not_a_multiple_of_the_classes_rounds_down(toy_npz):
+    s = settings_lib.parse(_config(toy_npz, batch=45))
+    setup = setup_lib.build_setup(s, setup_lib.load_data(s))
+    assert scored.balanced_size(128, 10) == 120 and scored.balanced_size(45, 10) == 40
+    key = jax.random.key(3)
+    for (x, y), idx in zip(scored.score_batches(setup, key, 2, balanced=True),
+                           _hand_batches(setup, key, 2)):
+        assert np.bincount(np.asarray(y), minlength=10).tolist() == [4] * 10
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(setup.x_train)[idx])
